@@ -1,0 +1,22 @@
+"""rlsc-kernels: fused linear log-probs and the RLSC (self-confidence) loss without logits.
+
+    import rlsc_kernels as rk
+    logp = rk.linear_logprobs(hidden, weight, targets, temperature=0.5)
+    out = rk.linear_rlsc_loss(hidden, weight, targets, completion_mask=mask)
+    out.loss.backward()
+"""
+from .api import LinearRLSCLoss, RLSCLossOutput, linear_logprobs, linear_rlsc_loss
+from .options import AUTO_FILTER_EPS, FusedOptions
+from .weighting import WEIGHTINGS, rlsc_weights
+
+__all__ = [
+    "linear_logprobs",
+    "linear_rlsc_loss",
+    "LinearRLSCLoss",
+    "RLSCLossOutput",
+    "rlsc_weights",
+    "WEIGHTINGS",
+    "FusedOptions",
+    "AUTO_FILTER_EPS",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,236 @@
+"""Public ops: fused linear log-probs and the RLSC loss, and the nn.Module wrapper."""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from . import backends
+from .autograd import LinearLogprobsFunction
+from .options import FusedOptions, resolve_filter_eps
+from .reference import reference_logprobs
+from .validation import check_backend, check_head, check_tensor, check_temperature, check_values
+from .weighting import WEIGHTINGS, rlsc_weights
+
+REDUCTIONS = ("mean", "sum")
+
+
+def _logprobs_flat(hidden2d, weight, bias, targets1d, opts: FusedOptions, backend: str):
+    """Per-token (logp, entropy|None) for flat inputs hidden [N, D], targets [N]; inputs already checked."""
+    name = backends.resolve(backend, hidden2d)
+    if name == "reference":
+        return reference_logprobs(hidden2d, weight, bias, targets1d, opts)
+    logp, entropy = LinearLogprobsFunction.apply(hidden2d, weight, bias, targets1d, opts, backends.get(name))
+    return logp, (entropy if opts.return_entropy else None)
+
+
+def _options(hidden, temperature, ignore_index, return_entropy, filter_eps) -> FusedOptions:
+    return FusedOptions(
+        temperature=check_temperature(temperature),
+        ignore_index=int(ignore_index),
+        return_entropy=bool(return_entropy),
+        filter_eps=resolve_filter_eps(filter_eps, hidden.dtype),
+    )
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    filter_eps: Union[None, str, float] = "auto",
+    backend: str = "auto",
+):
+    """Log-probs of `targets` under softmax((hidden @ weight.T + bias) / temperature), never
+    materialising the [tokens x vocab] logits (except backend="reference").
+
+    hidden [..., D] bf16/fp16/fp32 (fp64 on the torch and reference backends), weight [V, D]
+    (same dtype), bias [V] or None, targets [...] int64/int32 in [0, V) or ignore_index.
+    Returns float32 log-probs [...] (float64 for float64 inputs), 0 where targets == ignore_index;
+    with return_entropy=True the pair (logp, entropy), entropy [...] of the same distribution.
+    Differentiable w.r.t. hidden, weight and bias through both outputs.
+
+    filter_eps: None = exact backward; "auto" = skip backward tiles whose gradient mass is below
+    2^-12 of the token's upstream gradient, for 16-bit inputs on the Triton backend (exact for
+    fp32/fp64 inputs); a float = that threshold. The torch and reference backends are always exact.
+    backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton", "torch", "reference".
+    """
+    check_head(hidden, weight, bias, targets, ignore_index)
+    check_backend(backend)
+    opts = _options(hidden, temperature, ignore_index, return_entropy, filter_eps)
+    check_values(hidden, weight, bias, targets, ignore_index)
+    lead_shape = targets.shape
+    logp, entropy = _logprobs_flat(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), opts, backend
+    )
+    logp = logp.reshape(lead_shape)
+    if return_entropy:
+        return logp, entropy.reshape(lead_shape)
+    return logp
+
+
+@dataclass
+class RLSCLossOutput:
+    """Result of linear_rlsc_loss.
+
+    loss: scalar, -sum_s w_s L_s (reduction "sum") or that divided by S ("mean").
+    seq_logp: [S] float32 sequence log-probs L_s (differentiable).
+    seq_weight: [S] float32 detached weights w_s.
+    token_logp: [n_scored] float32 log-probs of the scored tokens, in their order in the input.
+    n_tokens: [S] int64 scored tokens per sequence.
+    token_entropy: [n_scored] float32 entropies (with return_entropy=True), else None.
+    """
+
+    loss: torch.Tensor
+    seq_logp: torch.Tensor
+    seq_weight: torch.Tensor
+    token_logp: torch.Tensor
+    n_tokens: torch.Tensor
+    token_entropy: Optional[torch.Tensor] = None
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not torch.isfinite(torch.tensor(float(alpha))):
+        raise ValueError(f"alpha must be a finite float, got {alpha!r}")
+    return float(alpha)
+
+
+def _check_weighting(weighting):
+    if isinstance(weighting, torch.Tensor):
+        return
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS} or a float tensor [S], got {weighting!r}")
+
+
+def _select_tokens(hidden, targets, completion_mask, seq_index, ignore_index):
+    """Brings both input forms to packed scored tokens: (hidden [n, D], targets [n], seq [n], S, extra checks)."""
+    if completion_mask is not None and seq_index is not None:
+        raise ValueError("pass either completion_mask (padded form) or seq_index (packed form), not both")
+    if hidden.dim() == 3:
+        if seq_index is not None:
+            raise ValueError("seq_index is for the packed form hidden [N, D]; the padded form [B, T, D] takes completion_mask")
+        B, T = targets.shape
+        if completion_mask is None:
+            completion_mask = torch.ones(B, T, dtype=torch.bool, device=targets.device)
+        check_tensor("completion_mask", completion_mask, dtypes=(torch.bool,))
+        if tuple(completion_mask.shape) != (B, T):
+            raise ValueError(f"completion_mask must have shape [{B}, {T}] like targets, got {list(completion_mask.shape)}")
+        if completion_mask.device != hidden.device:
+            raise ValueError(f"completion_mask is on {completion_mask.device} but hidden is on {hidden.device}")
+        scored = completion_mask & (targets != ignore_index)
+        # Prompt and padding tokens never reach the head: gather the scored ones only.
+        seq = torch.arange(B, device=hidden.device)[:, None].expand(B, T)[scored]
+        return hidden[scored], targets[scored], seq, B, {}
+    if hidden.dim() == 2:
+        if completion_mask is not None:
+            raise ValueError("completion_mask is for the padded form hidden [B, T, D]; the packed form [N, D] takes seq_index")
+        N = hidden.shape[0]
+        if seq_index is None:
+            seq_index = torch.zeros(N, dtype=torch.int64, device=hidden.device)
+        check_tensor("seq_index", seq_index, dtypes=(torch.int64, torch.int32), dim=1)
+        if seq_index.shape[0] != N:
+            raise ValueError(f"seq_index must have shape [{N}] like targets, got {list(seq_index.shape)}")
+        if seq_index.device != hidden.device:
+            raise ValueError(f"seq_index is on {seq_index.device} but hidden is on {hidden.device}")
+        S = int(seq_index.max().item()) + 1
+        extra = {"seq_index holds negative sequence ids (expected 0..S-1)": seq_index < 0}
+        return hidden, targets, seq_index.long(), S, extra
+    raise ValueError(f"hidden must be [B, T, D] (padded form) or [N, D] (packed form), got shape {list(hidden.shape)}")
+
+
+def linear_rlsc_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    completion_mask: Optional[torch.Tensor] = None,
+    seq_index: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 0.5,
+    alpha: float = 0.1,
+    weighting: Union[str, torch.Tensor] = "rlsc",
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    filter_eps: Union[None, str, float] = "auto",
+    backend: str = "auto",
+    return_entropy: bool = False,
+) -> RLSCLossOutput:
+    """The RLSC loss -sum_s w_s L_s from hidden states and the lm_head weight, without logits.
+
+    hidden[..., t, :] is the state that predicts targets[..., t] (the caller shifts).
+    Padded form: hidden [B, T, D], targets [B, T], completion_mask [B, T] bool; one sequence per
+      row; only masked-in tokens (whose target is not ignore_index) are scored.
+    Packed form: hidden [N, D], targets [N], seq_index [N] int64 in 0..S-1; tokens whose target is
+      ignore_index are skipped.
+    L_s = sum of the scored tokens' log_softmax(logits / temperature) at the target.
+    weighting: "rlsc" (w = exp(L) + alpha), "rlsc-l1" (exp(L)), "entropy" (1 + L), "length"
+      (exp(L / n_tokens) + alpha), or a float tensor [S] of external weights; always detached.
+    reduction: "sum" or "mean" (divided by S). For micro-batches of one batch use "sum" and
+      scale by 1 / S_total: each weight depends on its own sequence only, so that is exact.
+    return_entropy: also return each scored token's entropy (for monitoring; it is not in the loss).
+    """
+    check_head(hidden, weight, bias, targets, ignore_index)
+    check_backend(backend)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_weighting(weighting)
+    alpha = _check_alpha(alpha)
+    opts = _options(hidden, temperature, ignore_index, return_entropy, filter_eps)
+    h, y, seq, S, extra = _select_tokens(hidden, targets, completion_mask, seq_index, ignore_index)
+    valid = y != ignore_index
+    n_tokens = torch.zeros(S, dtype=torch.int64, device=hidden.device).index_add_(0, seq, valid.long())
+    extra["a sequence has no scored tokens (empty completion: check completion_mask / seq_index)"] = n_tokens == 0
+    check_values(h, weight, bias, y, ignore_index, extra)
+
+    token_logp, token_entropy = _logprobs_flat(h, weight, bias, y, opts, backend)
+    seq_logp = torch.zeros(S, dtype=token_logp.dtype, device=h.device).index_add(0, seq, token_logp)
+    seq_weight = rlsc_weights(seq_logp, n_tokens, weighting, alpha)
+    loss = -(seq_weight.to(seq_logp.dtype) * seq_logp).sum()
+    if reduction == "mean":
+        loss = loss / S
+    return RLSCLossOutput(loss, seq_logp, seq_weight, token_logp, n_tokens, token_entropy)
+
+
+class LinearRLSCLoss(torch.nn.Module):
+    """nn.Module holding linear_rlsc_loss's options; forward(hidden, weight, targets, completion_mask=None,
+    seq_index=None, bias=None, weighting=None) returns an RLSCLossOutput."""
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 0.5,
+        alpha: float = 0.1,
+        weighting: Union[str, torch.Tensor] = "rlsc",
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        filter_eps: Union[None, str, float] = "auto",
+        backend: str = "auto",
+        return_entropy: bool = False,
+    ):
+        super().__init__()
+        check_temperature(temperature)
+        check_backend(backend)
+        _check_weighting(weighting)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.options = dict(
+            temperature=temperature, alpha=_check_alpha(alpha), weighting=weighting, reduction=reduction,
+            ignore_index=ignore_index, filter_eps=filter_eps, backend=backend, return_entropy=return_entropy,
+        )
+
+    def forward(self, hidden, weight, targets, completion_mask=None, seq_index=None, bias=None, weighting=None):
+        options = dict(self.options)
+        if weighting is not None:
+            options["weighting"] = weighting
+        return linear_rlsc_loss(
+            hidden, weight, targets, completion_mask=completion_mask, seq_index=seq_index, bias=bias, **options
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if not isinstance(v, torch.Tensor))

@@ -1,0 +1,147 @@
+"""The PyTorch backend: two sweeps over the vocabulary, chunked over tokens, on any device.
+
+It never holds more than one [token chunk x vocab slice] block of logits. It is the CPU default
+and the fallback where Triton is missing. All statistics and gradients are accumulated in
+float32 (float64 for float64 inputs); 16-bit weights are upcast one vocab slice at a time.
+
+Math (DESIGN.md section 2), for token t and vocab entry v:
+    z_tv = (W_v . h_t + b_v) / T,  lse_t = logsumexp_v z_tv,  logp_t = z_t,y_t - lse_t
+    mean_z_t = sum_v p_tv z_tv,    entropy_t = lse_t - mean_z_t
+    dz_tv = g_t ([v = y_t] - p_tv) - e_t p_tv (z_tv - mean_z_t)     (g = dL/dlogp, e = dL/dentropy)
+    dh_t = (1/T) sum_v dz_tv W_v,  dW_v = (1/T) sum_t dz_tv h_t,  db_v = (1/T) sum_t dz_tv
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..options import FusedOptions
+from ..reference import output_dtype
+
+#: Upper bound on the elements of one logits block (tokens x vocab) held at a time.
+BLOCK_ELEMENTS = 1 << 23
+#: Vocabulary slice for 16-bit weights (each slice is upcast to float32 once per token chunk).
+VOCAB_SLICE = 16384
+
+
+def _slices(weight: torch.Tensor):
+    V = weight.shape[0]
+    step = V if weight.dtype in (torch.float32, torch.float64) else VOCAB_SLICE
+    for v0 in range(0, V, step):
+        yield v0, min(V, v0 + step)
+
+
+def _chunk_rows(V: int) -> int:
+    return max(1, BLOCK_ELEMENTS // max(V, 1))
+
+
+def _slice_logits(h: torch.Tensor, weight, bias, v0: int, v1: int, acc: torch.dtype, temperature: float):
+    w = weight[v0:v1].to(acc)
+    z = h @ w.T
+    if bias is not None:
+        z += bias[v0:v1].to(acc)
+    z /= temperature
+    return z, w
+
+
+def forward(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor, opts: FusedOptions
+):
+    """Returns logp [N], entropy [N] or None, and (lse [N], mean_z [N] or None) for the backward."""
+    N = hidden.shape[0]
+    acc = output_dtype(hidden.dtype)
+    dev = hidden.device
+    lse = torch.empty(N, dtype=acc, device=dev)
+    target_z = torch.empty(N, dtype=acc, device=dev)
+    mean_z = torch.empty(N, dtype=acc, device=dev) if opts.return_entropy else None
+    valid = targets != opts.ignore_index
+    safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
+    rows = _chunk_rows(weight.shape[0])
+    with torch.no_grad():
+        for n0 in range(0, N, rows):
+            n1 = min(N, n0 + rows)
+            h = hidden[n0:n1].to(acc)
+            y = safe_targets[n0:n1]
+            # Running (max, sum exp, sum exp * z) over vocab slices: an online logsumexp.
+            m = torch.full((n1 - n0,), -float("inf"), dtype=acc, device=dev)
+            s = torch.zeros(n1 - n0, dtype=acc, device=dev)
+            a = torch.zeros(n1 - n0, dtype=acc, device=dev) if mean_z is not None else None
+            ty = torch.zeros(n1 - n0, dtype=acc, device=dev)
+            for v0, v1 in _slices(weight):
+                z, _ = _slice_logits(h, weight, bias, v0, v1, acc, opts.temperature)
+                m_new = torch.maximum(m, z.max(dim=1).values)
+                scale = torch.exp(m - m_new)
+                ez = torch.exp(z - m_new[:, None])
+                s = s * scale + ez.sum(1)
+                if a is not None:
+                    a = a * scale + (ez * z).sum(1)
+                m = m_new
+                in_slice = (y >= v0) & (y < v1)
+                idx = (y - v0).clamp(0, v1 - v0 - 1)
+                ty += torch.where(in_slice, z.gather(1, idx[:, None]).squeeze(1), torch.zeros_like(ty))
+            lse[n0:n1] = m + torch.log(s)
+            target_z[n0:n1] = ty
+            if a is not None:
+                mean_z[n0:n1] = a / s
+    zero = torch.zeros((), dtype=acc, device=dev)
+    logp = torch.where(valid, target_z - lse, zero)
+    entropy = torch.where(valid, lse - mean_z, zero) if mean_z is not None else None
+    return logp, entropy, (lse, mean_z)
+
+
+def backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    saved: Tuple[torch.Tensor, Optional[torch.Tensor]],
+    grad_logp: Optional[torch.Tensor],
+    grad_entropy: Optional[torch.Tensor],
+    opts: FusedOptions,
+    needs: Tuple[bool, bool, bool],
+):
+    """Gradients (dhidden, dweight, dbias) for per-token upstream grads; None where not needed.
+
+    filter_eps is accepted and ignored: this backend is always exact.
+    """
+    lse, mean_z = saved
+    N, D = hidden.shape
+    acc = output_dtype(hidden.dtype)
+    dev = hidden.device
+    valid = targets != opts.ignore_index
+    safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
+    zero = torch.zeros((), dtype=acc, device=dev)
+    g = torch.where(valid, grad_logp.to(acc), zero) if grad_logp is not None else None
+    e = torch.where(valid, grad_entropy.to(acc), zero) if grad_entropy is not None and mean_z is not None else None
+    need_h, need_w, need_b = needs
+    dh = torch.zeros(N, D, dtype=acc, device=dev) if need_h else None
+    dw = torch.zeros(weight.shape, dtype=acc, device=dev) if need_w else None
+    db = torch.zeros(weight.shape[0], dtype=acc, device=dev) if (need_b and bias is not None) else None
+    rows = _chunk_rows(weight.shape[0])
+    inv_t = 1.0 / opts.temperature
+    with torch.no_grad():
+        for n0 in range(0, N, rows):
+            n1 = min(N, n0 + rows)
+            h = hidden[n0:n1].to(acc)
+            y = safe_targets[n0:n1]
+            for v0, v1 in _slices(weight):
+                z, w = _slice_logits(h, weight, bias, v0, v1, acc, opts.temperature)
+                p = torch.exp(z - lse[n0:n1, None])
+                dz = torch.zeros_like(z)
+                if g is not None:
+                    gc = g[n0:n1]
+                    dz -= gc[:, None] * p
+                    in_slice = (y >= v0) & (y < v1)
+                    idx = (y - v0).clamp(0, v1 - v0 - 1)
+                    dz.scatter_add_(1, idx[:, None], torch.where(in_slice, gc, zero)[:, None])
+                if e is not None:
+                    dz -= e[n0:n1, None] * p * (z - mean_z[n0:n1, None])
+                dz *= inv_t
+                if dh is not None:
+                    dh[n0:n1] += dz @ w
+                if dw is not None:
+                    dw[v0:v1] += dz.T @ h
+                if db is not None:
+                    db[v0:v1] += dz.sum(0)
+    return dh, dw, db

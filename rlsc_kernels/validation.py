@@ -1,0 +1,112 @@
+"""Input checks for the public ops: every error names the argument and what was expected.
+
+Shape, dtype and device checks are free. Value checks (target ids in range, no NaN/inf in the
+inputs) need one device-to-host sync; they are batched into a single sync per call and can be
+turned off with the environment variable RLSC_KERNELS_SKIP_VALUE_CHECKS=1 for the hot loop of a
+trusted training job.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+
+def value_checks_enabled() -> bool:
+    return os.environ.get("RLSC_KERNELS_SKIP_VALUE_CHECKS", "0") not in ("1", "true", "True")
+
+
+def check_tensor(name: str, x, *, dtypes=None, dim=None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if dtypes is not None and x.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(x.dtype).replace('torch.', '')}")
+    if dim is not None and x.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {list(x.shape)}")
+
+
+def check_same_device(name: str, x: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; put them on one device")
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a float > 0, got {type(temperature).__name__}")
+    t = float(temperature)
+    if not (t > 0.0) or math.isinf(t):
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
+    return t
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def check_head(hidden, weight, bias, targets, ignore_index) -> None:
+    """Checks the arguments shared by every op: hidden [..., D], weight [V, D], bias [V], targets [...]."""
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden must have shape [..., D], got a scalar")
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, dim=2)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}; cast one of them")
+    check_same_device("weight", weight, hidden, "hidden")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape [V, D] with D = hidden.shape[-1] = {hidden.shape[-1]}, got {list(weight.shape)}"
+        )
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"weight must have V > 0 and D > 0, got shape {list(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, dim=1)
+        check_same_device("bias", bias, hidden, "hidden")
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {list(bias.shape)}")
+    check_tensor("targets", targets, dtypes=(torch.int64, torch.int32))
+    check_same_device("targets", targets, hidden, "hidden")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"targets must have shape {list(hidden.shape[:-1])} (hidden.shape[:-1]), got {list(targets.shape)}"
+        )
+    if targets.numel() == 0:
+        raise ValueError("hidden/targets hold no tokens (empty batch)")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def check_values(hidden, weight, bias, targets, ignore_index, extra: Optional[dict] = None) -> None:
+    """Data-dependent checks with a single host sync: target range, finite inputs, and `extra`
+    (name -> bool tensor that must be all False, with the message to raise)."""
+    if not value_checks_enabled():
+        return
+    V = weight.shape[0]
+    bad_target = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
+    flags = [bad_target.any(), ~torch.isfinite(hidden).all(), ~torch.isfinite(weight).all()]
+    names = [
+        f"targets holds ids outside [0, {V}) that are not ignore_index={ignore_index}",
+        "hidden contains NaN or inf",
+        "weight contains NaN or inf",
+    ]
+    if bias is not None:
+        flags.append(~torch.isfinite(bias).all())
+        names.append("bias contains NaN or inf")
+    for message, flag in (extra or {}).items():
+        flags.append(flag.any())
+        names.append(message)
+    bad = torch.stack(flags).cpu()
+    for message, is_bad in zip(names, bad.tolist()):
+        if is_bad:
+            if message.startswith("targets"):
+                bad_ids = targets[bad_target]
+                raise ValueError(f"{message} (e.g. {bad_ids[:5].tolist()})")
+            raise ValueError(message)
