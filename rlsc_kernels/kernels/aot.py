@@ -1,0 +1,136 @@
+"""Ahead-of-time compilation of the shipped kernels for Hopper (sm_90), no GPU needed.
+
+    python -m rlsc_kernels.kernels.aot        # prints registers, spills, shared memory, wgmma
+
+The interpreter accepts code that the real compiler rejects; compiling every kernel at the block
+sizes we ship, for the GPU we target, catches that on a CPU-only machine. The report reads the
+PTX (does it use wgmma?) and the cubin (registers, stack frame = spills) with the cuobjdump
+that ships inside Triton's wheel.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, List
+
+TARGET_ARCH = 90
+
+_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+@dataclass
+class CompileReport:
+    kernel: str
+    dtype: str
+    flags: str
+    block: str
+    registers: int
+    spill_bytes: int  # stack frame + local memory: where spilled registers go
+    shared_bytes: int
+    uses_wgmma: bool
+
+    def row(self) -> str:
+        return (f"{self.kernel:<16} {self.dtype:<5} {self.block:<18} {self.flags:<36} regs={self.registers:<4} "
+                f"spills={self.spill_bytes:<5} smem={self.shared_bytes:<7} wgmma={'yes' if self.uses_wgmma else 'no'}")
+
+
+def _forward_signature(ty: str):
+    sig = {"hidden_ptr": f"*{ty}", "weight_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "targets_ptr": "*i64"}
+    for name in ("part_max_ptr", "part_sum_ptr", "part_zsum_ptr", "part_target_ptr"):
+        sig[name] = "*fp32"
+    for name in ("N", "V", "D", "vblocks_per_split", "stride_hn", "stride_hd", "stride_wv", "stride_wd"):
+        sig[name] = "i32"
+    sig["inv_temperature"] = "fp32"
+    return sig
+
+
+def _backward_signature(ty: str):
+    sig = {"hidden_ptr": f"*{ty}", "weight_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "targets_ptr": "*i64"}
+    for name in ("lse_ptr", "mean_z_ptr", "grad_logp_ptr", "grad_entropy_ptr", "dhidden_ptr", "dweight_ptr", "dbias_ptr"):
+        sig[name] = "*fp32"
+    for name in ("N", "D", "v_lo", "v_hi", "stride_hn", "stride_hd", "stride_wv", "stride_wd", "stride_dhn", "stride_dwv"):
+        sig[name] = "i32"
+    sig["inv_temperature"] = "fp32"
+    sig["filter_eps"] = "fp32"
+    return sig
+
+
+def _resource_usage(cubin: bytes) -> Dict[str, int]:
+    """Registers, stack frame (spills land there) and static shared memory of the real cubin,
+    read with the cuobjdump that ships inside Triton's wheel."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", text))
+    return {"registers": int(fields.get("REG", -1)), "spill_bytes": int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))}
+
+
+def compile_kernel(kernel: str, dtype: str, config, flags: Dict[str, bool], arch: int = TARGET_ARCH) -> CompileReport:
+    """Compiles one kernel variant for sm_{arch}; raises if the compiler rejects it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .backward_sweep import backward_sweep_kernel
+    from .forward_sweep import forward_sweep_kernel
+
+    ty = _DTYPE_NAMES[dtype]
+    precision = "ieee"
+    constexprs = {"EVEN_D": flags.get("EVEN_D", True), "DOT_UPCAST": False, "DOT_PRECISION": precision,
+                  "BLOCK_N": config.block_n, "BLOCK_V": config.block_v, "BLOCK_D": config.block_d,
+                  "HAS_BIAS": flags.get("HAS_BIAS", False), "HAS_ENTROPY": flags.get("HAS_ENTROPY", False)}
+    if kernel == "forward_sweep":
+        fn, sig = forward_sweep_kernel, _forward_signature(ty)
+    elif kernel == "backward_sweep":
+        fn, sig = backward_sweep_kernel, _backward_signature(ty)
+        constexprs.update(COMPUTE_DH=flags.get("COMPUTE_DH", True), COMPUTE_DW=flags.get("COMPUTE_DW", True),
+                          COMPUTE_DB=flags.get("COMPUTE_DB", False), FILTER=flags.get("FILTER", True),
+                          GROUP_N=config.group_n)
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    for name in constexprs:
+        sig[name] = "constexpr"
+    fn = getattr(fn, "fn", fn) if not hasattr(fn, "arg_names") else fn
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    ptx = compiled.asm["ptx"]
+    res = _resource_usage(compiled.asm["cubin"])
+    shared = int(getattr(compiled.metadata, "shared", -1))
+    shown = ",".join(k for k, v in sorted(flags.items()) if v)
+    block = f"{config.block_n}x{config.block_v}x{config.block_d}/w{config.num_warps}s{config.num_stages}"
+    return CompileReport(kernel, ty, shown, block, res["registers"], res["spill_bytes"], shared, "wgmma" in ptx)
+
+
+def shipped_variants() -> List[tuple]:
+    """(kernel, dtype, config, flags) for every shipped block size and the flag combinations that matter."""
+    from ..backends.triton_sweeps import BACKWARD_CONFIGS, FORWARD_CONFIGS
+
+    out = []
+    for dtype in ("bfloat16", "float16", "float32"):
+        key = "fp32" if dtype == "float32" else "16bit"
+        for flags in ({"HAS_BIAS": False, "HAS_ENTROPY": False, "EVEN_D": True},
+                      {"HAS_BIAS": True, "HAS_ENTROPY": True, "EVEN_D": False}):
+            out.append(("forward_sweep", dtype, FORWARD_CONFIGS[key], flags))
+        for flags in ({"FILTER": True, "COMPUTE_DH": True, "COMPUTE_DW": True, "EVEN_D": True},
+                      {"FILTER": False, "COMPUTE_DH": True, "COMPUTE_DW": True, "COMPUTE_DB": True,
+                       "HAS_BIAS": True, "HAS_ENTROPY": True, "EVEN_D": False}):
+            out.append(("backward_sweep", dtype, BACKWARD_CONFIGS[key], flags))
+    return out
+
+
+def main() -> None:
+    for kernel, dtype, config, flags in shipped_variants():
+        print(compile_kernel(kernel, dtype, config, flags).row(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
