@@ -45,7 +45,7 @@ FORWARD_CONFIGS = {
 }
 BACKWARD_CONFIGS = {
     "16bit": KernelConfig(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=2),
-    "fp32": KernelConfig(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=2),
+    "fp32": KernelConfig(block_n=32, block_v=64, block_d=32, num_warps=4, num_stages=2),
 }
 _overrides: dict = {}
 

@@ -15,6 +15,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _round_to_bf16_rtne(x):
+    """fp32 -> nearest bf16 (ties to even), kept in fp32. Interpreter-only path: Triton's
+    interpreter truncates fp32 -> bf16 conversions, while the GPU rounds to nearest even."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def backward_sweep_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,
     lse_ptr, mean_z_ptr, grad_logp_ptr, grad_entropy_ptr,
@@ -86,9 +95,10 @@ def backward_sweep_kernel(
         dz = dz * inv_temperature
         if COMPUTE_DB:
             tl.atomic_add(dbias_ptr + (offs_v - v_lo), tl.sum(dz, 0), mask=mask_v, sem="relaxed")
-        dz_op = dz.to(hidden_ptr.dtype.element_ty)
         if DOT_UPCAST:
-            dz_op = dz_op.to(tl.float32)
+            dz_op = _round_to_bf16_rtne(dz)
+        else:
+            dz_op = dz.to(hidden_ptr.dtype.element_ty)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D

@@ -1,0 +1,58 @@
+"""Float64 oracle helpers: draw inputs, run every backend, judge low-precision results.
+
+The oracle runs the naive reference in float64 on the *same rounded inputs* the backend sees, so
+the error measured is the computation's, not the input rounding's. A result in dtype X passes when
+    max|fast - exact| <= max|torch in X - exact| + tol * max|exact|
+i.e. no worse than PyTorch itself in that dtype, plus a small tolerance.
+"""
+from __future__ import annotations
+
+import torch
+
+import rlsc_kernels as rk
+
+# Small tolerance on top of the same-dtype PyTorch error, relative to the largest exact value.
+TOL = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3, torch.float64: 1e-12}
+
+
+def make_inputs(N, D, V, *, dtype, bias=True, ignore_frac=0.2, logit_scale=1.0, seed=None, device="cpu"):
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    h = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    w = torch.randn(V, D, generator=gen, dtype=torch.float64) * (logit_scale / D**0.5)
+    b = torch.randn(V, generator=gen, dtype=torch.float64) * 0.5 if bias else None
+    y = torch.randint(0, V, (N,), generator=gen)
+    ignored = torch.rand(N, generator=gen) < ignore_frac
+    y[ignored] = -100
+    cast = lambda t: None if t is None else t.to(dtype).to(device)  # noqa: E731
+    return cast(h), cast(w), cast(b), y.to(device)
+
+
+def run_logprobs(backend, h, w, b, y, *, temperature, entropy_weight=0.3, grad_seed=0, **kw):
+    """Forward + backward of sum(g * logp) + entropy_weight * sum(e * entropy) with fixed random g, e."""
+    hh = h.detach().clone().requires_grad_()
+    ww = w.detach().clone().requires_grad_()
+    bb = b.detach().clone().requires_grad_() if b is not None else None
+    logp, ent = rk.linear_logprobs(hh, ww, y, bias=bb, temperature=temperature, return_entropy=True,
+                                   backend=backend, **kw)
+    gen = torch.Generator().manual_seed(grad_seed)
+    g = torch.randn(logp.shape, generator=gen, dtype=torch.float64).to(logp.device)
+    e = torch.randn(logp.shape, generator=gen, dtype=torch.float64).to(logp.device)
+    ((logp.double() * g).sum() + entropy_weight * (ent.double() * e).sum()).backward()
+    out = {"logp": logp, "entropy": ent, "dhidden": hh.grad, "dweight": ww.grad}
+    if bb is not None:
+        out["dbias"] = bb.grad
+    return {k: v.detach().double().cpu() for k, v in out.items()}
+
+
+def errors(result, exact):
+    return {k: (result[k] - exact[k]).abs().max().item() for k in exact}
+
+
+def assert_within_oracle(fast, same_dtype, exact, dtype, label=""):
+    """fast, same_dtype, exact: dicts name -> float64 CPU tensor."""
+    for name in exact:
+        scale = exact[name].abs().max().item()
+        err_fast = (fast[name] - exact[name]).abs().max().item()
+        err_ref = (same_dtype[name] - exact[name]).abs().max().item()
+        bound = err_ref + TOL[dtype] * scale
+        assert err_fast <= bound, f"{label} {name}: error {err_fast:.3e} > torch-{dtype} error {err_ref:.3e} + tol ({bound:.3e})"
