@@ -77,7 +77,7 @@ def token_entropy(z: torch.Tensor) -> torch.Tensor:
     return lse - (p * z).sum(-1)
 
 
-def fit_logit_scale(z0: torch.Tensor, target_entropy: float, iters: int = 40) -> float:
+def fit_logit_scale(z0: torch.Tensor, target_entropy: float, iters: int = 30) -> float:
     """Scale c > 0 with mean_t entropy(softmax(c * z0_t)) = target_entropy (bisection on log c).
 
     The entropy of softmax(c z) decreases monotonically in c (its derivative is -c Var_p(z)).
