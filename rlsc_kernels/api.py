@@ -138,9 +138,10 @@ def _select_tokens(hidden, targets, completion_mask, seq_index, ignore_index):
             raise ValueError(f"seq_index must have shape [{N}] like targets, got {list(seq_index.shape)}")
         if seq_index.device != hidden.device:
             raise ValueError(f"seq_index is on {seq_index.device} but hidden is on {hidden.device}")
-        S = int(seq_index.max().item()) + 1
-        extra = {"seq_index holds negative sequence ids (expected 0..S-1)": seq_index < 0}
-        return hidden, targets, seq_index.long(), S, extra
+        lo, hi = (int(v) for v in torch.stack(torch.aminmax(seq_index)).tolist())  # one sync
+        if lo < 0:
+            raise ValueError(f"seq_index holds negative sequence ids (got {lo}; expected 0..S-1)")
+        return hidden, targets, seq_index.long(), hi + 1, {}
     raise ValueError(f"hidden must be [B, T, D] (padded form) or [N, D] (packed form), got shape {list(hidden.shape)}")
 
 

@@ -127,9 +127,17 @@ def shipped_variants() -> List[tuple]:
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+    import json
+    from dataclasses import asdict
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object per kernel variant")
+    args = parser.parse_args(argv)
     for kernel, dtype, config, flags in shipped_variants():
-        print(compile_kernel(kernel, dtype, config, flags).row(), flush=True)
+        report = compile_kernel(kernel, dtype, config, flags)
+        print(json.dumps(asdict(report)) if args.json else report.row(), flush=True)
 
 
 if __name__ == "__main__":

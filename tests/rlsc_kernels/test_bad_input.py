@@ -1,0 +1,97 @@
+"""Bad input raises ValueError/TypeError naming the argument and what was expected."""
+import pytest
+import torch
+
+import rlsc_kernels as rk
+
+
+def _ok(N=6, D=8, V=20, dtype=torch.float32):
+    return torch.randn(N, D, dtype=dtype), torch.randn(V, D, dtype=dtype), torch.randint(0, V, (N,))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_logprobs_errors(backend):
+    h, w, y = _ok()
+    call = lambda **kw: rk.linear_logprobs(kw.pop("h", h), kw.pop("w", w), kw.pop("y", y), backend=backend, **kw)  # noqa: E731
+    cases = [
+        (dict(h=h.numpy()), TypeError, "hidden must be a torch.Tensor"),
+        (dict(h=h.long()), TypeError, "hidden must have dtype"),
+        (dict(w=w[:, :5]), ValueError, r"weight must have shape \[V, D\] with D = hidden.shape\[-1\] = 8"),
+        (dict(w=w.double()), TypeError, "weight dtype torch.float64 differs from hidden dtype"),
+        (dict(y=y.float()), TypeError, "targets must have dtype"),
+        (dict(y=y[:3]), ValueError, r"targets must have shape \[6\]"),
+        (dict(y=torch.tensor([0, 1, 2, 3, 4, 20])), ValueError, r"targets holds ids outside \[0, 20\)"),
+        (dict(y=torch.tensor([0, 1, 2, 3, 4, -5])), ValueError, r"targets holds ids outside"),
+        (dict(temperature=0.0), ValueError, "temperature must be a finite float > 0"),
+        (dict(temperature=-1), ValueError, "temperature must be a finite float > 0"),
+        (dict(temperature=float("nan")), ValueError, "temperature must be a finite float > 0"),
+        (dict(temperature="hot"), TypeError, "temperature must be a float"),
+        (dict(bias=torch.zeros(19)), ValueError, r"bias must have shape \[V\] = \[20\]"),
+        (dict(filter_eps="fast"), ValueError, "filter_eps must be None, 'auto' or a float"),
+        (dict(filter_eps=-1.0), ValueError, "filter_eps must be a finite float >= 0"),
+        (dict(h=torch.zeros(0, 8), y=torch.zeros(0, dtype=torch.long)), ValueError, "empty batch"),
+        (dict(h=torch.full((6, 8), float("nan"))), ValueError, "hidden contains NaN or inf"),
+        (dict(w=torch.full((20, 8), float("inf"))), ValueError, "weight contains NaN or inf"),
+    ]
+    for kwargs, exc, message in cases:
+        with pytest.raises(exc, match=message):
+            call(**kwargs)
+
+
+def test_unknown_backend():
+    h, w, y = _ok()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        rk.linear_logprobs(h, w, y, backend="cuda")
+
+
+def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    h, w, y = _ok()
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        rk.linear_logprobs(h, w, y, backend="triton")
+    with pytest.raises(TypeError, match="float64"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        rk.linear_logprobs(h.double(), w.double(), y, backend="triton")
+
+
+def test_rlsc_loss_errors():
+    h, w, y = _ok()
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    cases = [
+        (dict(weighting="softmax"), ValueError, "weighting must be one of"),
+        (dict(reduction="avg"), ValueError, "reduction must be one of"),
+        (dict(alpha=float("inf")), ValueError, "alpha must be a finite float"),
+        (dict(weighting=torch.ones(5)), ValueError, r"weighting tensor must have shape \[2\]"),
+        (dict(seq_index=torch.tensor([0, 0, 1])), ValueError, r"seq_index must have shape \[6\]"),
+        (dict(seq_index=torch.tensor([0, 0, 1, 1, -1, 0])), ValueError, "negative sequence ids"),
+        (dict(seq_index=torch.tensor([0, 0, 2, 2, 2, 0])), ValueError, "a sequence has no scored tokens"),
+        (dict(completion_mask=torch.ones(6, dtype=torch.bool)), ValueError, "completion_mask is for the padded form"),
+        (dict(completion_mask=mask, seq_index=torch.zeros(6, dtype=torch.long)), ValueError, "not both"),
+    ]
+    for kwargs, exc, message in cases:
+        with pytest.raises(exc, match=message):
+            seq = kwargs.pop("seq_index", torch.tensor([0, 0, 0, 1, 1, 1]) if "completion_mask" not in kwargs else None)
+            rk.linear_rlsc_loss(h, w, y, seq_index=seq, backend="torch", **kwargs)
+
+
+def test_padded_form_errors():
+    h = torch.randn(2, 3, 8)
+    w = torch.randn(20, 8)
+    y = torch.randint(0, 20, (2, 3))
+    with pytest.raises(ValueError, match=r"completion_mask must have shape \[2, 3\]"):
+        rk.linear_rlsc_loss(h, w, y, completion_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="completion_mask must have dtype"):
+        rk.linear_rlsc_loss(h, w, y, completion_mask=torch.ones(2, 3))
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    with pytest.raises(ValueError, match="empty completion"):
+        rk.linear_rlsc_loss(h, w, y, completion_mask=mask)
+    with pytest.raises(ValueError, match=r"\[B, T, D\] \(padded form\) or \[N, D\]"):
+        rk.linear_rlsc_loss(h[None], w, y[None])
+
+
+def test_value_checks_can_be_skipped(monkeypatch):
+    monkeypatch.setenv("RLSC_KERNELS_SKIP_VALUE_CHECKS", "1")
+    h, w, y = _ok()
+    h[0, 0] = float("nan")
+    out = rk.linear_logprobs(h, w, y, backend="torch")  # no sync, no check: the caller vouched for the data
+    assert torch.isnan(out[0])
