@@ -1,0 +1,109 @@
+"""Times the Triton sweeps at several block sizes on one shape (GPU only), to choose what ships.
+
+    python -m benchmarks.tune_blocks --V 152064 --D 3584 --N 16384 --out tune.json
+
+Each candidate is set through RLSC_KERNELS_FWD_CONFIG / RLSC_KERNELS_BWD_CONFIG
+("block_n,block_v,block_d,warps,stages"); the forward is timed alone (no grad), the backward as
+forward + backward of the RLSC loss minus the forward. Median and 20/80 % quantiles of
+triton.testing.do_bench (CUDA events, warm-up excluded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+FORWARD = ["64,256,64,8,3", "128,128,64,8,3", "128,128,64,8,4", "64,256,64,8,4", "128,256,64,16,3"]
+BACKWARD = ["128,128,32,8,2", "128,128,64,8,2", "64,128,64,8,2", "256,128,32,16,2"]
+
+
+def realistic_inputs(N, D, V, logit_scale, temperature, device="cuda", seed=0):
+    """hidden ~ N(0, 1), W ~ N(0, logit_scale^2 / D), targets sampled from softmax(z / T) chunk by chunk."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    h = torch.randn(N, D, device=device, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(V, D, device=device, generator=gen) * (logit_scale / D**0.5)).to(torch.bfloat16)
+    y = torch.empty(N, dtype=torch.long, device=device)
+    ent = []
+    with torch.no_grad():
+        for n0 in range(0, N, 1024):
+            z = (h[n0:n0 + 1024] @ w.T).float() / temperature
+            p = torch.softmax(z, -1)
+            y[n0:n0 + 1024] = torch.multinomial(p, 1, generator=gen).squeeze(1)
+            ent.append(-(p * torch.log_softmax(z, -1)).sum(-1))
+    return h, w, y, torch.cat(ent).mean().item()
+
+
+def main(argv=None):
+    import triton.testing
+
+    import rlsc_kernels as rk
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--N", type=int, default=16384)
+    ap.add_argument("--D", type=int, default=3584)
+    ap.add_argument("--V", type=int, default=152064)
+    ap.add_argument("--logit-scale", type=float, default=12.0)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--budget-s", type=float, default=150.0)
+    args = ap.parse_args(argv)
+    start = time.time()
+    T = 0.5
+    h, w, y, entropy = realistic_inputs(args.N, args.D, args.V, args.logit_scale, T)
+    seq = torch.arange(args.N, device="cuda") // max(1, args.N // 16)
+    flops = 2 * args.N * args.V * args.D
+    mm = triton.testing.do_bench(lambda: h @ w.T, warmup=10, rep=50, return_mode="median")
+    print(f"mean token entropy at T={T}: {entropy:.3f} nats; logits GEMM {mm:.2f} ms ({flops / mm / 1e9:.0f} TFLOP/s)")
+    rows = [{"kind": "matmul", "config": "torch", "median_ms": mm}]
+
+    def fwd():
+        with torch.no_grad():
+            rk.linear_logprobs(h, w, y, temperature=T, backend="triton")
+
+    ww = w.detach().clone().requires_grad_()
+    hh = h.detach().clone().requires_grad_()
+
+    def fwd_bwd(filter_eps):
+        def run():
+            out = rk.linear_rlsc_loss(hh, ww, y, seq_index=seq, temperature=T, backend="triton", filter_eps=filter_eps)
+            out.loss.backward()
+        return run
+
+    os.environ["RLSC_KERNELS_SKIP_VALUE_CHECKS"] = "1"
+    for cfg in FORWARD:
+        if time.time() - start > args.budget_s:
+            break
+        os.environ["RLSC_KERNELS_FWD_CONFIG"] = cfg
+        try:
+            q = triton.testing.do_bench(fwd, warmup=10, rep=60, quantiles=[0.5, 0.2, 0.8])
+            rows.append({"kind": "forward", "config": cfg, "median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2]})
+            print(f"forward  {cfg:<18} {q[0]:8.2f} ms  ({q[0] / mm:.2f}x GEMM)", flush=True)
+        except Exception as exc:  # record and go on
+            rows.append({"kind": "forward", "config": cfg, "error": repr(exc)[:300]})
+            print(f"forward  {cfg:<18} ERROR {exc!r}"[:300], flush=True)
+    os.environ.pop("RLSC_KERNELS_FWD_CONFIG", None)
+    for cfg in BACKWARD:
+        for filter_eps in ("auto", None):
+            if time.time() - start > args.budget_s:
+                break
+            os.environ["RLSC_KERNELS_BWD_CONFIG"] = cfg
+            try:
+                q = triton.testing.do_bench(fwd_bwd(filter_eps), warmup=5, rep=30, quantiles=[0.5, 0.2, 0.8],
+                                            grad_to_none=[hh, ww])
+                rows.append({"kind": "fwd+bwd", "config": cfg, "filter": str(filter_eps), "median_ms": q[0],
+                             "p20_ms": q[1], "p80_ms": q[2]})
+                print(f"fwd+bwd  {cfg:<18} filter={str(filter_eps):<5} {q[0]:8.2f} ms ({q[0] / mm:.2f}x GEMM)", flush=True)
+            except Exception as exc:
+                rows.append({"kind": "fwd+bwd", "config": cfg, "filter": str(filter_eps), "error": repr(exc)[:300]})
+                print(f"fwd+bwd  {cfg:<18} ERROR {exc!r}"[:300], flush=True)
+    os.environ.pop("RLSC_KERNELS_BWD_CONFIG", None)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "N": args.N, "D": args.D, "V": args.V,
+                       "entropy": entropy, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
