@@ -1,0 +1,83 @@
+"""The comparison runs end to end on CPU, writes the documented JSON shape, and its report renders."""
+import json
+
+import pytest
+import torch
+
+from benchmarks import compare, report
+from benchmarks import impls as I
+from benchmarks.inputs import make_inputs
+
+ROW_KEYS = {"op", "impl", "V", "D", "N", "dtype", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "max_rel_err"}
+TOP_KEYS = {"device", "torch", "triton", "commit", "date", "results"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp") / "compare.json"
+    compare.main(["--device", "cpu", "--heads", "tiny:32:512", "--seq-lens", "16", "--n-seqs", "2",
+                  "--impls", "rlsc-torch,torch-naive,torch-chunked,liger,matmul-floor,cce",
+                  "--ref-tokens", "32", "--ref-seqs", "2", "--target-ms", "5", "--out", str(out)])
+    return out
+
+
+def test_compare_json_has_the_documented_shape(tiny_run):
+    doc = json.loads(tiny_run.read_text())
+    assert TOP_KEYS <= doc.keys()
+    assert len(doc["date"]) == 10
+    rows = doc["results"]
+    assert {(r["op"], r["impl"]) for r in rows} >= {("rlsc_fwd_bwd", "torch-naive"), ("logprobs_fwd", "matmul-floor")}
+    for r in rows:
+        assert ROW_KEYS <= r.keys()
+
+
+def test_compare_rows_are_accurate_or_error_rows(tiny_run):
+    rows = json.loads(tiny_run.read_text())["results"]
+    for r in rows:
+        if r["impl"] == "cce":  # needs CUDA: recorded as an error row, not a crash
+            assert r["median_ms"] is None and "CUDA" in r["error"]
+        elif r["impl"] != "matmul-floor":
+            assert r.get("error") is None, r
+            assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+            assert r["max_rel_err"] < 1e-4, r  # fp32 against the float64 reference
+
+
+def test_report_writes_table_and_chart(tiny_run, tmp_path):
+    md, png = tmp_path / "t.md", tmp_path / "t.png"
+    report.main([str(tiny_run), "--md", str(md), "--png", str(png)])
+    text = md.read_text()
+    assert "| tiny | 32 | rlsc_fwd_bwd | torch-naive |" in text
+    assert png.stat().st_size > 1000
+
+
+def test_resume_records_the_row_that_was_running_as_an_error(tiny_run, tmp_path):
+    out = tmp_path / "c.json"
+    out.write_text(tiny_run.read_text())
+    dead = {"head": "tiny", "op": "logprobs_fwd", "impl": "torch-compile", "V": 512, "D": 32, "N": 32, "dtype": "float32"}
+    (tmp_path / "c.json.inprogress").write_text(json.dumps(dead))
+    compare.main(["--device", "cpu", "--heads", "tiny:32:512", "--seq-lens", "16", "--n-seqs", "2",
+                  "--impls", "torch-naive,torch-compile", "--ops", "logprobs_fwd", "--out", str(out), "--resume"])
+    rows = json.loads(out.read_text())["results"]
+    got = [r for r in rows if r["impl"] == "torch-compile"]
+    assert len(got) == 1 and "ended during this row" in got[0]["error"]
+    assert len([r for r in rows if r["impl"] == "torch-naive" and r["op"] == "logprobs_fwd"]) == 1
+    assert not (tmp_path / "c.json.inprogress").exists()
+
+
+def test_plan_puts_the_headline_core_rows_first():
+    heads = [compare.parse_head(h) for h in ("smollm2-135m", "qwen2.5-math-1.5b", "qwen2.5-math-7b")]
+    plan = compare.plan_rows(heads, [256, 1024, 3072], list(I.CORE_IMPLS) + list(I.EXTRA_IMPLS), list(I.OPS))
+    first = plan[: 2 * len(I.CORE_IMPLS) - 1]  # matmul-floor has no rlsc_fwd_bwd row
+    assert all(p[0] == "qwen2.5-math-7b" and p[3] == 1024 and p[5] in I.CORE_IMPLS for p in first)
+    assert plan[0][4:] == ("rlsc_fwd_bwd", "rlsc-triton")
+    assert len(plan) == len(set(plan))
+
+
+def test_liger_grpo_expresses_the_rlsc_gradient():
+    # The README's claim: GRPO with beta = 0 and advantages w_s * N_tok / S has the RLSC gradient.
+    inp = make_inputs(300, 24, 3, 20, dtype=torch.float32, target_entropy=1.0)
+    ref = I.reference_fwd_bwd(inp)
+    h, W = inp.hidden.detach().requires_grad_(), inp.weight.detach().requires_grad_()
+    got = I.liger_fwd_bwd(inp, h, W)
+    for a, b in zip(got, ref):
+        assert I.max_rel_err(a, b) < 1e-5
