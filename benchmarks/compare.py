@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -114,10 +115,13 @@ def _row_id(row) -> tuple:
     return (row["head"], row["N"], row["op"], row["impl"])
 
 
-def _write(doc, path: Path):
+def _write(doc, path: Path, copy_to: Path | None = None):
+    """Atomic rewrite of path (and a plain copy to copy_to, the published file, if given)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp, path)
+    if copy_to is not None and copy_to != path:
+        shutil.copyfile(path, copy_to)
 
 
 def _error_text(e: BaseException) -> str:
@@ -201,6 +205,9 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="start no new row after this many seconds")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/compare-<device>.json)")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out and run the rest")
+    ap.add_argument("--scratch", type=Path, default=None,
+                    help="keep the working JSON and the in-progress marker here and copy the JSON to --out after "
+                         "every row (so --out's folder only ever holds the finished JSON)")
     ap.add_argument("--label", default="", help="free text stored in the JSON (e.g. 'CPU, small shapes')")
     args = ap.parse_args(argv)
     t_start = time.time()
@@ -222,11 +229,20 @@ def main(argv=None):
     target_entropy = args.target_entropy if args.target_entropy is not None else default_target_entropy()
     out = args.out or Path(__file__).parent / "results" / f"compare-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    marker = out.with_suffix(out.suffix + ".inprogress")
+    work = out
+    if args.scratch is not None:
+        args.scratch.mkdir(parents=True, exist_ok=True)
+        work = args.scratch / out.name
+    marker = work.with_suffix(work.suffix + ".inprogress")
 
     doc = None
-    if args.resume and out.exists():
-        doc = json.loads(out.read_text())
+    if args.resume:
+        for src in (work, out):
+            try:
+                doc = json.loads(src.read_text())
+                break
+            except (OSError, ValueError):
+                continue
     if doc is None:
         doc = {"device": device_name(device), "torch": torch.__version__, "triton": _versions().get("triton"),
                "commit": _commit(), "date": datetime.date.today().isoformat(), "label": args.label,
@@ -246,7 +262,7 @@ def main(argv=None):
             doc["results"].append(row)
             done.add(_row_id(row))
         marker.unlink()
-    _write(doc, out)
+    _write(doc, work, out)
 
     plan = [p for p in plan_rows(heads, seq_lens, impl_names, ops) if (p[0], args.n_seqs * p[3], p[4], p[5]) not in done]
     current, inp, ref_inp, refs = None, None, None, None
@@ -286,12 +302,12 @@ def main(argv=None):
             row["wall_s"] = round(time.time() - t0, 1)
         doc["results"].append(row)
         doc["elapsed_s"] = round(time.time() - t_start, 1)
-        _write(doc, out)
+        _write(doc, work, out)
         if marker.exists():
             marker.unlink()
         print(format_row(row), flush=True)
     doc["not_run"] = not_run
-    _write(doc, out)
+    _write(doc, work, out)
     if not_run:
         print(f"# time budget reached: {len(not_run)} rows not run", flush=True)
     print(f"# wrote {out} ({len(doc['results'])} rows, {time.time() - t_start:.0f} s)")

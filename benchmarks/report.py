@@ -167,15 +167,36 @@ def chart(doc, path: Path, train=None) -> bool:
     return True
 
 
+def summary(doc, train=None) -> str:
+    """Short text: targets, the headline shape's rows, the training step; and the error/not-run counts."""
+    rows = doc["results"]
+    head, N = HEADLINE
+    sel = [r for r in rows if (r["head"], r["N"]) == (head, N)] or rows[:20]
+    sub = dict(doc, results=sel)
+    lines = [f"{doc['device']} | torch {doc['torch']} | triton {doc['triton']} | commit {doc['commit']}", ""]
+    lines += [f"{v:6} {a}: {b}" for a, b, v in targets(doc, train)] + [""]
+    lines += [table(sub), ""]
+    n_err = sum(1 for r in rows if r.get("error"))
+    lines.append(f"{len(rows)} rows ({n_err} with errors), {len(doc.get('not_run', []))} not run for time")
+    if train:
+        lines += ["", train_table(train)]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("json", type=Path)
     ap.add_argument("--train", type=Path, default=None, help="training-step JSON (benchmarks.train_step)")
     ap.add_argument("--md", type=Path, default=None, help="default: the JSON path with .md")
     ap.add_argument("--png", type=Path, default=None, help="default: the JSON path with .png")
+    ap.add_argument("--summary", action="store_true", help="print only the targets, the headline rows and the "
+                    "training step (no files written)")
     args = ap.parse_args(argv)
     doc = json.loads(args.json.read_text())
     train = json.loads(args.train.read_text()) if args.train and args.train.exists() else None
+    if args.summary:
+        print(summary(doc, train))
+        return
     md = args.md or args.json.with_suffix(".md")
     png = args.png or args.json.with_suffix(".png")
     md.write_text(markdown(doc, train))
