@@ -63,10 +63,12 @@ def plan_rows(heads, seq_lens, impls, ops):
     others = sorted((s for s in shapes if s != headline),
                     key=lambda s: (round(abs(math.log(s[1] / L0)), 6), -s[1], HEAD_RANK.get(s[0][0], 9)))
     core = [i for i in impls if i in I.CORE_IMPLS]
-    extra = [i for i in impls if i not in I.CORE_IMPLS]
+    late = [i for i in impls if i in I.LATE_IMPLS]
+    extra = [i for i in impls if i not in I.CORE_IMPLS and i not in I.LATE_IMPLS]
     ops = sorted(ops, key=lambda o: o != "rlsc_fwd_bwd")
     order = []
-    for group_shapes, group_impls in (([headline], core), ([headline], extra), (others, core), (others, extra)):
+    for group_shapes, group_impls in (([headline], core), ([headline], extra), (others, core), (others, extra),
+                                      ([headline] + others, late)):
         for (name, D, V), L in group_shapes:
             for op in ops:
                 for impl in group_impls:
@@ -131,12 +133,13 @@ def _error_text(e: BaseException) -> str:
 
 
 def reference_outputs(ref_inp, ops):
+    """float64 references, computed on the inputs' device and kept on the CPU (no GPU memory during rows)."""
     out = {}
     if "logprobs_fwd" in ops:
         with torch.no_grad():
-            out["logprobs_fwd"] = I.reference_logprobs(ref_inp)
+            out["logprobs_fwd"] = I.reference_logprobs(ref_inp).cpu()
     if "rlsc_fwd_bwd" in ops:
-        out["rlsc_fwd_bwd"] = I.reference_fwd_bwd(ref_inp)
+        out["rlsc_fwd_bwd"] = tuple(t.cpu() for t in I.reference_fwd_bwd(ref_inp))
     return out
 
 
