@@ -1,10 +1,18 @@
 """Triton backend: launchers for the forward and backward sweep kernels.
 
 The launchers check what the kernels assume, allocate outputs, pick block sizes and grids; the
-kernels (rlsc_kernels/kernels/) never guess. Memory beyond the inputs: O(N) statistics, dhidden
-in fp32 [N, D], dbias fp32 [V], and for dweight either the fp32 output itself (fp32 weight) or
-one fp32 vocab slice of at most VOCAB_SLICE_BYTES that is converted into the 16-bit output after
-its launch. dweight is therefore always accumulated in fp32.
+kernels (rlsc_kernels/kernels/) never guess.
+
+Two backward strategies, both accumulating dweight and dhidden in fp32 and neither holding an
+[N, V] buffer or an fp32 buffer the size of W for 16-bit weights:
+  "sliced" (default): per vocab slice, one kernel stores the slice's logit gradients [N, VS]
+      (16-bit, at most GRAD_LOGITS_BYTES, VS >= MIN_SLICE_ROWS) and a mask of the tiles the
+      filter kept, then two block-sparse matmuls produce dweight for the slice (fp32 accumulation
+      over all tokens, stored once) and add into fp32 dhidden. No atomics but dbias: deterministic.
+  "fused": one kernel per vocab slice recomputes each tile and adds its dhidden / dweight
+      contributions with fp32 atomics; dweight goes through an fp32 slice buffer of at most
+      VOCAB_SLICE_BYTES. No [N, VS] buffer, but atomic traffic and non-deterministic sums.
+Choose with RLSC_KERNELS_BACKWARD=sliced|fused.
 """
 from __future__ import annotations
 
@@ -18,11 +26,19 @@ import triton
 
 from ..kernels.backward_sweep import backward_sweep_kernel
 from ..kernels.forward_sweep import forward_sweep_kernel
+from ..kernels.grad_logits import grad_logits_kernel
+from ..kernels.grad_matmul import grad_hidden_kernel, grad_weight_kernel
 from ..options import FusedOptions
 from . import triton_interpreting
 
-#: Largest fp32 dweight slice held at once when the weight is 16-bit.
+#: Largest fp32 dweight slice held at once when the weight is 16-bit ("fused" backward).
 VOCAB_SLICE_BYTES = 128 << 20
+#: Target size of the [N, VS] logit-gradient buffer ("sliced" backward) ...
+GRAD_LOGITS_BYTES = 128 << 20
+#: ... but never fewer vocab rows per slice than this: each slice re-reads and re-writes fp32
+#: dhidden, so very thin slices would trade memory for bandwidth badly.
+MIN_SLICE_ROWS = 4096
+BACKWARD_STRATEGIES = ("sliced", "fused")
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,13 @@ BACKWARD_CONFIGS = {
     "16bit": KernelConfig(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=2),
     "fp32": KernelConfig(block_n=32, block_v=64, block_d=32, num_warps=4, num_stages=2),
 }
+# Block-sparse matmuls of the sliced backward: block_n = output rows (tokens or vocab), block_v
+# unused, block_d = output columns, plus the K step (must divide the grad-logits tile sizes).
+MATMUL_CONFIGS = {
+    "16bit": KernelConfig(block_n=128, block_v=0, block_d=128, num_warps=8, num_stages=3),
+    "fp32": KernelConfig(block_n=32, block_v=0, block_d=64, num_warps=4, num_stages=2),
+}
+MATMUL_BLOCK_K = {"16bit": 64, "fp32": 32}
 _overrides: dict = {}
 
 
@@ -60,23 +83,41 @@ def _env_config(name: str) -> Optional[KernelConfig]:
 
 
 def config_for(kind: str, dtype: torch.dtype) -> KernelConfig:
+    """kind: "forward", "backward" (the tile kernel of either strategy) or "matmul"."""
     if kind in _overrides:
         return _overrides[kind]
-    env = _env_config("RLSC_KERNELS_FWD_CONFIG" if kind == "forward" else "RLSC_KERNELS_BWD_CONFIG")
+    env = _env_config({"forward": "RLSC_KERNELS_FWD_CONFIG", "backward": "RLSC_KERNELS_BWD_CONFIG",
+                       "matmul": "RLSC_KERNELS_MM_CONFIG"}[kind])
     if env is not None:
         return env
-    table = FORWARD_CONFIGS if kind == "forward" else BACKWARD_CONFIGS
+    table = {"forward": FORWARD_CONFIGS, "backward": BACKWARD_CONFIGS, "matmul": MATMUL_CONFIGS}[kind]
     return table["fp32" if dtype == torch.float32 else "16bit"]
 
 
+def matmul_block_k(dtype: torch.dtype) -> int:
+    if "matmul_block_k" in _overrides:
+        return _overrides["matmul_block_k"]
+    return int(os.environ.get("RLSC_KERNELS_MM_BLOCK_K", 0)) or MATMUL_BLOCK_K["fp32" if dtype == torch.float32 else "16bit"]
+
+
+def backward_strategy() -> str:
+    name = _overrides.get("strategy") or os.environ.get("RLSC_KERNELS_BACKWARD", "sliced")
+    if name not in BACKWARD_STRATEGIES:
+        raise ValueError(f"RLSC_KERNELS_BACKWARD must be one of {BACKWARD_STRATEGIES}, got {name!r}")
+    return name
+
+
 @contextlib.contextmanager
-def override_configs(forward: Optional[KernelConfig] = None, backward: Optional[KernelConfig] = None):
-    """Temporarily use other block sizes (tests use small blocks so tiny shapes span many tiles)."""
+def override_configs(forward: Optional[KernelConfig] = None, backward: Optional[KernelConfig] = None,
+                     matmul: Optional[KernelConfig] = None, matmul_block_k: Optional[int] = None,
+                     strategy: Optional[str] = None):
+    """Temporarily use other block sizes or backward strategy (tests use small blocks so tiny
+    shapes span many tiles)."""
     saved = dict(_overrides)
-    if forward is not None:
-        _overrides["forward"] = forward
-    if backward is not None:
-        _overrides["backward"] = backward
+    for key, value in (("forward", forward), ("backward", backward), ("matmul", matmul),
+                       ("matmul_block_k", matmul_block_k), ("strategy", strategy)):
+        if value is not None:
+            _overrides[key] = value
     try:
         yield
     finally:
@@ -161,17 +202,93 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, grad_entropy, opts
     """Sweep 2. Returns (dhidden fp32 [N, D] | None, dweight [V, D] fp32 or weight dtype | None, dbias fp32 [V] | None)."""
     _check_kernel_inputs(hidden, weight, bias, targets)
     lse, mean_z = saved
-    N, D = hidden.shape
-    V = weight.shape[0]
+    N = hidden.shape[0]
     need_h, need_w, need_b = needs
-    need_b = need_b and bias is not None
     dev = hidden.device
+    # Upstream gradients per token, zero for ignored tokens (they then contribute nothing).
     valid = targets != opts.ignore_index
     zero = torch.zeros((), dtype=torch.float32, device=dev)
     g = torch.where(valid, grad_logp.float(), zero).contiguous() if grad_logp is not None else torch.zeros(N, device=dev)
     has_entropy = grad_entropy is not None and mean_z is not None
-    e = torch.where(valid, grad_entropy.float(), zero).contiguous() if has_entropy else g
+    e = torch.where(valid, grad_entropy.float(), zero).contiguous() if has_entropy else None
+    run = _backward_sliced if backward_strategy() == "sliced" else _backward_fused
+    return run(hidden, weight, bias, targets, lse, mean_z if has_entropy else None, g, e, opts,
+               need_h, need_w, need_b and bias is not None)
 
+
+def _slice_rows(N: int, V: int, block_v: int, itemsize: int) -> int:
+    rows = max(MIN_SLICE_ROWS, GRAD_LOGITS_BYTES // max(1, N * itemsize))
+    rows = max(block_v, rows // block_v * block_v)
+    return min(rows, triton.cdiv(V, block_v) * block_v)
+
+
+def _backward_sliced(hidden, weight, bias, targets, lse, mean_z, g, e, opts, need_h, need_w, need_b):
+    N, D = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    tile = config_for("backward", hidden.dtype)
+    mm = config_for("matmul", hidden.dtype)
+    block_k = matmul_block_k(hidden.dtype)
+    for name, small, big in (("matmul block_n", mm.block_n, tile.block_n), ("matmul block_n", mm.block_n, tile.block_v),
+                             ("matmul block_k", block_k, tile.block_n), ("matmul block_k", block_k, tile.block_v)):
+        if big % small:
+            raise ValueError(f"{name}={small} must divide the grad-logits tile sizes {tile.block_n}x{tile.block_v}")
+    upcast, precision = _dot_flags(hidden.dtype)
+    filter_eps = opts.filter_eps
+    use_mask = filter_eps is not None
+    slice_rows = _slice_rows(N, V, tile.block_v, hidden.element_size())
+    grad_logits = torch.empty(N, slice_rows, dtype=hidden.dtype, device=dev)
+    n_nblocks = triton.cdiv(N, tile.block_n)
+    tile_mask = torch.empty(n_nblocks * triton.cdiv(slice_rows, tile.block_v), dtype=torch.int8, device=dev)
+    dh = torch.zeros(N, D, dtype=torch.float32, device=dev) if need_h else None
+    dw = torch.empty(V, D, dtype=weight.dtype, device=dev) if need_w else None
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
+    flags = dict(DOT_UPCAST=upcast, DOT_PRECISION=precision)
+    for v_lo in range(0, V, slice_rows):
+        v_hi = min(V, v_lo + slice_rows)
+        vs = v_hi - v_lo
+        n_mask_vblocks = triton.cdiv(vs, tile.block_v)
+        grad_logits_kernel[(n_nblocks, n_mask_vblocks)](
+            hidden, weight, bias if bias is not None else hidden, targets,
+            lse, mean_z if mean_z is not None else lse, g, e if e is not None else g,
+            grad_logits, tile_mask, db[v_lo:] if db is not None else g,
+            N, D, v_lo, v_hi,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), grad_logits.stride(0),
+            1.0 / opts.temperature, float(filter_eps or 0.0),
+            HAS_BIAS=bias is not None, HAS_ENTROPY=e is not None, EVEN_D=D % tile.block_d == 0,
+            COMPUTE_DB=need_b, FILTER=use_mask, **flags,
+            BLOCK_N=tile.block_n, BLOCK_V=tile.block_v, BLOCK_D=tile.block_d,
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )
+        common = dict(USE_MASK=use_mask, **flags, BLOCK_D=mm.block_d, BLOCK_K=block_k,
+                      MASK_BLOCK_N=tile.block_n, MASK_BLOCK_V=tile.block_v,
+                      num_warps=mm.num_warps, num_stages=mm.num_stages)
+        if need_w:
+            w_out = dw[v_lo:]
+            grad_weight_kernel[(triton.cdiv(vs, mm.block_n), triton.cdiv(D, mm.block_d))](
+                grad_logits, hidden, tile_mask, w_out,
+                N, D, vs, n_mask_vblocks,
+                grad_logits.stride(0), hidden.stride(0), hidden.stride(1), w_out.stride(0),
+                BLOCK_V=mm.block_n, **common,
+            )
+        if need_h:
+            w_slice = weight[v_lo:]
+            grad_hidden_kernel[(triton.cdiv(N, mm.block_n), triton.cdiv(D, mm.block_d))](
+                grad_logits, w_slice, tile_mask, dh,
+                N, D, vs, n_mask_vblocks,
+                grad_logits.stride(0), w_slice.stride(0), w_slice.stride(1), dh.stride(0),
+                BLOCK_N=mm.block_n, **common,
+            )
+    return dh, dw, db
+
+
+def _backward_fused(hidden, weight, bias, targets, lse, mean_z, g, e, opts, need_h, need_w, need_b):
+    N, D = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    has_entropy = e is not None
+    if e is None:
+        e = g
     cfg = config_for("backward", hidden.dtype)
     upcast, precision = _dot_flags(hidden.dtype)
     dh = torch.zeros(N, D, dtype=torch.float32, device=dev) if need_h else None

@@ -58,6 +58,32 @@ def _backward_signature(ty: str):
     return sig
 
 
+def _grad_logits_signature(ty: str):
+    sig = {"hidden_ptr": f"*{ty}", "weight_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "targets_ptr": "*i64"}
+    for name in ("lse_ptr", "mean_z_ptr", "grad_logp_ptr", "grad_entropy_ptr"):
+        sig[name] = "*fp32"
+    sig.update(grad_logits_ptr=f"*{ty}", tile_mask_ptr="*i8", dbias_ptr="*fp32")
+    for name in ("N", "D", "v_lo", "v_hi", "stride_hn", "stride_hd", "stride_wv", "stride_wd", "stride_gn"):
+        sig[name] = "i32"
+    sig["inv_temperature"] = "fp32"
+    sig["filter_eps"] = "fp32"
+    return sig
+
+
+def _grad_weight_signature(ty: str):
+    sig = {"grad_logits_ptr": f"*{ty}", "hidden_ptr": f"*{ty}", "tile_mask_ptr": "*i8", "dweight_ptr": f"*{ty}"}
+    for name in ("N", "D", "VS", "n_mask_vblocks", "stride_gn", "stride_hn", "stride_hd", "stride_dwv"):
+        sig[name] = "i32"
+    return sig
+
+
+def _grad_hidden_signature(ty: str):
+    sig = {"grad_logits_ptr": f"*{ty}", "weight_ptr": f"*{ty}", "tile_mask_ptr": "*i8", "dhidden_ptr": "*fp32"}
+    for name in ("N", "D", "VS", "n_mask_vblocks", "stride_gn", "stride_wv", "stride_wd", "stride_dhn"):
+        sig[name] = "i32"
+    return sig
+
+
 def _resource_usage(cubin: bytes) -> Dict[str, int]:
     """Registers, stack frame (spills land there) and static shared memory of the real cubin,
     read with the cuobjdump that ships inside Triton's wheel."""
@@ -79,15 +105,34 @@ def compile_kernel(kernel: str, dtype: str, config, flags: Dict[str, bool], arch
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from ..backends.triton_sweeps import BACKWARD_CONFIGS, matmul_block_k
     from .backward_sweep import backward_sweep_kernel
     from .forward_sweep import forward_sweep_kernel
+    from .grad_logits import grad_logits_kernel
+    from .grad_matmul import grad_hidden_kernel, grad_weight_kernel
+
+    import torch
 
     ty = _DTYPE_NAMES[dtype]
     precision = "ieee"
     constexprs = {"EVEN_D": flags.get("EVEN_D", True), "DOT_UPCAST": False, "DOT_PRECISION": precision,
                   "BLOCK_N": config.block_n, "BLOCK_V": config.block_v, "BLOCK_D": config.block_d,
                   "HAS_BIAS": flags.get("HAS_BIAS", False), "HAS_ENTROPY": flags.get("HAS_ENTROPY", False)}
-    if kernel == "forward_sweep":
+    if kernel in ("grad_weight", "grad_hidden"):
+        tile = BACKWARD_CONFIGS["fp32" if dtype == "float32" else "16bit"]
+        constexprs = {"USE_MASK": flags.get("USE_MASK", True), "DOT_UPCAST": False, "DOT_PRECISION": precision,
+                      "BLOCK_D": config.block_d, "BLOCK_K": matmul_block_k(getattr(torch, dtype)),
+                      "MASK_BLOCK_N": tile.block_n, "MASK_BLOCK_V": tile.block_v}
+        if kernel == "grad_weight":
+            fn, sig = grad_weight_kernel, _grad_weight_signature(ty)
+            constexprs["BLOCK_V"] = config.block_n
+        else:
+            fn, sig = grad_hidden_kernel, _grad_hidden_signature(ty)
+            constexprs["BLOCK_N"] = config.block_n
+    elif kernel == "grad_logits":
+        fn, sig = grad_logits_kernel, _grad_logits_signature(ty)
+        constexprs.update(COMPUTE_DB=flags.get("COMPUTE_DB", False), FILTER=flags.get("FILTER", True))
+    elif kernel == "forward_sweep":
         fn, sig = forward_sweep_kernel, _forward_signature(ty)
     elif kernel == "backward_sweep":
         fn, sig = backward_sweep_kernel, _backward_signature(ty)
@@ -106,13 +151,16 @@ def compile_kernel(kernel: str, dtype: str, config, flags: Dict[str, bool], arch
     res = _resource_usage(compiled.asm["cubin"])
     shared = int(getattr(compiled.metadata, "shared", -1))
     shown = ",".join(k for k, v in sorted(flags.items()) if v)
-    block = f"{config.block_n}x{config.block_v}x{config.block_d}/w{config.num_warps}s{config.num_stages}"
+    if kernel in ("grad_weight", "grad_hidden"):
+        block = f"{config.block_n}x{config.block_d}xK{constexprs['BLOCK_K']}/w{config.num_warps}s{config.num_stages}"
+    else:
+        block = f"{config.block_n}x{config.block_v}x{config.block_d}/w{config.num_warps}s{config.num_stages}"
     return CompileReport(kernel, ty, shown, block, res["registers"], res["spill_bytes"], shared, "wgmma" in ptx)
 
 
 def shipped_variants() -> List[tuple]:
     """(kernel, dtype, config, flags) for every shipped block size and the flag combinations that matter."""
-    from ..backends.triton_sweeps import BACKWARD_CONFIGS, FORWARD_CONFIGS
+    from ..backends.triton_sweeps import BACKWARD_CONFIGS, FORWARD_CONFIGS, MATMUL_CONFIGS
 
     out = []
     for dtype in ("bfloat16", "float16", "float32"):
@@ -124,6 +172,12 @@ def shipped_variants() -> List[tuple]:
                       {"FILTER": False, "COMPUTE_DH": True, "COMPUTE_DW": True, "COMPUTE_DB": True,
                        "HAS_BIAS": True, "HAS_ENTROPY": True, "EVEN_D": False}):
             out.append(("backward_sweep", dtype, BACKWARD_CONFIGS[key], flags))
+        for flags in ({"FILTER": True, "EVEN_D": True},
+                      {"FILTER": False, "COMPUTE_DB": True, "HAS_BIAS": True, "HAS_ENTROPY": True, "EVEN_D": False}):
+            out.append(("grad_logits", dtype, BACKWARD_CONFIGS[key], flags))
+        for kernel in ("grad_weight", "grad_hidden"):
+            for flags in ({"USE_MASK": True}, {"USE_MASK": False}):
+                out.append((kernel, dtype, MATMUL_CONFIGS[key], flags))
     return out
 
 

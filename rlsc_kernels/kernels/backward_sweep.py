@@ -1,26 +1,16 @@
-"""Sweep 2: recompute each logits tile and accumulate dhidden, dweight and dbias.
+"""Sweep 2, fused variant: recompute each logits tile and accumulate dhidden, dweight, dbias
+with fp32 atomics (backward strategy "fused").
 
-For a tile (token block n, vocab block v), with p_tv = exp(z_tv - lse_t) and the per-token
-upstream gradients g_t = dL/dlogp_t, e_t = dL/dentropy_t (zero for ignored tokens):
-    dz_tv = g_t ([v = y_t] - p_tv) - e_t p_tv (z_tv - mean_z_t)
+For a tile (token block n, vocab block v), with dz from tiles.grad_logits_tile:
     dh_t += (1/T) sum_v dz_tv W_v,   dW_v += (1/T) sum_t dz_tv h_t,   db_v += (1/T) sum_t dz_tv
-Partial sums go to fp32 buffers with atomic adds (each tile owns no output exclusively).
-FILTER: a tile where, for every token, sum_v |dz_tv| <= eps (|g_t| + |e_t|) is skipped: it
-would change no output by more than eps relative to that token's gradient scale.
-The launcher calls the kernel once per vocab slice [v_lo, v_hi), with dweight pointing at an
-fp32 buffer for that slice only, so no fp32 buffer the size of W is ever held for 16-bit W.
+Partial sums go to fp32 buffers with atomic adds (no tile owns an output). FILTER skips a tile
+whose gradient mass is below eps per token (tiles.tile_is_needed). The launcher calls the kernel
+once per vocab slice [v_lo, v_hi), dweight pointing at an fp32 buffer for that slice only.
 """
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _round_to_bf16_rtne(x):
-    """fp32 -> nearest bf16 (ties to even), kept in fp32. Interpreter-only path: Triton's
-    interpreter truncates fp32 -> bf16 conversions, while the GPU rounds to nearest even."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
+from .tiles import grad_logits_tile, logits_tile, round_to_bf16_rtne, tile_is_needed
 
 
 @triton.jit
@@ -52,53 +42,23 @@ def backward_sweep_kernel(
     mask_n = offs_n < N
     offs_v = v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_v = offs_v < v_hi
-    rows_h = hidden_ptr + offs_n.to(tl.int64)[:, None] * stride_hn
-    cols_w = weight_ptr + offs_v.to(tl.int64)[None, :] * stride_wv
-
-    logits = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        if EVEN_D:
-            h = tl.load(rows_h + offs_d[None, :] * stride_hd, mask=mask_n[:, None], other=0.0)
-            w = tl.load(cols_w + offs_d[:, None] * stride_wd, mask=mask_v[None, :], other=0.0)
-        else:
-            mask_d = offs_d < D
-            h = tl.load(rows_h + offs_d[None, :] * stride_hd, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            w = tl.load(cols_w + offs_d[:, None] * stride_wd, mask=mask_v[None, :] & mask_d[:, None], other=0.0)
-        if DOT_UPCAST:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        logits = tl.dot(h, w, logits, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        logits += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-    z = logits * inv_temperature
-
-    valid = mask_n[:, None] & mask_v[None, :]
-    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-    g = tl.load(grad_logp_ptr + offs_n, mask=mask_n, other=0.0)
-    targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64)
-    p = tl.where(valid, tl.exp(z - lse[:, None]), 0.0)
-    is_target = offs_v.to(tl.int64)[None, :] == targets[:, None]
-    dz = tl.where(is_target, g[:, None], 0.0) - g[:, None] * p
-    scale = tl.abs(g)
-    if HAS_ENTROPY:
-        e = tl.load(grad_entropy_ptr + offs_n, mask=mask_n, other=0.0)
-        mean_z = tl.load(mean_z_ptr + offs_n, mask=mask_n, other=0.0)
-        dz -= e[:, None] * p * tl.where(valid, z - mean_z[:, None], 0.0)
-        scale += tl.abs(e)
-
+    z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, mask_n, offs_v, mask_v, D,
+                    stride_hn, stride_hd, stride_wv, stride_wd, inv_temperature,
+                    HAS_BIAS, EVEN_D, DOT_UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+    dz, scale = grad_logits_tile(z, offs_n, mask_n, offs_v, mask_v, targets_ptr, lse_ptr, mean_z_ptr,
+                                 grad_logp_ptr, grad_entropy_ptr, HAS_ENTROPY)
     keep = True
     if FILTER:
-        excess = tl.sum(tl.abs(dz), 1) - filter_eps * scale
-        keep = tl.max(excess, 0) > 0.0
+        keep = tile_is_needed(dz, scale, filter_eps)
     if keep:
         dz = dz * inv_temperature
         if COMPUTE_DB:
             tl.atomic_add(dbias_ptr + (offs_v - v_lo), tl.sum(dz, 0), mask=mask_v, sem="relaxed")
         if DOT_UPCAST:
-            dz_op = _round_to_bf16_rtne(dz)
+            dz_op = round_to_bf16_rtne(dz)
         else:
             dz_op = dz.to(hidden_ptr.dtype.element_ty)
+        rows_h = hidden_ptr + offs_n.to(tl.int64)[:, None] * stride_hn
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D

@@ -10,6 +10,8 @@ mean_z = sum_s A_s exp(M_s - M) / sum_s S_s exp(M_s - M), and entropy = lse - me
 import triton
 import triton.language as tl
 
+from .tiles import logits_tile
+
 
 @triton.jit
 def forward_sweep_kernel(
@@ -26,7 +28,6 @@ def forward_sweep_kernel(
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    rows_h = hidden_ptr + offs_n.to(tl.int64)[:, None] * stride_hn
     targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64)
 
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
@@ -40,24 +41,10 @@ def forward_sweep_kernel(
     for vb in range(0, n_vblocks):
         offs_v = (first_vblock + vb) * BLOCK_V + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
-        cols_w = weight_ptr + offs_v.to(tl.int64)[None, :] * stride_wv
-        logits = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            if EVEN_D:
-                h = tl.load(rows_h + offs_d[None, :] * stride_hd, mask=mask_n[:, None], other=0.0)
-                w = tl.load(cols_w + offs_d[:, None] * stride_wd, mask=mask_v[None, :], other=0.0)
-            else:
-                mask_d = offs_d < D
-                h = tl.load(rows_h + offs_d[None, :] * stride_hd, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-                w = tl.load(cols_w + offs_d[:, None] * stride_wd, mask=mask_v[None, :] & mask_d[:, None], other=0.0)
-            if DOT_UPCAST:
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            logits = tl.dot(h, w, logits, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            logits += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-        z = tl.where(mask_v[None, :], logits * inv_temperature, float("-inf"))
+        z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, mask_n, offs_v, mask_v, D,
+                        stride_hn, stride_hd, stride_wv, stride_wd, inv_temperature,
+                        HAS_BIAS, EVEN_D, DOT_UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+        z = tl.where(mask_v[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))
         rescale = tl.exp(m - m_new)
         p = tl.exp(z - m_new[:, None])

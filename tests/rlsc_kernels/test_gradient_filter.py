@@ -5,11 +5,11 @@ import torch
 import rlsc_kernels as rk
 from rlsc_kernels.backends import triton_sweeps
 
-from .oracle import make_inputs, run_logprobs
+import pytest
 
-BLOCK_V = 32
-SMALL_FWD = triton_sweeps.KernelConfig(16, BLOCK_V, 16, 4, 1)
-SMALL_BWD = triton_sweeps.KernelConfig(16, BLOCK_V, 16, 4, 1, group_n=2)
+from .oracle import make_inputs, run_logprobs, small_blocks
+
+BLOCK_V = 32  # small_blocks()' vocab block
 
 
 def _peaked(N=48, D=32, V=640, seed=None):
@@ -19,10 +19,11 @@ def _peaked(N=48, D=32, V=640, seed=None):
     return h, w, b, y
 
 
-def test_filtered_error_is_bounded_and_tiles_are_skipped():
+@pytest.mark.parametrize("strategy", triton_sweeps.BACKWARD_STRATEGIES)
+def test_filtered_error_is_bounded_and_tiles_are_skipped(strategy):
     h, w, b, y = _peaked()
     exact = run_logprobs("reference", h.double(), w.double(), b.double(), y, temperature=0.5, entropy_weight=0.0)
-    with triton_sweeps.override_configs(SMALL_FWD, SMALL_BWD):
+    with small_blocks(strategy):
         full = run_logprobs("triton", h, w, b, y, temperature=0.5, entropy_weight=0.0, filter_eps=None)
         filt = run_logprobs("triton", h, w, b, y, temperature=0.5, entropy_weight=0.0, filter_eps="auto")
     # Work was skipped: the filtered result differs from the exact-mode kernel somewhere.
@@ -42,17 +43,19 @@ def test_filtered_error_is_bounded_and_tiles_are_skipped():
         assert rel < 2e-2, (name, rel)
 
 
-def test_filter_skips_nothing_on_a_flat_distribution():
+@pytest.mark.parametrize("strategy", triton_sweeps.BACKWARD_STRATEGIES)
+def test_filter_skips_nothing_on_a_flat_distribution(strategy):
     """Every tile of a flat distribution holds about BLOCK_V / V of the mass, far above eps."""
     h, w, b, y = make_inputs(40, 24, 300, dtype=torch.float16, logit_scale=0.1, seed=None)
-    with triton_sweeps.override_configs(SMALL_FWD, SMALL_BWD):
+    with small_blocks(strategy):
         full = run_logprobs("triton", h, w, b, y, temperature=1.0, filter_eps=None)
         filt = run_logprobs("triton", h, w, b, y, temperature=1.0, filter_eps="auto")
     for name in ("dhidden", "dweight", "dbias"):
         assert torch.equal(full[name], filt[name]), name
 
 
-def test_auto_is_exact_for_fp32_and_a_huge_eps_drops_everything_but_the_target_term():
+@pytest.mark.parametrize("strategy", triton_sweeps.BACKWARD_STRATEGIES)
+def test_auto_is_exact_for_fp32_and_a_huge_eps_drops_everything(strategy):
     from rlsc_kernels.options import resolve_filter_eps
 
     assert resolve_filter_eps("auto", torch.float32) is None
@@ -60,6 +63,6 @@ def test_auto_is_exact_for_fp32_and_a_huge_eps_drops_everything_but_the_target_t
     assert resolve_filter_eps(0.0, torch.bfloat16) is None
     # eps = 3: sum_v |dz| <= 2|g| < 3|g| everywhere, so every tile is skipped and nothing flows back.
     h, w, b, y = make_inputs(20, 16, 100, dtype=torch.float32, ignore_frac=0.0, seed=None)
-    with triton_sweeps.override_configs(SMALL_FWD, SMALL_BWD):
+    with small_blocks(strategy):
         out = run_logprobs("triton", h, w, b, y, temperature=1.0, entropy_weight=0.0, filter_eps=3.0)
     assert (out["dhidden"] == 0).all() and (out["dweight"] == 0).all()

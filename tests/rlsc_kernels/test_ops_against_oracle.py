@@ -5,34 +5,32 @@ import torch
 
 from rlsc_kernels.backends import triton_sweeps
 
-from .oracle import assert_within_oracle, make_inputs, run_logprobs
-
-# Small blocks make the tiny shapes span several token blocks, vocab blocks, splits and groups.
-SMALL_FWD = triton_sweeps.KernelConfig(16, 32, 16, 4, 1)
-SMALL_BWD = triton_sweeps.KernelConfig(16, 32, 16, 4, 1, group_n=2)
+from .oracle import assert_within_oracle, make_inputs, run_logprobs, small_blocks
 
 SHAPES = [(37, 50, 301), (5, 19, 97), (64, 48, 130)]  # none a multiple of 16/32 in every dim
 
 
-def _check(backend, dtype, shape, temperature, bias, seed):
+def _check(backend, dtype, shape, temperature, bias, seed, strategy="sliced"):
     N, D, V = shape
     h, w, b, y = make_inputs(N, D, V, dtype=dtype, bias=bias, seed=seed)
     exact = run_logprobs("reference", h.double(), w.double(), None if b is None else b.double(), y,
                          temperature=temperature)
     same_dtype = run_logprobs("reference", h, w, b, y, temperature=temperature)
-    with triton_sweeps.override_configs(SMALL_FWD, SMALL_BWD):
+    with small_blocks(strategy):
         fast = run_logprobs(backend, h, w, b, y, temperature=temperature, filter_eps=None)
-    assert_within_oracle(fast, same_dtype, exact, dtype, label=f"{backend} {dtype} {shape} T={temperature} bias={bias}")
+    assert_within_oracle(fast, same_dtype, exact, dtype, label=f"{backend}/{strategy} {dtype} {shape} T={temperature} bias={bias}")
     ignored = y == -100
     assert (fast["logp"][ignored] == 0).all() and (fast["entropy"][ignored] == 0).all()
     assert (fast["dhidden"][ignored] == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("temperature,bias,shape", [(0.3, True, SHAPES[0]), (1.0, False, SHAPES[1]), (2.0, True, SHAPES[2])])
 def test_logprobs_entropy_and_grads_match_float64_oracle(backend, dtype, temperature, bias, shape):
-    _check(backend, dtype, shape, temperature, bias, seed=None)
+    """"triton" runs the sliced backward (the default), "triton-fused" the atomic one."""
+    strategy = "fused" if backend == "triton-fused" else "sliced"
+    _check(backend.split("-")[0], dtype, shape, temperature, bias, seed=None, strategy=strategy)
 
 
 def test_torch_backend_accepts_float64_and_is_exact():
@@ -56,13 +54,28 @@ def test_torch_backend_chunks_tokens_and_vocab(monkeypatch):
     assert_within_oracle(fast, same, exact, torch.float16)
 
 
-def test_triton_shipped_block_sizes_in_interpreter():
+@pytest.mark.parametrize("strategy", triton_sweeps.BACKWARD_STRATEGIES)
+def test_triton_shipped_block_sizes_in_interpreter(strategy):
     """The block sizes that ship (not the small test ones), on a shape that is not a multiple of them."""
     h, w, b, y = make_inputs(70, 72, 300, dtype=torch.float16, seed=None)
     exact = run_logprobs("reference", h.double(), w.double(), b.double(), y, temperature=0.5)
     same = run_logprobs("reference", h, w, b, y, temperature=0.5)
-    fast = run_logprobs("triton", h, w, b, y, temperature=0.5, filter_eps=None)
+    with triton_sweeps.override_configs(strategy=strategy):
+        fast = run_logprobs("triton", h, w, b, y, temperature=0.5, filter_eps=None)
     assert_within_oracle(fast, same, exact, torch.float16)
+
+
+def test_sliced_backward_spans_several_vocab_slices(monkeypatch):
+    """Force slices of 64 vocab rows (several per call): dweight rows, dbias and the fp32
+    dhidden accumulation across slices must all line up."""
+    monkeypatch.setattr(triton_sweeps, "MIN_SLICE_ROWS", 64)
+    monkeypatch.setattr(triton_sweeps, "GRAD_LOGITS_BYTES", 1)
+    h, w, b, y = make_inputs(37, 40, 301, dtype=torch.float32, seed=None)
+    exact = run_logprobs("reference", h.double(), w.double(), b.double(), y, temperature=0.9)
+    same = run_logprobs("reference", h, w, b, y, temperature=0.9)
+    with small_blocks("sliced"):
+        fast = run_logprobs("triton", h, w, b, y, temperature=0.9, filter_eps=None)
+    assert_within_oracle(fast, same, exact, torch.float32)
 
 
 def test_non_contiguous_inputs_and_tied_embedding():

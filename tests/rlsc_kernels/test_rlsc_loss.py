@@ -8,9 +8,7 @@ import torch
 import rlsc_kernels as rk
 from rlsc_kernels.backends import triton_sweeps
 
-from .oracle import TOL
-
-SMALL = triton_sweeps.KernelConfig(16, 32, 16, 4, 1, group_n=2)
+from .oracle import TOL, small_blocks
 
 
 def algorithm1(hidden, weight, bias, targets, mask, temperature, alpha, weighting, reduction):
@@ -62,7 +60,7 @@ def test_loss_and_grads_match_algorithm1(backend, weighting, reduction):
     h = hidden.clone().requires_grad_()
     W = weight.clone().requires_grad_()
     b = bias.clone().requires_grad_()
-    with triton_sweeps.override_configs(SMALL, SMALL):
+    with small_blocks():
         out = rk.linear_rlsc_loss(h, W, targets, completion_mask=mask, bias=b, temperature=temperature, alpha=alpha,
                                   weighting=weighting_arg, reduction=reduction, backend=backend, filter_eps=None)
         out.loss.backward()
@@ -117,7 +115,7 @@ def test_low_precision_loss_within_same_dtype_torch_error(dtype):
                                 backend="reference")
     same = rk.linear_rlsc_loss(hidden, weight, targets, completion_mask=mask, bias=bias, backend="reference")
     for backend in ("torch", "triton"):
-        with triton_sweeps.override_configs(SMALL, SMALL):
+        with small_blocks():
             fast = rk.linear_rlsc_loss(hidden, weight, targets, completion_mask=mask, bias=bias, backend=backend,
                                        filter_eps=None)
         for name in ("loss", "seq_logp"):

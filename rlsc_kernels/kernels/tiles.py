@@ -1,0 +1,78 @@
+"""Device helpers shared by the sweep kernels: one logits tile, and its gradient.
+
+For token rows n and vocab columns v of one tile:
+    z_nv  = (h_n . W_v + b_v) / T                          (fp32 accumulation over D)
+    dz_nv = g_n ([v = y_n] - p_nv) - e_n p_nv (z_nv - mean_z_n),   p_nv = exp(z_nv - lse_n)
+where g = dL/dlogp and e = dL/dentropy per token (zero for ignored tokens and padding rows).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def logits_tile(
+    hidden_ptr, weight_ptr, bias_ptr, offs_n, mask_n, offs_v, mask_v, D,
+    stride_hn, stride_hd, stride_wv, stride_wd, inv_temperature,
+    HAS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """z [BLOCK_N, BLOCK_V] fp32; columns outside the vocabulary hold finite garbage (mask them)."""
+    rows_h = hidden_ptr + offs_n.to(tl.int64)[:, None] * stride_hn
+    cols_w = weight_ptr + offs_v.to(tl.int64)[None, :] * stride_wv
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    # invariant: acc = h[:, :d0] @ W[:, :d0]^T for the tile's rows and columns
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        if EVEN_D:
+            h = tl.load(rows_h + offs_d[None, :] * stride_hd, mask=mask_n[:, None], other=0.0)
+            w = tl.load(cols_w + offs_d[:, None] * stride_wd, mask=mask_v[None, :], other=0.0)
+        else:
+            mask_d = offs_d < D
+            h = tl.load(rows_h + offs_d[None, :] * stride_hd, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            w = tl.load(cols_w + offs_d[:, None] * stride_wd, mask=mask_v[None, :] & mask_d[:, None], other=0.0)
+        if DOT_UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    return acc * inv_temperature
+
+
+@triton.jit
+def grad_logits_tile(
+    z, offs_n, mask_n, offs_v, mask_v,
+    targets_ptr, lse_ptr, mean_z_ptr, grad_logp_ptr, grad_entropy_ptr,
+    HAS_ENTROPY: tl.constexpr,
+):
+    """(dz [BLOCK_N, BLOCK_V] fp32, scale [BLOCK_N] = |g| + |e|); dz is 0 outside the tile's valid area."""
+    valid = mask_n[:, None] & mask_v[None, :]
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    g = tl.load(grad_logp_ptr + offs_n, mask=mask_n, other=0.0)
+    targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64)
+    p = tl.where(valid, tl.exp(z - lse[:, None]), 0.0)
+    is_target = offs_v.to(tl.int64)[None, :] == targets[:, None]
+    dz = tl.where(is_target, g[:, None], 0.0) - g[:, None] * p
+    scale = tl.abs(g)
+    if HAS_ENTROPY:
+        e = tl.load(grad_entropy_ptr + offs_n, mask=mask_n, other=0.0)
+        mean_z = tl.load(mean_z_ptr + offs_n, mask=mask_n, other=0.0)
+        dz -= e[:, None] * p * tl.where(valid, z - mean_z[:, None], 0.0)
+        scale += tl.abs(e)
+    return dz, scale
+
+
+@triton.jit
+def tile_is_needed(dz, scale, filter_eps):
+    """False when, for every row, the tile's gradient mass sum_v |dz| is at most eps * scale."""
+    excess = tl.sum(tl.abs(dz), 1) - filter_eps * scale
+    return tl.max(excess, 0) > 0.0
+
+
+@triton.jit
+def round_to_bf16_rtne(x):
+    """fp32 -> nearest bf16 (ties to even), kept in fp32. Interpreter-only path: Triton's
+    interpreter truncates fp32 -> bf16 conversions, while the GPU rounds to nearest even."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
