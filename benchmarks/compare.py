@@ -132,6 +132,14 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".replace("\n", " ")[:400]
 
 
+def cuda_usable(device) -> bool:
+    try:
+        torch.cuda.synchronize(device)
+        return float((torch.ones(1, device=device) + 1).item()) == 2.0
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def reference_outputs(ref_inp, ops):
     """float64 references, computed on the inputs' device and kept on the CPU (no GPU memory during rows)."""
     out = {}
@@ -269,6 +277,7 @@ def main(argv=None):
 
     plan = [p for p in plan_rows(heads, seq_lens, impl_names, ops) if (p[0], args.n_seqs * p[3], p[4], p[5]) not in done]
     current, inp, ref_inp, refs = None, None, None, None
+    failed_inputs = {}  # shape -> why its input generation failed (not retried in this process)
     not_run = []
     for name, D, V, L, op, impl_name in plan:
         N = args.n_seqs * L
@@ -277,7 +286,7 @@ def main(argv=None):
             continue
         impl = I.IMPLS[impl_name]
         row = {"head": name, "op": op, "impl": impl_name, "V": V, "D": D, "N": N, "dtype": str(dtype).replace("torch.", "")}
-        why = impl.unavailable(op, device)
+        why = impl.unavailable(op, device) or failed_inputs.get((name, D, V, L))
         if why is None and current != (name, D, V, L):
             inp = ref_inp = refs = None
             cleanup(device)
@@ -292,7 +301,7 @@ def main(argv=None):
                 current = (name, D, V, L)
             except Exception as e:  # noqa: BLE001
                 current, inp = None, None
-                why = "input generation: " + _error_text(e)
+                why = failed_inputs[(name, D, V, L)] = "input generation: " + _error_text(e)
                 traceback.print_exc(limit=4)
         if why is not None:
             row.update({k: None for k in ("median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "max_rel_err")})
@@ -309,6 +318,11 @@ def main(argv=None):
         if marker.exists():
             marker.unlink()
         print(format_row(row), flush=True)
+        if cuda and row.get("error") and not cuda_usable(device):
+            # A sticky CUDA error (illegal address, device assert) fails every later call in this
+            # process: stop here; a --resume in a fresh process goes on with the next row.
+            print("# CUDA context unusable after this row; exiting with code 3 (resume to continue)", flush=True)
+            return 3
     doc["not_run"] = not_run
     _write(doc, work, out)
     if not_run:

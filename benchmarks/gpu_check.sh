@@ -75,7 +75,7 @@ timeout -k 5 "$T" python3 -m benchmarks.train_step --out "$OUT/train_step.json" 
 note "train step rc=$? (cap ${T}s): $(grep -c '"variant"' "$OUT/train_step.log") variants"
 
 # ---------------------------------------------------------------- 5. the rest of the comparison
-for attempt in 1 2 3; do
+for attempt in 1 2 3 4 5; do
     L=$(left)
     (( L < 60 )) && break
     T=$(( L - 30 ))
