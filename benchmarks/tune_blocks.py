@@ -16,8 +16,15 @@ import time
 
 import torch
 
-FORWARD = ["64,256,64,8,3", "128,128,64,8,3", "128,128,64,8,4", "64,256,64,8,4", "128,256,64,16,3"]
-BACKWARD = ["128,128,32,8,2", "128,128,64,8,2", "64,128,64,8,2", "256,128,32,16,2"]
+FORWARD = ["64,256,64,8,3", "128,128,64,8,3", "128,128,64,8,4", "128,256,64,16,3"]
+# (strategy, grad-logits / fused tile config, matmul config, matmul K step)
+BACKWARD = [
+    ("sliced", "128,128,32,8,2", "128,0,128,8,3", 64),
+    ("sliced", "128,128,64,8,3", "128,0,128,8,3", 64),
+    ("sliced", "128,128,32,8,2", "128,0,256,8,3", 64),
+    ("sliced", "128,128,32,8,2", "128,0,128,8,4", 64),
+    ("fused", "128,128,32,8,2", "", 0),
+]
 
 
 def realistic_inputs(N, D, V, logit_scale, temperature, device="cuda", seed=0):
@@ -34,6 +41,40 @@ def realistic_inputs(N, D, V, logit_scale, temperature, device="cuda", seed=0):
             y[n0:n0 + 1024] = torch.multinomial(p, 1, generator=gen).squeeze(1)
             ent.append(-(p * torch.log_softmax(z, -1)).sum(-1))
     return h, w, y, torch.cat(ent).mean().item()
+
+
+def _peer_timings(h, w, y, seq, T, mm):
+    """Cut Cross-Entropy doing the same weighted loss, when installed (a first point of comparison;
+    benchmarks/compare.py is the full side-by-side)."""
+    import triton.testing
+
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except Exception as exc:
+        print(f"cce not available: {exc!r}")
+        return []
+    rows = []
+    hh = h.detach().clone().requires_grad_()
+    ww = w.detach().clone().requires_grad_()
+    S = int(seq.max()) + 1
+
+    def run():
+        nll = linear_cross_entropy(hh / T, ww, y, reduction="none")  # -logp per token
+        seq_logp = torch.zeros(S, device=h.device).index_add(0, seq, -nll.float())
+        weight = seq_logp.detach().exp() + 0.1
+        (-(weight * seq_logp).sum() / S).backward()
+
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        q = triton.testing.do_bench(run, warmup=100, rep=600, quantiles=[0.5, 0.2, 0.8], grad_to_none=[hh, ww])
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        rows.append({"kind": "fwd+bwd", "config": "cce", "median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2],
+                     "peak_extra_mb": peak})
+        print(f"fwd+bwd  cce (default filter){'':<24} {q[0]:8.2f} ms ({q[0] / mm:.2f}x GEMM) peak+{peak:.0f} MB")
+    except Exception as exc:
+        print(f"cce ERROR {exc!r}"[:300])
+    return rows
 
 
 def main(argv=None):
@@ -77,28 +118,38 @@ def main(argv=None):
             break
         os.environ["RLSC_KERNELS_FWD_CONFIG"] = cfg
         try:
-            q = triton.testing.do_bench(fwd, warmup=10, rep=60, quantiles=[0.5, 0.2, 0.8])
+            q = triton.testing.do_bench(fwd, warmup=50, rep=300, quantiles=[0.5, 0.2, 0.8])
             rows.append({"kind": "forward", "config": cfg, "median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2]})
             print(f"forward  {cfg:<18} {q[0]:8.2f} ms  ({q[0] / mm:.2f}x GEMM)", flush=True)
         except Exception as exc:  # record and go on
             rows.append({"kind": "forward", "config": cfg, "error": repr(exc)[:300]})
             print(f"forward  {cfg:<18} ERROR {exc!r}"[:300], flush=True)
     os.environ.pop("RLSC_KERNELS_FWD_CONFIG", None)
-    for cfg in BACKWARD:
+    for strategy, cfg, mm_cfg, block_k in BACKWARD:
         for filter_eps in ("auto", None):
             if time.time() - start > args.budget_s:
                 break
+            os.environ["RLSC_KERNELS_BACKWARD"] = strategy
             os.environ["RLSC_KERNELS_BWD_CONFIG"] = cfg
+            os.environ["RLSC_KERNELS_MM_CONFIG"] = mm_cfg
+            os.environ["RLSC_KERNELS_MM_BLOCK_K"] = str(block_k)
+            label = f"{strategy} {cfg} mm={mm_cfg or '-'} k={block_k}"
             try:
-                q = triton.testing.do_bench(fwd_bwd(filter_eps), warmup=5, rep=30, quantiles=[0.5, 0.2, 0.8],
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                q = triton.testing.do_bench(fwd_bwd(filter_eps), warmup=100, rep=600, quantiles=[0.5, 0.2, 0.8],
                                             grad_to_none=[hh, ww])
-                rows.append({"kind": "fwd+bwd", "config": cfg, "filter": str(filter_eps), "median_ms": q[0],
-                             "p20_ms": q[1], "p80_ms": q[2]})
-                print(f"fwd+bwd  {cfg:<18} filter={str(filter_eps):<5} {q[0]:8.2f} ms ({q[0] / mm:.2f}x GEMM)", flush=True)
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                rows.append({"kind": "fwd+bwd", "config": label, "filter": str(filter_eps), "median_ms": q[0],
+                             "p20_ms": q[1], "p80_ms": q[2], "peak_extra_mb": peak})
+                print(f"fwd+bwd  {label:<48} filter={str(filter_eps):<5} {q[0]:8.2f} ms ({q[0] / mm:.2f}x GEMM) "
+                      f"peak+{peak:.0f} MB", flush=True)
             except Exception as exc:
-                rows.append({"kind": "fwd+bwd", "config": cfg, "filter": str(filter_eps), "error": repr(exc)[:300]})
-                print(f"fwd+bwd  {cfg:<18} ERROR {exc!r}"[:300], flush=True)
-    os.environ.pop("RLSC_KERNELS_BWD_CONFIG", None)
+                rows.append({"kind": "fwd+bwd", "config": label, "filter": str(filter_eps), "error": repr(exc)[:300]})
+                print(f"fwd+bwd  {label:<48} ERROR {exc!r}"[:300], flush=True)
+    for name in ("RLSC_KERNELS_BACKWARD", "RLSC_KERNELS_BWD_CONFIG", "RLSC_KERNELS_MM_CONFIG", "RLSC_KERNELS_MM_BLOCK_K"):
+        os.environ.pop(name, None)
+    rows += _peer_timings(h, w, y, seq, T, mm)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "N": args.N, "D": args.D, "V": args.V,

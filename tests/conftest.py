@@ -17,9 +17,14 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
+    """gpu tests need CUDA; interpreter tests run the Triton kernels on CPU tensors, which a CUDA
+    machine does only with TRITON_INTERPRET=1 set by the caller (tests/rlsc_kernels/test_gpu.py
+    covers the compiled kernels there)."""
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_interp = pytest.mark.skip(reason="runs Triton on CPU tensors: set TRITON_INTERPRET=1 on a CUDA machine")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if "interpreter" in item.keywords and HAS_CUDA and not interpreting:
+            item.add_marker(skip_interp)

@@ -4,6 +4,8 @@ import torch
 
 import rlsc_kernels as rk
 
+pytestmark = pytest.mark.interpreter
+
 
 def _ok(N=6, D=8, V=20, dtype=torch.float32):
     return torch.randn(N, D, dtype=dtype), torch.randn(V, D, dtype=dtype), torch.randint(0, V, (N,))

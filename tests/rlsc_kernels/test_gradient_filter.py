@@ -9,6 +9,8 @@ import pytest
 
 from .oracle import make_inputs, run_logprobs, small_blocks
 
+pytestmark = pytest.mark.interpreter
+
 BLOCK_V = 32  # small_blocks()' vocab block
 
 

@@ -7,6 +7,8 @@ from rlsc_kernels.backends import triton_sweeps
 
 from .oracle import assert_within_oracle, make_inputs, run_logprobs, small_blocks
 
+pytestmark = pytest.mark.interpreter
+
 SHAPES = [(37, 50, 301), (5, 19, 97), (64, 48, 130)]  # none a multiple of 16/32 in every dim
 
 

@@ -5,6 +5,8 @@ import torch
 
 import rlsc_kernels as rk
 
+pytestmark = pytest.mark.interpreter
+
 
 def grpo_loss(logp, old_logp, advantages, mask, clip=0.2):
     ratio = torch.exp(logp - old_logp)

@@ -10,6 +10,8 @@ from rlsc_kernels.backends import triton_sweeps
 
 from .oracle import TOL, small_blocks
 
+pytestmark = pytest.mark.interpreter
+
 
 def algorithm1(hidden, weight, bias, targets, mask, temperature, alpha, weighting, reduction):
     """The paper's Algorithm 1 written out: full logits, log_softmax(z / T), gather, masked sum,
