@@ -1,0 +1,109 @@
+"""`rlsc eval`: greedy accuracy, pass@1 (mean over k samples), unbiased pass@k and maj@k, per dataset."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .data import Problem, dataset_name, default_template, iter_batches
+from .grading import answer_key, extract_answer, is_correct, majority_correct, pass_at_k
+from .sampling import decode_completions, sample
+
+
+def evaluate_problems(model, tokenizer, problems: list[Problem], *, template: str, k: int, temperature: float,
+                      max_new_tokens: int, batch_questions: int = 1, autocast_dtype=None,
+                      log=print, samples_path: Path | None = None, label: str = "") -> dict:
+    """Metrics for one dataset; per-question records go to `samples_path` (JSONL) if given."""
+    records = []
+    t0 = time.perf_counter()
+    n_gen_tokens = 0
+    capped = 0
+    for batch in iter_batches(problems, max(batch_questions, 1)):
+        greedy = sample(model, tokenizer, batch, template=template, num_samples=1, max_new_tokens=max_new_tokens,
+                        temperature=temperature, greedy=True, autocast_dtype=autocast_dtype)
+        greedy_text = decode_completions(tokenizer, greedy)
+        sampled_text, sampled_len = [[] for _ in batch], [[] for _ in batch]
+        if k > 0:
+            r = sample(model, tokenizer, batch, template=template, num_samples=k, max_new_tokens=max_new_tokens,
+                       temperature=temperature, autocast_dtype=autocast_dtype)
+            for q, text, n in zip(r.question_index.tolist(), decode_completions(tokenizer, r), r.completion_lengths.tolist()):
+                sampled_text[q].append(text)
+                sampled_len[q].append(n)
+            n_gen_tokens += int(r.completion_lengths.sum())
+            capped += int(r.capped.sum())
+        for i, p in enumerate(batch):
+            correct = [is_correct(t, p.answer) for t in sampled_text[i]]
+            keys = [answer_key(extract_answer(t)) for t in sampled_text[i]]
+            records.append({
+                "id": p.id, "question": p.question, "answer": p.answer,
+                "greedy": greedy_text[i], "greedy_correct": is_correct(greedy_text[i], p.answer),
+                "samples": sampled_text[i], "correct": correct, "keys": keys, "lengths": sampled_len[i],
+            })
+        done = len(records)
+        log(f"  eval {label}: {done}/{len(problems)} questions, {done * k} samples "
+            f"({time.perf_counter() - t0:.0f}s)")
+    if samples_path is not None:
+        samples_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(samples_path, "w") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec) + "\n")
+    return summarise(records, k) | {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "mean_completion_tokens": n_gen_tokens / max(len(records) * k, 1),
+        "frac_capped": capped / max(len(records) * k, 1),
+    }
+
+
+def summarise(records: list[dict], k: int) -> dict:
+    """Greedy accuracy, pass@1, pass@j for j = 2, 4, ... up to k, and maj@k over the records."""
+    n_q = len(records)
+    out = {"questions": n_q, "k": k,
+           "greedy_accuracy": sum(r["greedy_correct"] for r in records) / max(n_q, 1)}
+    if k > 0 and n_q:
+        ks = sorted({j for j in (1, 2, 4, 8, 16, 32, 64) if j <= k} | {k})
+        for j in ks:
+            out[f"pass@{j}"] = sum(pass_at_k(len(r["correct"]), sum(r["correct"]), j) for r in records) / n_q
+        out[f"maj@{k}"] = sum(majority_correct(r["keys"], r["correct"]) for r in records) / n_q
+    return out
+
+
+def evaluate_sources(model, tokenizer, sources: list[str], *, split: str, limit: int, template: str, k: int,
+                     temperature: float, max_new_tokens: int, batch_questions: int = 1, autocast_dtype=None,
+                     output_dir: Path | None = None, tag: str = "eval", log=print) -> dict[str, dict]:
+    from .data import load_problems
+
+    results = {}
+    for source in sources:
+        problems = load_problems(source, split=split, limit=limit)
+        name = dataset_name(source)
+        log(f"evaluating {name}: {len(problems)} questions, greedy + {k} samples at T={temperature}")
+        samples_path = output_dir / f"{tag}_samples_{Path(name).name.replace(':', '_')}.jsonl" if output_dir else None
+        results[name] = evaluate_problems(
+            model, tokenizer, problems, template=template or default_template(source), k=k, temperature=temperature,
+            max_new_tokens=max_new_tokens, batch_questions=batch_questions, autocast_dtype=autocast_dtype,
+            log=log, samples_path=samples_path, label=name)
+    return results
+
+
+def format_table(results: dict[str, dict], before: dict[str, dict] | None = None) -> str:
+    """A Markdown table of the metrics; with `before`, one column per phase (before -> after)."""
+    cols = []
+    for res in results.values():
+        for key in res:
+            if key in ("greedy_accuracy",) or key.startswith(("pass@", "maj@")):
+                if key not in cols:
+                    cols.append(key)
+    lines = ["| dataset | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, res in results.items():
+        cells = []
+        for c in cols:
+            after = res.get(c)
+            if before is not None and name in before and c in before[name]:
+                cells.append(f"{before[name][c]:.3f} -> {after:.3f}")
+            else:
+                cells.append("" if after is None else f"{after:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

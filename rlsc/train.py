@@ -1,0 +1,193 @@
+"""`rlsc train`: the loop around the step (prompts, logging, checkpoints, final save, plot).
+
+The step itself lives in step.py and reads like Algorithm 1; everything here sits beside it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_checkpoint, remove_stale_temporaries, restore, save_checkpoint
+from .config import RLSCConfig
+from .data import Problem, default_template, load_problems
+from .models import (apply_lora, load_model, load_tokenizer, resolve_device, resolve_precision)
+from .plot import plot_training_curves, read_metrics
+from .step import LossOptions, rlsc_step
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    device: torch.device
+    precision: str
+
+    @property
+    def autocast_dtype(self):
+        return torch.bfloat16 if self.precision == "bf16-autocast" else None
+
+
+def log_to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load(cfg: RLSCConfig, log=log_to_stderr) -> Loaded:
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, device=device, precision=precision)
+    model.eval()
+    log(f"loaded model {cfg.model!r} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{precision}, {device}, attention {model.config._attn_implementation}) in {time.perf_counter() - t0:.1f}s")
+    return Loaded(model, tokenizer, device, precision)
+
+
+def prepare_for_training(loaded: Loaded, cfg: RLSCConfig, log=log_to_stderr) -> None:
+    if cfg.lora_rank > 0:
+        loaded.model = apply_lora(loaded.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+        n = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
+        log(f"LoRA rank {cfg.lora_rank}: {n / 1e6:.2f}M trainable parameters")
+    if cfg.gradient_checkpointing:
+        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def build_optimizer(model, cfg: RLSCConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                             weight_decay=cfg.weight_decay)
+
+
+def loss_options(cfg: RLSCConfig, loaded: Loaded) -> LossOptions:
+    if cfg.filter_eps in ("exact", "none", "None", ""):
+        filter_eps = None
+    elif cfg.filter_eps == "auto":
+        filter_eps = "auto"
+    else:
+        filter_eps = float(cfg.filter_eps)
+    return LossOptions(temperature=cfg.temperature, alpha=cfg.alpha, weighting=cfg.weighting,
+                       filter_eps=filter_eps, backend=cfg.backend, micro_batch_size=cfg.micro_batch_size,
+                       max_grad_norm=cfg.max_grad_norm, autocast_dtype=loaded.autocast_dtype)
+
+
+def prompts_for_step(problems: list[Problem], step: int, k: int, seed: int) -> list[Problem]:
+    """The K questions of a step: walk through seeded per-epoch shuffles of the prompt set.
+
+    A pure function of (step, seed), so a resumed run poses the same questions as an
+    uninterrupted one without storing any data-loader state."""
+    out = []
+    for i in range(step * k, step * k + k):
+        epoch, pos = divmod(i, len(problems))
+        order = list(range(len(problems)))
+        random.Random(f"{seed}-{epoch}").shuffle(order)
+        out.append(problems[order[pos]])
+    return out
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (kB on Linux)
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keeps the metric rows of finished, checkpointed steps only (a crash may have logged more)."""
+    rows = [r for r in read_metrics(path) if r["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> dict:
+    """Runs cfg.steps RLSC steps (resuming if asked) and returns a summary dict."""
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)
+    metrics_path = out_dir / METRICS
+    problems = load_problems(cfg.prompts, split=cfg.split or "train", limit=cfg.max_prompts)
+    template = cfg.prompt_template or default_template(cfg.prompts)
+    log(f"training on {cfg.prompts}: {len(problems)} questions, {cfg.num_prompts} x {cfg.num_samples} samples per step")
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    loaded = loaded or load(cfg, log)
+    prepare_for_training(loaded, cfg, log)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    optimizer = build_optimizer(model, cfg)
+    opts = loss_options(cfg, loaded)
+
+    start = 0
+    payload = load_checkpoint(out_dir) if cfg.resume else None
+    if payload is not None:
+        start = restore(payload, model=model, optimizer=optimizer)
+        _truncate_metrics(metrics_path, start)
+        log(f"resumed from {out_dir / 'checkpoint.pt'} at step {start}")
+    else:
+        if cfg.resume:
+            log(f"--resume: no checkpoint in {out_dir}, starting from step 0")
+        metrics_path.write_text("")
+    (out_dir / "config.json").write_text(cfg.to_json())
+
+    for step in range(start, cfg.steps):
+        if loaded.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(loaded.device)
+        batch = prompts_for_step(problems, step, cfg.num_prompts, cfg.seed)
+        stats, gen_s, train_s = rlsc_step(model, tokenizer, optimizer, batch, template=template,
+                                          num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, opts=opts)
+        row = {
+            "step": step + 1,
+            "loss": stats.loss,
+            "mean_seq_logp": float(stats.seq_logp.mean()),
+            "min_seq_logp": float(stats.seq_logp.min()),
+            "max_seq_logp": float(stats.seq_logp.max()),
+            "mean_weight": float(stats.seq_weight.mean()),
+            "max_weight": float(stats.seq_weight.max()),
+            "frac_weight_underflow": stats.frac_weight_underflow,
+            "mean_completion_tokens": float(stats.n_tokens.float().mean()),
+            "frac_capped": float(stats.capped.float().mean()),
+            "frac_eos_only": float((stats.n_tokens == 1).float().mean()),
+            "mean_token_entropy": stats.mean_token_entropy,
+            "grad_norm": stats.grad_norm,
+            "gen_seconds": round(gen_s, 3),
+            "train_seconds": round(train_s, 3),
+            "peak_memory_mb": round(_peak_memory_mb(loaded.device), 1),
+            "samples": len(stats.seq_logp),
+            "questions": [p.id for p in batch],
+        }
+        with open(metrics_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        log(f"step {step + 1}/{cfg.steps}: loss {row['loss']:.4g}  mean log p {row['mean_seq_logp']:.2f}  "
+            f"mean w {row['mean_weight']:.3f}  underflow {row['frac_weight_underflow']:.2f}  "
+            f"tokens {row['mean_completion_tokens']:.1f}  entropy {row['mean_token_entropy']:.3f}  "
+            f"gen {gen_s:.1f}s train {train_s:.1f}s")
+        last = step + 1 == cfg.steps
+        if last or (cfg.checkpoint_every > 0 and (step + 1) % cfg.checkpoint_every == 0):
+            save_checkpoint(out_dir, model=model, optimizer=optimizer, step=step + 1, config=cfg.to_dict())
+
+    plot = plot_training_curves(metrics_path, out_dir / "training_curves.png", title=f"RLSC on {cfg.prompts}")
+    final_dir = None
+    if cfg.save_final_model:
+        final_dir = save_final(model, tokenizer, out_dir / "final")
+        log(f"saved the trained model to {final_dir}")
+    return {"metrics": str(metrics_path), "plot": str(plot) if plot else None,
+            "final_model": str(final_dir) if final_dir else None, "steps": cfg.steps}
+
+
+def save_final(model, tokenizer, path: Path) -> Path:
+    """save_pretrained (LoRA adapters merged into the weights) plus the tokenizer."""
+    to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    to_save.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,120 @@
+"""The training loop on a tiny random Llama: outputs, resume == uninterrupted, atomic checkpoints."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import rlsc.checkpoint as ckpt
+import rlsc.train as train_mod
+from rlsc.config import RLSCConfig
+from rlsc.train import prompts_for_step, train
+
+TIMING_FIELDS = {"gen_seconds", "train_seconds", "peak_memory_mb"}
+
+
+def tiny_config(model_dir, prompts, out, **kw) -> RLSCConfig:
+    base = dict(model=str(model_dir), prompts=str(prompts), num_prompts=2, num_samples=3, max_new_tokens=8,
+                steps=3, lr=1e-3, micro_batch_size=2, device="cpu", precision="fp32", output_dir=str(out),
+                checkpoint_every=1, save_final_model=False, seed=7, backend="auto", filter_eps="exact")
+    base.update(kw)
+    return RLSCConfig(**base)
+
+
+def _rows(path):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
+            for line in open(path) if line.strip()]
+
+
+def test_train_writes_metrics_checkpoint_plot_and_final_model(tiny_model_dir, tiny_prompts, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tiny_prompts, tmp_path / "run", steps=2, save_final_model=True)
+    summary = train(cfg, log=lambda m: None)
+    out = tmp_path / "run"
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    required = {"step", "loss", "mean_seq_logp", "mean_weight", "frac_weight_underflow", "mean_completion_tokens",
+                "mean_token_entropy", "gen_seconds", "train_seconds", "peak_memory_mb"}
+    assert required <= set(rows[0])
+    assert all(r["samples"] == 6 and 0.0 <= r["frac_weight_underflow"] <= 1.0 for r in rows)
+    assert (out / "training_curves.png").stat().st_size > 1000
+    payload = ckpt.load_checkpoint(out)
+    assert payload["step"] == 2 and payload["config"]["steps"] == 2
+    assert {"model", "optimizer", "rng"} <= set(payload)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    final = AutoModelForCausalLM.from_pretrained(summary["final_model"])
+    AutoTokenizer.from_pretrained(summary["final_model"])
+    assert torch.equal(final.model.embed_tokens.weight, payload["model"]["model.embed_tokens.weight"])
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_model_dir, tiny_prompts, tmp_path, monkeypatch):
+    full = tiny_config(tiny_model_dir, tiny_prompts, tmp_path / "full")
+    train(full, log=lambda m: None)
+
+    # the same run killed during step 3 (after step 2's checkpoint), then resumed
+    cut = tiny_config(tiny_model_dir, tiny_prompts, tmp_path / "cut")
+    real_step, calls = train_mod.rlsc_step, {"n": 0}
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "rlsc_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, log=lambda m: None)
+    monkeypatch.setattr(train_mod, "rlsc_step", real_step)
+    assert ckpt.load_checkpoint(tmp_path / "cut")["step"] == 2
+    train(cut.updated({"resume": True}), log=lambda m: None)
+
+    a, b = ckpt.load_checkpoint(tmp_path / "full"), ckpt.load_checkpoint(tmp_path / "cut")
+    assert a["step"] == b["step"] == 3
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert _rows(tmp_path / "full" / "metrics.jsonl") == _rows(tmp_path / "cut" / "metrics.jsonl")
+
+
+def test_resume_without_checkpoint_starts_from_scratch(tiny_model_dir, tiny_prompts, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tiny_prompts, tmp_path / "r", steps=1, resume=True)
+    train(cfg, log=lambda m: None)
+    assert ckpt.load_checkpoint(tmp_path / "r")["step"] == 1
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt.save_checkpoint(tmp_path, model=model, optimizer=opt, step=1, config={"a": 1})
+    good = {k: v.clone() for k, v in ckpt.load_checkpoint(tmp_path)["model"].items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+
+    def torn_save(obj, fh):
+        fh.write(b"partial garbage")
+        raise OSError("disk full / killed mid-write")
+
+    monkeypatch.setattr(ckpt.torch, "save", torn_save)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(tmp_path, model=model, optimizer=opt, step=2, config={"a": 1})
+    monkeypatch.undo()
+    payload = ckpt.load_checkpoint(tmp_path)
+    assert payload["step"] == 1
+    assert all(torch.equal(payload["model"][k], good[k]) for k in good)
+    assert not list(tmp_path.glob(".checkpoint.pt.tmp-*"))
+
+
+def test_stale_temporary_from_a_killed_process_is_ignored_and_removed(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    ckpt.save_checkpoint(tmp_path, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), step=4, config={})
+    (tmp_path / ".checkpoint.pt.tmp-99999").write_bytes(b"torn")
+    assert ckpt.load_checkpoint(tmp_path)["step"] == 4
+    ckpt.remove_stale_temporaries(tmp_path)
+    assert not (tmp_path / ".checkpoint.pt.tmp-99999").exists()
+
+
+def test_prompts_for_step_walks_seeded_epochs_and_covers_every_question():
+    problems = list(range(5))
+    seen = [p for s in range(5) for p in prompts_for_step(problems, s, 2, seed=1)]
+    assert sorted(seen[:5]) == problems and sorted(seen[5:10]) == problems
+    assert prompts_for_step(problems, 3, 2, seed=1) == prompts_for_step(problems, 3, 2, seed=1)
+    assert prompts_for_step(problems, 0, 5, seed=1) != prompts_for_step(problems, 0, 5, seed=2)
