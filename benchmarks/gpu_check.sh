@@ -32,7 +32,12 @@ note() { echo "[+$(elapsed)s] $*" | tee -a "$SUMMARY"; }
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
     if ls .whl/*.whl >/dev/null 2>&1; then
         timeout 90 python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl 2>&1
-        echo "pip rc=$?"
+        rc=$?
+        echo "pip rc=$rc"
+        if [ $rc -ne 0 ]; then  # pure-Python wheels: unpacking them is an install
+            python3 -c "import glob, zipfile; [zipfile.ZipFile(w).extractall('.site') for w in glob.glob('.whl/*.whl')]"
+            echo "unzipped the wheels into .site: rc=$?"
+        fi
     else
         echo "no wheels in .whl/: liger, cce and pytest-benchmark rows will be error rows"
     fi

@@ -81,3 +81,19 @@ def test_liger_grpo_expresses_the_rlsc_gradient():
     got = I.liger_fwd_bwd(inp, h, W)
     for a, b in zip(got, ref):
         assert I.max_rel_err(a, b) < 1e-5
+
+
+def test_targets_are_judged_from_the_headline_rows():
+    def row(op, impl, ms, mb, error=None):
+        return {"head": "qwen2.5-math-7b", "N": 16384, "op": op, "impl": impl, "D": 3584, "V": 152064,
+                "median_ms": ms, "peak_mem_mb": mb, "error": error}
+
+    doc = {"results": [
+        row("rlsc_fwd_bwd", "rlsc-triton", 70.0, 2000.0), row("rlsc_fwd_bwd", "cce", 100.0, 1900.0),
+        row("rlsc_fwd_bwd", "liger", 120.0, 3000.0), row("rlsc_fwd_bwd", "torch-naive", None, None, "OOM: tried"),
+        row("logprobs_fwd", "rlsc-triton", 40.0, 10.0), row("logprobs_fwd", "matmul-floor", 25.0, 5000.0)]}
+    train = {"results": [{"variant": "fused", "median_ms": 900.0, "peak_mem_mb": 20000.0},
+                         {"variant": "naive", "median_ms": 1000.0, "peak_mem_mb": 60000.0}]}
+    verdicts = [v for _, _, v in report.targets(doc, train)]
+    #          0.7x cce, 0.58x liger, 1.05x cce mem, naive OOM, 1.6x floor, mem 0.33x, 1.11x faster
+    assert verdicts == ["PASS", "MISS", "PASS", "PASS", "MISS", "PASS", "MISS"]
