@@ -6,9 +6,11 @@ kernels (rlsc_kernels/kernels/) never guess.
 Two backward strategies, both accumulating dweight and dhidden in fp32 and neither holding an
 [N, V] buffer or an fp32 buffer the size of W for 16-bit weights:
   "sliced" (default): per vocab slice, one kernel stores the slice's logit gradients [N, VS]
-      (16-bit, at most GRAD_LOGITS_BYTES, VS >= MIN_SLICE_ROWS) and a mask of the tiles the
-      filter kept, then two block-sparse matmuls produce dweight for the slice (fp32 accumulation
-      over all tokens, stored once) and add into fp32 dhidden. No atomics but dbias: deterministic.
+      (16-bit, at most GRAD_LOGITS_BYTES, VS >= MIN_SLICE_ROWS), then two matmuls produce
+      dweight for the slice (fp32 accumulation over all tokens, stored once in the weight dtype)
+      and add the slice's dhidden into fp32 dhidden. The matmuls are the library's (torch.mm,
+      cuBLAS on GPU: RLSC_KERNELS_GRAD_MATMUL=torch, the default) or our block-sparse Triton
+      ones that skip the tiles the filter dropped (=triton). Deterministic up to dbias.
   "fused": one kernel per vocab slice recomputes each tile and adds its dhidden / dweight
       contributions with fp32 atomics; dweight goes through an fp32 slice buffer of at most
       VOCAB_SLICE_BYTES. No [N, VS] buffer, but atomic traffic and non-deterministic sums.
@@ -34,11 +36,12 @@ from . import triton_interpreting
 #: Largest fp32 dweight slice held at once when the weight is 16-bit ("fused" backward).
 VOCAB_SLICE_BYTES = 128 << 20
 #: Target size of the [N, VS] logit-gradient buffer ("sliced" backward) ...
-GRAD_LOGITS_BYTES = 128 << 20
+GRAD_LOGITS_BYTES = 256 << 20
 #: ... but never fewer vocab rows per slice than this: each slice re-reads and re-writes fp32
 #: dhidden, so very thin slices would trade memory for bandwidth badly.
 MIN_SLICE_ROWS = 4096
 BACKWARD_STRATEGIES = ("sliced", "fused")
+GRAD_MATMULS = ("torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -52,15 +55,24 @@ class KernelConfig:
 
 
 # The block sizes we ship (compiled for sm_90 in the test suite). 16-bit inputs get tensor-core
-# sized tiles, chosen so that the sm_90 build spills nothing (python -m rlsc_kernels.kernels.aot:
-# forward 128x128x64 spilled 48 bytes, 64x256x64 none; backward 128x128x64 spilled 760 bytes,
-# 128x128x32 none). fp32 inputs get smaller tiles (twice the bytes per element, an IEEE dot).
+# sized tiles. Measured on an H100 (triton 3.6, Qwen2.5-7B head, 16384 tokens; see
+# benchmarks/results/tuning/): forward 128x256x64/w16 40.1 ms, 64x256x64/w8 49.0 ms,
+# 128x128x64/w8 51-57 ms against a 24.2 ms logits GEMM. The large tile wins although the sm_90
+# build spills a little (python -m rlsc_kernels.kernels.aot): the sweep is bound by L2 traffic,
+# which grows as the tile shrinks. fp32 inputs get smaller tiles (an IEEE fp32 dot).
 FORWARD_CONFIGS = {
-    "16bit": KernelConfig(block_n=64, block_v=256, block_d=64, num_warps=8, num_stages=3),
+    "16bit": KernelConfig(block_n=128, block_v=256, block_d=64, num_warps=16, num_stages=3),
     "fp32": KernelConfig(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=2),
 }
+# Fused backward: 128x128x32 is the largest tile that does not spill with its two extra dot
+# accumulators; it measured 433 ms exact / 263 ms filtered at the 7B head (sliced: ~160 ms).
 BACKWARD_CONFIGS = {
     "16bit": KernelConfig(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=2),
+    "fp32": KernelConfig(block_n=32, block_v=64, block_d=32, num_warps=4, num_stages=2),
+}
+# Tile kernel of the sliced backward (a GEMM with an epilogue, like the forward).
+GRAD_LOGITS_CONFIGS = {
+    "16bit": KernelConfig(block_n=128, block_v=256, block_d=64, num_warps=16, num_stages=3),
     "fp32": KernelConfig(block_n=32, block_v=64, block_d=32, num_warps=4, num_stages=2),
 }
 # Block-sparse matmuls of the sliced backward: block_n = output rows (tokens or vocab), block_v
@@ -83,14 +95,16 @@ def _env_config(name: str) -> Optional[KernelConfig]:
 
 
 def config_for(kind: str, dtype: torch.dtype) -> KernelConfig:
-    """kind: "forward", "backward" (the tile kernel of either strategy) or "matmul"."""
+    """kind: "forward", "grad_logits" (sliced backward's tile kernel), "backward" (fused
+    backward's kernel) or "matmul" (sliced backward's block-sparse matmuls)."""
     if kind in _overrides:
         return _overrides[kind]
     env = _env_config({"forward": "RLSC_KERNELS_FWD_CONFIG", "backward": "RLSC_KERNELS_BWD_CONFIG",
-                       "matmul": "RLSC_KERNELS_MM_CONFIG"}[kind])
+                       "grad_logits": "RLSC_KERNELS_GRAD_LOGITS_CONFIG", "matmul": "RLSC_KERNELS_MM_CONFIG"}[kind])
     if env is not None:
         return env
-    table = {"forward": FORWARD_CONFIGS, "backward": BACKWARD_CONFIGS, "matmul": MATMUL_CONFIGS}[kind]
+    table = {"forward": FORWARD_CONFIGS, "backward": BACKWARD_CONFIGS, "grad_logits": GRAD_LOGITS_CONFIGS,
+             "matmul": MATMUL_CONFIGS}[kind]
     return table["fp32" if dtype == torch.float32 else "16bit"]
 
 
@@ -98,6 +112,13 @@ def matmul_block_k(dtype: torch.dtype) -> int:
     if "matmul_block_k" in _overrides:
         return _overrides["matmul_block_k"]
     return int(os.environ.get("RLSC_KERNELS_MM_BLOCK_K", 0)) or MATMUL_BLOCK_K["fp32" if dtype == torch.float32 else "16bit"]
+
+
+def grad_matmul() -> str:
+    name = _overrides.get("grad_matmul") or os.environ.get("RLSC_KERNELS_GRAD_MATMUL", "torch")
+    if name not in GRAD_MATMULS:
+        raise ValueError(f"RLSC_KERNELS_GRAD_MATMUL must be one of {GRAD_MATMULS}, got {name!r}")
+    return name
 
 
 def backward_strategy() -> str:
@@ -110,12 +131,12 @@ def backward_strategy() -> str:
 @contextlib.contextmanager
 def override_configs(forward: Optional[KernelConfig] = None, backward: Optional[KernelConfig] = None,
                      matmul: Optional[KernelConfig] = None, matmul_block_k: Optional[int] = None,
-                     strategy: Optional[str] = None):
+                     strategy: Optional[str] = None, grad_matmul: Optional[str] = None):
     """Temporarily use other block sizes or backward strategy (tests use small blocks so tiny
     shapes span many tiles)."""
     saved = dict(_overrides)
-    for key, value in (("forward", forward), ("backward", backward), ("matmul", matmul),
-                       ("matmul_block_k", matmul_block_k), ("strategy", strategy)):
+    for key, value in (("forward", forward), ("backward", backward), ("grad_logits", backward), ("matmul", matmul),
+                       ("matmul_block_k", matmul_block_k), ("strategy", strategy), ("grad_matmul", grad_matmul)):
         if value is not None:
             _overrides[key] = value
     try:
@@ -226,13 +247,15 @@ def _backward_sliced(hidden, weight, bias, targets, lse, mean_z, g, e, opts, nee
     N, D = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    tile = config_for("backward", hidden.dtype)
-    mm = config_for("matmul", hidden.dtype)
-    block_k = matmul_block_k(hidden.dtype)
-    for name, small, big in (("matmul block_n", mm.block_n, tile.block_n), ("matmul block_n", mm.block_n, tile.block_v),
-                             ("matmul block_k", block_k, tile.block_n), ("matmul block_k", block_k, tile.block_v)):
-        if big % small:
-            raise ValueError(f"{name}={small} must divide the grad-logits tile sizes {tile.block_n}x{tile.block_v}")
+    tile = config_for("grad_logits", hidden.dtype)
+    sparse = grad_matmul() == "triton"
+    if sparse:
+        mm = config_for("matmul", hidden.dtype)
+        block_k = matmul_block_k(hidden.dtype)
+        for name, small, big in (("block_n", mm.block_n, tile.block_n), ("block_n", mm.block_n, tile.block_v),
+                                 ("block_k", block_k, tile.block_n), ("block_k", block_k, tile.block_v)):
+            if big % small:
+                raise ValueError(f"matmul {name}={small} must divide the grad-logits tile {tile.block_n}x{tile.block_v}")
     upcast, precision = _dot_flags(hidden.dtype)
     filter_eps = opts.filter_eps
     use_mask = filter_eps is not None
@@ -256,10 +279,13 @@ def _backward_sliced(hidden, weight, bias, targets, lse, mean_z, g, e, opts, nee
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), grad_logits.stride(0),
             1.0 / opts.temperature, float(filter_eps or 0.0),
             HAS_BIAS=bias is not None, HAS_ENTROPY=e is not None, EVEN_D=D % tile.block_d == 0,
-            COMPUTE_DB=need_b, FILTER=use_mask, **flags,
+            COMPUTE_DB=need_b, FILTER=use_mask, ZERO_SKIPPED=not sparse, **flags,
             BLOCK_N=tile.block_n, BLOCK_V=tile.block_v, BLOCK_D=tile.block_d,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
+        if not sparse:
+            _library_matmuls(grad_logits[:, :vs], hidden, weight[v_lo:v_hi], dh, dw[v_lo:v_hi] if need_w else None)
+            continue
         common = dict(USE_MASK=use_mask, **flags, BLOCK_D=mm.block_d, BLOCK_K=block_k,
                       MASK_BLOCK_N=tile.block_n, MASK_BLOCK_V=tile.block_v,
                       num_warps=mm.num_warps, num_stages=mm.num_stages)
@@ -280,6 +306,34 @@ def _backward_sliced(hidden, weight, bias, targets, lse, mean_z, g, e, opts, nee
                 BLOCK_N=mm.block_n, **common,
             )
     return dh, dw, db
+
+
+_FP32_OUT_MATMUL: dict = {}
+
+
+def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result from 16-bit operands where the library can (torch.mm's
+    out_dtype, CUDA only), so a slice's dhidden is not rounded to 16 bits before it is added."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    key = a.device.type
+    if _FP32_OUT_MATMUL.get(key, True):
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _FP32_OUT_MATMUL[key] = True
+            return out
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FP32_OUT_MATMUL[key] = False
+    return torch.mm(a, b)
+
+
+def _library_matmuls(grad_logits, hidden, weight_slice, dh, dw_slice):
+    """dW[slice] = G^T h (stored in the weight dtype after fp32 accumulation inside the GEMM);
+    dh += G W[slice] (fp32). G is the slice's [N, VS] logit-gradient block."""
+    if dw_slice is not None:
+        torch.mm(grad_logits.T, hidden, out=dw_slice)
+    if dh is not None:
+        dh += _mm_fp32_out(grad_logits, weight_slice)
 
 
 def _backward_fused(hidden, weight, bias, targets, lse, mean_z, g, e, opts, need_h, need_w, need_b):

@@ -105,7 +105,7 @@ def compile_kernel(kernel: str, dtype: str, config, flags: Dict[str, bool], arch
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ..backends.triton_sweeps import BACKWARD_CONFIGS, matmul_block_k
+    from ..backends.triton_sweeps import GRAD_LOGITS_CONFIGS, matmul_block_k
     from .backward_sweep import backward_sweep_kernel
     from .forward_sweep import forward_sweep_kernel
     from .grad_logits import grad_logits_kernel
@@ -119,7 +119,7 @@ def compile_kernel(kernel: str, dtype: str, config, flags: Dict[str, bool], arch
                   "BLOCK_N": config.block_n, "BLOCK_V": config.block_v, "BLOCK_D": config.block_d,
                   "HAS_BIAS": flags.get("HAS_BIAS", False), "HAS_ENTROPY": flags.get("HAS_ENTROPY", False)}
     if kernel in ("grad_weight", "grad_hidden"):
-        tile = BACKWARD_CONFIGS["fp32" if dtype == "float32" else "16bit"]
+        tile = GRAD_LOGITS_CONFIGS["fp32" if dtype == "float32" else "16bit"]
         constexprs = {"USE_MASK": flags.get("USE_MASK", True), "DOT_UPCAST": False, "DOT_PRECISION": precision,
                       "BLOCK_D": config.block_d, "BLOCK_K": matmul_block_k(getattr(torch, dtype)),
                       "MASK_BLOCK_N": tile.block_n, "MASK_BLOCK_V": tile.block_v}
@@ -131,7 +131,8 @@ def compile_kernel(kernel: str, dtype: str, config, flags: Dict[str, bool], arch
             constexprs["BLOCK_N"] = config.block_n
     elif kernel == "grad_logits":
         fn, sig = grad_logits_kernel, _grad_logits_signature(ty)
-        constexprs.update(COMPUTE_DB=flags.get("COMPUTE_DB", False), FILTER=flags.get("FILTER", True))
+        constexprs.update(COMPUTE_DB=flags.get("COMPUTE_DB", False), FILTER=flags.get("FILTER", True),
+                          ZERO_SKIPPED=flags.get("ZERO_SKIPPED", True))
     elif kernel == "forward_sweep":
         fn, sig = forward_sweep_kernel, _forward_signature(ty)
     elif kernel == "backward_sweep":
@@ -160,7 +161,7 @@ def compile_kernel(kernel: str, dtype: str, config, flags: Dict[str, bool], arch
 
 def shipped_variants() -> List[tuple]:
     """(kernel, dtype, config, flags) for every shipped block size and the flag combinations that matter."""
-    from ..backends.triton_sweeps import BACKWARD_CONFIGS, FORWARD_CONFIGS, MATMUL_CONFIGS
+    from ..backends.triton_sweeps import BACKWARD_CONFIGS, FORWARD_CONFIGS, GRAD_LOGITS_CONFIGS, MATMUL_CONFIGS
 
     out = []
     for dtype in ("bfloat16", "float16", "float32"):
@@ -172,9 +173,10 @@ def shipped_variants() -> List[tuple]:
                       {"FILTER": False, "COMPUTE_DH": True, "COMPUTE_DW": True, "COMPUTE_DB": True,
                        "HAS_BIAS": True, "HAS_ENTROPY": True, "EVEN_D": False}):
             out.append(("backward_sweep", dtype, BACKWARD_CONFIGS[key], flags))
-        for flags in ({"FILTER": True, "EVEN_D": True},
+        for flags in ({"FILTER": True, "ZERO_SKIPPED": True, "EVEN_D": True},
+                      {"FILTER": True, "ZERO_SKIPPED": False, "EVEN_D": True},
                       {"FILTER": False, "COMPUTE_DB": True, "HAS_BIAS": True, "HAS_ENTROPY": True, "EVEN_D": False}):
-            out.append(("grad_logits", dtype, BACKWARD_CONFIGS[key], flags))
+            out.append(("grad_logits", dtype, GRAD_LOGITS_CONFIGS[key], flags))
         for kernel in ("grad_weight", "grad_hidden"):
             for flags in ({"USE_MASK": True}, {"USE_MASK": False}):
                 out.append((kernel, dtype, MATMUL_CONFIGS[key], flags))

@@ -4,8 +4,9 @@ gradient dz / T in the input dtype (backward strategy "sliced").
 For every tile (token block n, vocab block v) of the slice [v_lo, v_hi):
     dz_tile = (1/T) tiles.grad_logits_tile(...)   -> grad_logits[n-rows, v - v_lo]  (16-bit)
     tile_mask[n, v] = tile is needed (FILTER) or 1;   dbias[v] += column sums (fp32 atomics)
-Skipped tiles are not written: the two block-sparse matmuls (grad_matmul.py) read the mask and
-never touch them. Nothing is accumulated across programs except dbias, so dhidden and dweight
+Skipped tiles are not written when the block-sparse matmuls (grad_matmul.py) follow, which read
+the mask and never touch them; they are written as zeros (ZERO_SKIPPED) when dense library
+matmuls follow. Nothing is accumulated across programs except dbias, so dhidden and dweight
 come out deterministic.
 """
 import triton
@@ -23,7 +24,7 @@ def grad_logits_kernel(
     stride_hn, stride_hd, stride_wv, stride_wd, stride_gn,
     inv_temperature, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, EVEN_D: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    FILTER: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FILTER: tl.constexpr, ZERO_SKIPPED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Token blocks vary fastest: the programs in flight share one W block in L2.
@@ -42,6 +43,9 @@ def grad_logits_kernel(
     if FILTER:
         keep = tile_is_needed(dz, scale, filter_eps)
         tl.store(tile_mask_ptr + pid_n * tl.num_programs(1) + pid_v, keep.to(tl.int8))
+        if ZERO_SKIPPED:
+            dz = dz * keep.to(tl.float32)
+            keep = True
     if keep:
         dz = dz * inv_temperature
         if COMPUTE_DB:

