@@ -30,15 +30,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlsc", description="RLSC (self-confidence) fine-tuning through the fused op of rlsc_kernels.")
+    parser = argparse.ArgumentParser(prog="rlsc", allow_abbrev=False, description="RLSC (self-confidence) fine-tuning through the fused op of rlsc_kernels.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo}")
     for name, help_text in (
         ("train", "RLSC training: sample, mask, score, weigh, step"),
         ("eval", "greedy accuracy, pass@1, pass@k and maj@k per dataset (--prompts may list several, comma-separated)"),
         ("demo", "eval before, RLSC training, eval after, on the embedded model (CPU, minutes)"),
     ):
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else argparse.HelpFormatter)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         _add_config_flags(p)
     return parser
 

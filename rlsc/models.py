@@ -138,3 +138,16 @@ def body_and_head(model):
     if head is None or body is None:
         raise NotImplementedError(f"cannot find the decoder body and lm_head of {type(base).__name__}")
     return body, head
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Gradient (activation) checkpointing, non-reentrant, under either transformers spelling."""
+    kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        try:
+            model.activation_checkpointing_enable(**kwargs)
+            return
+        except TypeError:
+            model.activation_checkpointing_enable()
+            return
+    model.gradient_checkpointing_enable(**kwargs)

@@ -18,7 +18,8 @@ import torch
 from .checkpoint import load_checkpoint, remove_stale_temporaries, restore, save_checkpoint
 from .config import RLSCConfig
 from .data import Problem, default_template, load_problems
-from .models import (apply_lora, load_model, load_tokenizer, resolve_device, resolve_precision)
+from .models import (apply_lora, enable_activation_checkpointing, load_model, load_tokenizer, resolve_device,
+                     resolve_precision)
 from .plot import plot_training_curves, read_metrics
 from .step import LossOptions, rlsc_step
 
@@ -61,7 +62,7 @@ def prepare_for_training(loaded: Loaded, cfg: RLSCConfig, log=log_to_stderr) -> 
         n = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
         log(f"LoRA rank {cfg.lora_rank}: {n / 1e6:.2f}M trainable parameters")
     if cfg.gradient_checkpointing:
-        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(loaded.model)
 
 
 def build_optimizer(model, cfg: RLSCConfig) -> torch.optim.Optimizer:

