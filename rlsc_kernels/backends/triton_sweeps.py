@@ -61,8 +61,8 @@ class KernelConfig:
 # build spills a little (python -m rlsc_kernels.kernels.aot): the sweep is bound by L2 traffic,
 # which grows as the tile shrinks. fp32 inputs get smaller tiles (an IEEE fp32 dot).
 FORWARD_CONFIGS = {
-    "16bit": KernelConfig(block_n=128, block_v=256, block_d=64, num_warps=16, num_stages=3),
-    "fp32": KernelConfig(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=2),
+    "16bit": KernelConfig(block_n=128, block_v=256, block_d=64, num_warps=16, num_stages=3, group_n=16),
+    "fp32": KernelConfig(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=2, group_n=16),
 }
 # Fused backward: 128x128x32 is the largest tile that does not spill with its two extra dot
 # accumulators; it measured 433 ms exact / 263 ms filtered at the 7B head (sliced: ~160 ms).
@@ -72,8 +72,8 @@ BACKWARD_CONFIGS = {
 }
 # Tile kernel of the sliced backward (a GEMM with an epilogue, like the forward).
 GRAD_LOGITS_CONFIGS = {
-    "16bit": KernelConfig(block_n=128, block_v=256, block_d=64, num_warps=16, num_stages=3),
-    "fp32": KernelConfig(block_n=32, block_v=64, block_d=32, num_warps=4, num_stages=2),
+    "16bit": KernelConfig(block_n=128, block_v=256, block_d=64, num_warps=16, num_stages=3, group_n=16),
+    "fp32": KernelConfig(block_n=32, block_v=64, block_d=32, num_warps=4, num_stages=2, group_n=16),
 }
 # Block-sparse matmuls of the sliced backward: block_n = output rows (tokens or vocab), block_v
 # unused, block_d = output columns, plus the K step (must divide the grad-logits tile sizes).
@@ -86,12 +86,11 @@ _overrides: dict = {}
 
 
 def _env_config(name: str) -> Optional[KernelConfig]:
-    """RLSC_KERNELS_FWD_CONFIG / RLSC_KERNELS_BWD_CONFIG = "block_n,block_v,block_d,warps,stages" (tuning)."""
+    """RLSC_KERNELS_{FWD,BWD,GRAD_LOGITS,MM}_CONFIG = "block_n,block_v,block_d,warps,stages[,group_n]" (tuning)."""
     value = os.environ.get(name)
     if not value:
         return None
-    bn, bv, bd, warps, stages = (int(x) for x in value.split(","))
-    return KernelConfig(bn, bv, bd, warps, stages)
+    return KernelConfig(*(int(x) for x in value.split(",")))
 
 
 def config_for(kind: str, dtype: torch.dtype) -> KernelConfig:
@@ -179,14 +178,15 @@ def forward(hidden, weight, bias, targets, opts: FusedOptions):
     cfg = config_for("forward", hidden.dtype)
     n_blocks = triton.cdiv(N, cfg.block_n)
     total_vblocks = triton.cdiv(V, cfg.block_v)
-    # Split the vocabulary so that a few programs per SM are in flight even for small N.
-    splits = min(total_vblocks, max(1, triton.cdiv(4 * _sm_count(hidden.device), n_blocks)))
+    # Split the vocabulary so that one group of token blocks times the splits fills the GPU
+    # (see the kernel's note on program order).
+    splits = min(total_vblocks, max(1, triton.cdiv(_sm_count(hidden.device), min(cfg.group_n, n_blocks))))
     vblocks_per_split = triton.cdiv(total_vblocks, splits)
     splits = triton.cdiv(total_vblocks, vblocks_per_split)
     parts = torch.empty(4, splits, N, dtype=torch.float32, device=hidden.device)
     part_max, part_sum, part_zsum, part_target = parts.unbind(0)
     upcast, precision = _dot_flags(hidden.dtype)
-    forward_sweep_kernel[(n_blocks, splits)](
+    forward_sweep_kernel[(n_blocks * splits,)](
         hidden, weight, bias if bias is not None else hidden, targets,
         part_max, part_sum, part_zsum, part_target,
         N, V, D, vblocks_per_split,
@@ -194,7 +194,7 @@ def forward(hidden, weight, bias, targets, opts: FusedOptions):
         1.0 / opts.temperature,
         HAS_BIAS=bias is not None, HAS_ENTROPY=opts.return_entropy, EVEN_D=D % cfg.block_d == 0,
         DOT_UPCAST=upcast, DOT_PRECISION=precision,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     # Merge the splits' online statistics (O(splits * N), negligible).
@@ -238,7 +238,8 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, grad_entropy, opts
 
 
 def _slice_rows(N: int, V: int, block_v: int, itemsize: int) -> int:
-    rows = max(MIN_SLICE_ROWS, GRAD_LOGITS_BYTES // max(1, N * itemsize))
+    budget = int(os.environ.get("RLSC_KERNELS_GRAD_LOGITS_MB", 0)) << 20 or GRAD_LOGITS_BYTES
+    rows = max(MIN_SLICE_ROWS, budget // max(1, N * itemsize))
     rows = max(block_v, rows // block_v * block_v)
     return min(rows, triton.cdiv(V, block_v) * block_v)
 
@@ -271,16 +272,16 @@ def _backward_sliced(hidden, weight, bias, targets, lse, mean_z, g, e, opts, nee
         v_hi = min(V, v_lo + slice_rows)
         vs = v_hi - v_lo
         n_mask_vblocks = triton.cdiv(vs, tile.block_v)
-        grad_logits_kernel[(n_nblocks, n_mask_vblocks)](
+        grad_logits_kernel[(n_nblocks * n_mask_vblocks,)](
             hidden, weight, bias if bias is not None else hidden, targets,
             lse, mean_z if mean_z is not None else lse, g, e if e is not None else g,
             grad_logits, tile_mask, db[v_lo:] if db is not None else g,
-            N, D, v_lo, v_hi,
+            N, D, v_lo, v_hi, n_mask_vblocks,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), grad_logits.stride(0),
             1.0 / opts.temperature, float(filter_eps or 0.0),
             HAS_BIAS=bias is not None, HAS_ENTROPY=e is not None, EVEN_D=D % tile.block_d == 0,
             COMPUTE_DB=need_b, FILTER=use_mask, ZERO_SKIPPED=not sparse, **flags,
-            BLOCK_N=tile.block_n, BLOCK_V=tile.block_v, BLOCK_D=tile.block_d,
+            BLOCK_N=tile.block_n, BLOCK_V=tile.block_v, BLOCK_D=tile.block_d, GROUP_N=tile.group_n,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
         if not sparse:

@@ -63,7 +63,7 @@ def _grad_logits_signature(ty: str):
     for name in ("lse_ptr", "mean_z_ptr", "grad_logp_ptr", "grad_entropy_ptr"):
         sig[name] = "*fp32"
     sig.update(grad_logits_ptr=f"*{ty}", tile_mask_ptr="*i8", dbias_ptr="*fp32")
-    for name in ("N", "D", "v_lo", "v_hi", "stride_hn", "stride_hd", "stride_wv", "stride_wd", "stride_gn"):
+    for name in ("N", "D", "v_lo", "v_hi", "n_vblocks", "stride_hn", "stride_hd", "stride_wv", "stride_wd", "stride_gn"):
         sig[name] = "i32"
     sig["inv_temperature"] = "fp32"
     sig["filter_eps"] = "fp32"
@@ -131,10 +131,11 @@ def compile_kernel(kernel: str, dtype: str, config, flags: Dict[str, bool], arch
             constexprs["BLOCK_N"] = config.block_n
     elif kernel == "grad_logits":
         fn, sig = grad_logits_kernel, _grad_logits_signature(ty)
-        constexprs.update(COMPUTE_DB=flags.get("COMPUTE_DB", False), FILTER=flags.get("FILTER", True),
+        constexprs.update(GROUP_N=config.group_n, COMPUTE_DB=flags.get("COMPUTE_DB", False), FILTER=flags.get("FILTER", True),
                           ZERO_SKIPPED=flags.get("ZERO_SKIPPED", True))
     elif kernel == "forward_sweep":
         fn, sig = forward_sweep_kernel, _forward_signature(ty)
+        constexprs["GROUP_N"] = config.group_n
     elif kernel == "backward_sweep":
         fn, sig = backward_sweep_kernel, _backward_signature(ty)
         constexprs.update(COMPUTE_DH=flags.get("COMPUTE_DH", True), COMPUTE_DW=flags.get("COMPUTE_DW", True),

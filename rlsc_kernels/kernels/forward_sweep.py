@@ -4,7 +4,10 @@ For a token block n and the vocab blocks of one split s, with z_tv = (W_v . h_t 
     m_t = max_v z_tv,   s_t = sum_v exp(z_tv - m_t),   a_t = sum_v exp(z_tv - m_t) z_tv,
     tz_t = z_t,y_t   (0 when y_t is outside this split)
 Loop invariant over the split's vocab blocks: (m, s, a) are the online max / rescaled sums of
-every block seen so far. The launcher merges the splits: lse = M + log sum_s S_s exp(M_s - M),
+every block seen so far. Program order: GROUP_N token blocks times all splits run together, so
+the programs in flight share a few hidden blocks (which stay in L2) and walk the vocabulary in
+step (each W block is fetched once per group). With every token block in flight at once, the
+hidden states would not fit in L2 and would be re-read from memory for every vocab block. The launcher merges the splits: lse = M + log sum_s S_s exp(M_s - M),
 mean_z = sum_s A_s exp(M_s - M) / sum_s S_s exp(M_s - M), and entropy = lse - mean_z.
 """
 import triton
@@ -22,10 +25,15 @@ def forward_sweep_kernel(
     inv_temperature,
     HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid = tl.program_id(0)
+    n_splits = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
+    programs_per_group = GROUP_N * n_splits
+    first_n = (pid // programs_per_group) * GROUP_N
+    group_size = tl.minimum(tl.cdiv(N, BLOCK_N) - first_n, GROUP_N)
+    pid_n = first_n + (pid % programs_per_group) % group_size
+    pid_s = (pid % programs_per_group) // group_size
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64)

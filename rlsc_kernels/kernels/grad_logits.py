@@ -20,16 +20,21 @@ def grad_logits_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,
     lse_ptr, mean_z_ptr, grad_logp_ptr, grad_entropy_ptr,
     grad_logits_ptr, tile_mask_ptr, dbias_ptr,
-    N, D, v_lo, v_hi,
+    N, D, v_lo, v_hi, n_vblocks,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_gn,
     inv_temperature, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, EVEN_D: tl.constexpr, COMPUTE_DB: tl.constexpr,
     FILTER: tl.constexpr, ZERO_SKIPPED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    # Token blocks vary fastest: the programs in flight share one W block in L2.
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    # Grouped order: GROUP_N token blocks sweep the slice together, so the programs in flight
+    # share a few hidden blocks and a few W blocks, all resident in L2.
+    pid = tl.program_id(0)
+    tiles_per_group = GROUP_N * n_vblocks
+    first_n = (pid // tiles_per_group) * GROUP_N
+    group_size = tl.minimum(tl.cdiv(N, BLOCK_N) - first_n, GROUP_N)
+    pid_n = first_n + (pid % tiles_per_group) % group_size
+    pid_v = (pid % tiles_per_group) // group_size
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_v = v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -42,7 +47,7 @@ def grad_logits_kernel(
     keep = True
     if FILTER:
         keep = tile_is_needed(dz, scale, filter_eps)
-        tl.store(tile_mask_ptr + pid_n * tl.num_programs(1) + pid_v, keep.to(tl.int8))
+        tl.store(tile_mask_ptr + pid_n * n_vblocks + pid_v, keep.to(tl.int8))
         if ZERO_SKIPPED:
             dz = dz * keep.to(tl.float32)
             keep = True

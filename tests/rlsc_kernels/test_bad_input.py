@@ -97,3 +97,14 @@ def test_value_checks_can_be_skipped(monkeypatch):
     h[0, 0] = float("nan")
     out = rk.linear_logprobs(h, w, y, backend="torch")  # no sync, no check: the caller vouched for the data
     assert torch.isnan(out[0])
+
+
+def test_finite_check_has_no_false_alarm_when_the_sum_overflows():
+    """Huge but finite inputs overflow the cheap fp32 sum; the exact check must clear them."""
+    h = torch.full((6, 8), 3e38)
+    w = torch.full((20, 8), 1e-3)
+    y = torch.randint(0, 20, (6,))
+    assert torch.isfinite(rk.linear_logprobs(h, w, y, backend="reference")).all()
+    h[2, 3] = float("-inf")
+    with pytest.raises(ValueError, match="hidden contains NaN or inf"):
+        rk.linear_logprobs(h, w, y, backend="reference")
