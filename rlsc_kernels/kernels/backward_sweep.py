@@ -10,7 +10,7 @@ once per vocab slice [v_lo, v_hi), dweight pointing at an fp32 buffer for that s
 import triton
 import triton.language as tl
 
-from .tiles import grad_logits_tile, logits_tile, round_to_bf16_rtne, tile_is_needed
+from .tiles import grad_logits_tile, grouped_program, logits_tile, round_to_bf16_rtne, tile_is_needed
 
 
 @triton.jit
@@ -26,17 +26,7 @@ def backward_sweep_kernel(
     FILTER: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_N token blocks sweep the vocab together, so the tiles running at
-    # one time share their W blocks and hidden blocks in L2.
-    pid = tl.program_id(0)
-    n_nblocks = tl.cdiv(N, BLOCK_N)
-    n_vblocks = tl.cdiv(v_hi - v_lo, BLOCK_V)
-    tiles_per_group = GROUP_N * n_vblocks
-    group = pid // tiles_per_group
-    first_n = group * GROUP_N
-    group_size = tl.minimum(n_nblocks - first_n, GROUP_N)
-    pid_n = first_n + (pid % tiles_per_group) % group_size
-    pid_v = (pid % tiles_per_group) // group_size
+    pid_n, pid_v = grouped_program(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(v_hi - v_lo, BLOCK_V), GROUP_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N

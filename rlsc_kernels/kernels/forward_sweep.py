@@ -13,7 +13,7 @@ mean_z = sum_s A_s exp(M_s - M) / sum_s S_s exp(M_s - M), and entropy = lse - me
 import triton
 import triton.language as tl
 
-from .tiles import logits_tile
+from .tiles import grouped_program, logits_tile
 
 
 @triton.jit
@@ -27,13 +27,8 @@ def forward_sweep_kernel(
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_splits = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
-    programs_per_group = GROUP_N * n_splits
-    first_n = (pid // programs_per_group) * GROUP_N
-    group_size = tl.minimum(tl.cdiv(N, BLOCK_N) - first_n, GROUP_N)
-    pid_n = first_n + (pid % programs_per_group) % group_size
-    pid_s = (pid % programs_per_group) // group_size
+    n_nblocks = tl.cdiv(N, BLOCK_N)
+    pid_n, pid_s = grouped_program(tl.program_id(0), n_nblocks, tl.num_programs(0) // n_nblocks, GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64)

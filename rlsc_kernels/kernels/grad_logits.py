@@ -12,7 +12,7 @@ come out deterministic.
 import triton
 import triton.language as tl
 
-from .tiles import grad_logits_tile, logits_tile, round_to_bf16_rtne, tile_is_needed
+from .tiles import grad_logits_tile, grouped_program, logits_tile, round_to_bf16_rtne, tile_is_needed
 
 
 @triton.jit
@@ -27,14 +27,7 @@ def grad_logits_kernel(
     FILTER: tl.constexpr, ZERO_SKIPPED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    # Grouped order: GROUP_N token blocks sweep the slice together, so the programs in flight
-    # share a few hidden blocks and a few W blocks, all resident in L2.
-    pid = tl.program_id(0)
-    tiles_per_group = GROUP_N * n_vblocks
-    first_n = (pid // tiles_per_group) * GROUP_N
-    group_size = tl.minimum(tl.cdiv(N, BLOCK_N) - first_n, GROUP_N)
-    pid_n = first_n + (pid % tiles_per_group) % group_size
-    pid_v = (pid % tiles_per_group) // group_size
+    pid_n, pid_v = grouped_program(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_vblocks, GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_v = v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)

@@ -10,6 +10,17 @@ import triton.language as tl
 
 
 @triton.jit
+def grouped_program(pid, n_row_blocks, n_cols, GROUP_N: tl.constexpr):
+    """Maps a 1-D program id onto (row block, column) so that GROUP_N row blocks (token blocks)
+    run through all n_cols columns (vocab blocks or splits) together: the programs in flight
+    share a few hidden blocks and a few W blocks, which then stay in L2."""
+    per_group = GROUP_N * n_cols
+    first_row = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(n_row_blocks - first_row, GROUP_N)
+    return first_row + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+
+@triton.jit
 def logits_tile(
     hidden_ptr, weight_ptr, bias_ptr, offs_n, mask_n, offs_v, mask_v, D,
     stride_hn, stride_hd, stride_wv, stride_wd, inv_temperature,
