@@ -149,8 +149,7 @@ def chart(doc, path: Path, train=None) -> bool:
             ax.barh(range(len(sel)), vals, color=colors)
             ax.set_yticks(range(len(sel)), names, fontsize=8)
             ax.invert_yaxis()
-            if field == "median_ms" and any(vals):
-                ax.set_xscale("log")
+            ax.set_xlim(0, max(vals + [1]) * 1.18)  # linear from 0, room for the labels
             for k, r in enumerate(sel):
                 if r.get(field) is None:
                     ax.text(0.01, k, (r.get("error") or "n/a")[:40], transform=ax.get_yaxis_transform(), va="center", fontsize=7)
@@ -161,7 +160,8 @@ def chart(doc, path: Path, train=None) -> bool:
         tr = train["results"]
         for i, (field, label) in enumerate((("median_ms", "step time (ms)"), ("peak_mem_mb", "peak memory (MB)"))):
             ax = axes[i][2]
-            ax.barh([r["variant"] for r in tr], [r.get(field) or 0 for r in tr], color=["tab:blue", "tab:red"][: len(tr)])
+            ax.barh([r["variant"] for r in tr], [r.get(field) or 0 for r in tr],
+                    color=["tab:red" if r["variant"] == "fused" else "tab:blue" for r in tr])  # ours in red, as above
             ax.set_title(f"training step: {label}", fontsize=9)
     fig.suptitle(f"{doc['device']} - {head}, N = {N}, {rows[0]['dtype']} ({doc['date']}, {doc['commit']})", fontsize=10)
     fig.tight_layout()
