@@ -108,3 +108,13 @@ def test_finite_check_has_no_false_alarm_when_the_sum_overflows():
     h[2, 3] = float("-inf")
     with pytest.raises(ValueError, match="hidden contains NaN or inf"):
         rk.linear_logprobs(h, w, y, backend="reference")
+
+
+def test_device_mismatch_names_the_argument():
+    h, w, y = _ok()
+    with pytest.raises(ValueError, match="weight is on meta but hidden is on cpu"):
+        rk.linear_logprobs(h, w.to("meta"), y)
+    with pytest.raises(ValueError, match="targets is on meta but hidden is on cpu"):
+        rk.linear_logprobs(h, w, y.to("meta"))
+    with pytest.raises(ValueError, match="bias is on meta"):
+        rk.linear_logprobs(h, w, y, bias=torch.zeros(20, device="meta"))
