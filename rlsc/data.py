@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -210,4 +209,3 @@ def iter_batches(items: list, size: int) -> Iterable[list]:
         yield items[i : i + size]
 
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

@@ -6,7 +6,6 @@ numbers are taken on the held-out test split (24 questions the training never se
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import platform
 import sys

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
-import torch
 
 from .data import Problem, dataset_name, default_template, iter_batches
 from .grading import answer_key, extract_answer, is_correct, majority_correct, pass_at_k

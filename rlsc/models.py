@@ -98,7 +98,19 @@ def load_model(spec: str, *, device: torch.device, precision: str = "fp32", attn
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn, **extra)
     except Exception as exc:  # noqa: BLE001
         raise ValueError(_unknown_model_message(spec, exc)) from exc
+    if "gguf_file" in extra:
+        _forget_gguf_quantization(model)
     return model.to(device)
+
+
+def _forget_gguf_quantization(model) -> None:
+    """transformers de-quantises GGUF weights to plain tensors on load but keeps a GGUF quantizer
+    marker that makes save_pretrained refuse; the trained model is an ordinary one, so drop it."""
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
 
 
 def _unknown_model_message(spec: str, exc: Exception) -> str:

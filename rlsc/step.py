@@ -154,11 +154,8 @@ def rlsc_update(model, optimizer, rollouts: Rollouts, opts: LossOptions) -> Step
             ent_sum += float(out.token_entropy.detach().double().sum())
             ent_count += out.token_entropy.numel()
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    if opts.max_grad_norm > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm))
-    else:
-        grads = [p.grad.detach().double().norm() for p in params if p.grad is not None]
-        grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
+    # max_norm = inf measures the norm without clipping
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm if opts.max_grad_norm > 0 else float("inf")))
     optimizer.step()                                                                 # 5. step
     optimizer.zero_grad(set_to_none=True)
     seq_weight = torch.cat(weights)

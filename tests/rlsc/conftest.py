@@ -31,7 +31,7 @@ def make_tokenizer():
     return tok
 
 
-def make_model(tok, seed: int = 0, tie: bool = True, bias_scale: float = 0.0):
+def make_model(tok, seed: int = 0, tie: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -42,10 +42,8 @@ def make_model(tok, seed: int = 0, tie: bool = True, bias_scale: float = 0.0):
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # make EOS likely enough that short completions end on their own
+    with torch.no_grad():  # EOS logit 0: likely enough that some short completions end on their own
         model.lm_head.weight[tok.eos_token_id].mul_(0)
-        if model.model.norm.weight is not None:
-            pass
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     return model.eval()

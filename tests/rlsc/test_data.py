@@ -94,3 +94,27 @@ def test_every_builtin_set_has_answers(name):
 
 def test_limit_takes_the_first_rows(tiny_prompts):
     assert [p.answer for p in load_problems(str(tiny_prompts), limit=2)] == ["0", "2"]
+
+
+def test_hugging_face_dataset_source_goes_through_the_same_normalisation(monkeypatch):
+    import sys
+    import types
+
+    calls = {}
+
+    def load_dataset(name, config, split):
+        calls.update(name=name, config=config, split=split)
+        return [{"question": "Q?", "answer": "work\n#### 42"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    problems = load_problems("openai/gsm8k:main", split="test")
+    assert calls == {"name": "openai/gsm8k", "config": "main", "split": "test"}
+    assert problems[0].answer == "42" and problems[0].source == "openai/gsm8k:main"
+
+
+def test_hugging_face_source_without_datasets_package_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match="needs the `datasets` package"):
+        load_problems("some-org/some-set")

@@ -46,6 +46,17 @@ def test_embedded_model_samples_and_takes_one_rlsc_step(embedded):
     assert moved
 
 
+def test_model_loaded_from_gguf_saves_with_save_pretrained_and_reloads(embedded, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlsc.train import save_final
+
+    save_final(embedded.model, embedded.tokenizer, tmp_path / "final")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    AutoTokenizer.from_pretrained(tmp_path / "final")
+    assert torch.equal(again.lm_head.weight, embedded.model.lm_head.weight)
+
+
 def test_embedded_model_eval_reports_all_metrics(embedded):
     problems = load_problems("builtin:demo", "test", limit=2)
     torch.manual_seed(0)
