@@ -160,3 +160,18 @@ def test_lora_trains_only_adapters(tiny_tokenizer):
     rlsc_update(model, _adamw(model, 1e-3), rollouts, LossOptions(micro_batch_size=2))
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)  # lora_A moves from step 2 on (lora_B starts at 0)
+
+
+def test_group_weighting_update_equals_naive_softmax_weighted_loss(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = make_model(tok, seed=4)
+    rollouts = _rollouts(model, tok, n_questions=2, num_samples=3)
+    fused, naive = copy.deepcopy(model), copy.deepcopy(model)
+    rlsc_update(fused, torch.optim.SGD(fused.parameters(), lr=1.0), rollouts,
+                LossOptions(weighting="group", alpha=0.1, micro_batch_size=2, filter_eps=None))
+    _, L = naive_algorithm1_loss(naive, rollouts, 0.5, 0.1)
+    w = group_weights(L.detach().float(), rollouts.question_index, 0.1).double()
+    (-(w * L).mean()).backward()
+    torch.optim.SGD(naive.parameters(), lr=1.0).step()
+    for p, q in zip(fused.parameters(), naive.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
