@@ -83,12 +83,16 @@ def _packed(hidden: torch.Tensor, rollouts: Rollouts):
     return hidden[mask], rollouts.completion_ids[mask], seq
 
 
-def _head_params(head, hidden):
+def _head_inputs(head, hidden, autocast_dtype=None):
+    """(hidden, weight, bias) in one dtype for the fused op. Under autocast the body may return
+    fp32 or bf16 states and the master weight is fp32: both go to the autocast dtype (the head's
+    matmuls in bf16, like the rest of the model; gradients flow back to the fp32 weight)."""
+    dtype = autocast_dtype or hidden.dtype
     weight, bias = head.weight, head.bias
-    if weight.dtype != hidden.dtype:  # bf16 autocast: the body returns bf16 states, the master weight is fp32
-        weight = weight.to(hidden.dtype)
-        bias = bias.to(hidden.dtype) if bias is not None else None
-    return weight, bias
+    if weight.dtype != dtype:
+        weight = weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    return hidden.to(dtype), weight, bias
 
 
 @torch.no_grad()
@@ -99,7 +103,7 @@ def sequence_logprobs(model, rollouts: Rollouts, opts: LossOptions) -> torch.Ten
     for start in range(0, len(rollouts), opts.micro_batch_size):
         mb = _trim(rollouts.select(slice(start, start + opts.micro_batch_size)))
         h, y, seq = _packed(completion_hidden_states(body, mb, opts.autocast_dtype), mb)
-        w, b = _head_params(head, h)
+        h, w, b = _head_inputs(head, h, opts.autocast_dtype)
         logp = rk.linear_logprobs(h, w, y, bias=b, temperature=opts.temperature, backend=opts.backend)
         out.append(torch.zeros(len(mb), dtype=torch.float32, device=h.device).index_add_(0, seq, logp.float()))
     return torch.cat(out)
@@ -138,7 +142,7 @@ def rlsc_update(model, optimizer, rollouts: Rollouts, opts: LossOptions) -> Step
         mb = _trim(rollouts.select(slice(start, start + opts.micro_batch_size)))   # 2. mask
         hidden = completion_hidden_states(body, mb, opts.autocast_dtype)             # 3. score ...
         h, y, seq = _packed(hidden, mb)
-        weight, bias = _head_params(head, h)
+        h, weight, bias = _head_inputs(head, h, opts.autocast_dtype)
         weighting = opts.weighting if external is None else external[start : start + len(mb)]
         out = rk.linear_rlsc_loss(                                                   # ... 4. weigh
             h, weight, y, seq_index=seq, bias=bias, temperature=opts.temperature, alpha=opts.alpha,
