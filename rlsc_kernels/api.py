@@ -109,7 +109,7 @@ def _check_weighting(weighting):
 
 
 def _select_tokens(hidden, targets, completion_mask, seq_index, ignore_index):
-    """Brings both input forms to packed scored tokens: (hidden [n, D], targets [n], seq [n], S, extra checks)."""
+    """Brings both input forms to packed scored tokens: (hidden [n, D], targets [n], seq [n], S)."""
     if completion_mask is not None and seq_index is not None:
         raise ValueError("pass either completion_mask (padded form) or seq_index (packed form), not both")
     if hidden.dim() == 3:
@@ -126,7 +126,7 @@ def _select_tokens(hidden, targets, completion_mask, seq_index, ignore_index):
         scored = completion_mask & (targets != ignore_index)
         # Prompt and padding tokens never reach the head: gather the scored ones only.
         seq = torch.arange(B, device=hidden.device)[:, None].expand(B, T)[scored]
-        return hidden[scored], targets[scored], seq, B, {}
+        return hidden[scored], targets[scored], seq, B
     if hidden.dim() == 2:
         if completion_mask is not None:
             raise ValueError("completion_mask is for the padded form hidden [B, T, D]; the packed form [N, D] takes seq_index")
@@ -141,7 +141,7 @@ def _select_tokens(hidden, targets, completion_mask, seq_index, ignore_index):
         lo, hi = (int(v) for v in torch.stack(torch.aminmax(seq_index)).tolist())  # one sync
         if lo < 0:
             raise ValueError(f"seq_index holds negative sequence ids (got {lo}; expected 0..S-1)")
-        return hidden, targets, seq_index.long(), hi + 1, {}
+        return hidden, targets, seq_index.long(), hi + 1
     raise ValueError(f"hidden must be [B, T, D] (padded form) or [N, D] (packed form), got shape {list(hidden.shape)}")
 
 
@@ -183,11 +183,11 @@ def linear_rlsc_loss(
     _check_weighting(weighting)
     alpha = _check_alpha(alpha)
     opts = _options(hidden, temperature, ignore_index, return_entropy, filter_eps)
-    h, y, seq, S, extra = _select_tokens(hidden, targets, completion_mask, seq_index, ignore_index)
+    h, y, seq, S = _select_tokens(hidden, targets, completion_mask, seq_index, ignore_index)
     valid = y != ignore_index
     n_tokens = torch.zeros(S, dtype=torch.int64, device=hidden.device).index_add_(0, seq, valid.long())
-    extra["a sequence has no scored tokens (empty completion: check completion_mask / seq_index)"] = n_tokens == 0
-    check_values(h, weight, bias, y, ignore_index, extra)
+    empty = {"a sequence has no scored tokens (empty completion: check completion_mask / seq_index)": n_tokens == 0}
+    check_values(h, weight, bias, y, ignore_index, empty)
 
     token_logp, token_entropy = _logprobs_flat(h, weight, bias, y, opts, backend)
     seq_logp = torch.zeros(S, dtype=token_logp.dtype, device=h.device).index_add(0, seq, token_logp)
