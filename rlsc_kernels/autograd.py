@@ -12,10 +12,21 @@ import torch
 from .options import FusedOptions
 
 
+def _zero_ignored(x, valid):
+    """x with the entries of ignored tokens set to 0 (None stays None)."""
+    return None if x is None else torch.where(valid, x, x.new_zeros(()))
+
+
 class LinearLogprobsFunction(torch.autograd.Function):
+    """Ignored tokens (targets == ignore_index) are handled here, once for every backend: their
+    outputs are 0 and their upstream gradients are zeroed before the backend's backward, so
+    they contribute nothing to any gradient."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, opts: FusedOptions, backend):
         logp, entropy, saved = backend.forward(hidden, weight, bias, targets, opts)
+        valid = targets != opts.ignore_index
+        logp, entropy = _zero_ignored(logp, valid), _zero_ignored(entropy, valid)
         ctx.backend = backend
         ctx.opts = opts
         ctx.has_bias = bias is not None
@@ -31,6 +42,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
         opts: FusedOptions = ctx.opts
         if not opts.return_entropy:
             grad_entropy = None
+        valid = targets != opts.ignore_index
+        grad_logp, grad_entropy = _zero_ignored(grad_logp, valid), _zero_ignored(grad_entropy, valid)
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
         dh, dw, db = ctx.backend.backward(hidden, weight, bias, targets, tuple(saved), grad_logp, grad_entropy, opts, needs)
         dh = dh.to(hidden.dtype) if dh is not None else None

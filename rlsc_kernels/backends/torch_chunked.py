@@ -50,7 +50,8 @@ def _slice_logits(h: torch.Tensor, weight, bias, v0: int, v1: int, acc: torch.dt
 def forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor, opts: FusedOptions
 ):
-    """Returns logp [N], entropy [N] or None, and (lse [N], mean_z [N] or None) for the backward."""
+    """Returns logp [N], entropy [N] or None, and (lse [N], mean_z [N] or None) for the backward.
+    Entries of ignored tokens are arbitrary here; autograd.py zeroes them."""
     N = hidden.shape[0]
     acc = output_dtype(hidden.dtype)
     dev = hidden.device
@@ -86,10 +87,8 @@ def forward(
             target_z[n0:n1] = ty
             if a is not None:
                 mean_z[n0:n1] = a / s
-    zero = torch.zeros((), dtype=acc, device=dev)
-    logp = torch.where(valid, target_z - lse, zero)
-    entropy = torch.where(valid, lse - mean_z, zero) if mean_z is not None else None
-    return logp, entropy, (lse, mean_z)
+    entropy = lse - mean_z if mean_z is not None else None
+    return target_z - lse, entropy, (lse, mean_z)
 
 
 def backward(
@@ -114,8 +113,8 @@ def backward(
     valid = targets != opts.ignore_index
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
     zero = torch.zeros((), dtype=acc, device=dev)
-    g = torch.where(valid, grad_logp.to(acc), zero) if grad_logp is not None else None
-    e = torch.where(valid, grad_entropy.to(acc), zero) if grad_entropy is not None and mean_z is not None else None
+    g = grad_logp.to(acc) if grad_logp is not None else None
+    e = grad_entropy.to(acc) if grad_entropy is not None and mean_z is not None else None
     need_h, need_w, need_b = needs
     dh = torch.zeros(N, D, dtype=acc, device=dev) if need_h else None
     dw = torch.zeros(weight.shape, dtype=acc, device=dev) if need_w else None

@@ -202,14 +202,11 @@ def forward(hidden, weight, bias, targets, opts: FusedOptions):
     rescale = torch.exp(part_max - m)
     total = (part_sum * rescale).sum(0)
     lse = m + torch.log(total)
-    valid = targets != opts.ignore_index
-    zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    logp = torch.where(valid, part_target.sum(0) - lse, zero)
     mean_z = entropy = None
     if opts.return_entropy:
         mean_z = (part_zsum * rescale).sum(0) / total
-        entropy = torch.where(valid, lse - mean_z, zero)
-    return logp, entropy, (lse, mean_z)
+        entropy = lse - mean_z
+    return part_target.sum(0) - lse, entropy, (lse, mean_z)
 
 
 def _vocab_slice_rows(V: int, D: int, block_v: int, weight_dtype: torch.dtype, need_w: bool) -> int:
@@ -226,12 +223,10 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, grad_entropy, opts
     N = hidden.shape[0]
     need_h, need_w, need_b = needs
     dev = hidden.device
-    # Upstream gradients per token, zero for ignored tokens (they then contribute nothing).
-    valid = targets != opts.ignore_index
-    zero = torch.zeros((), dtype=torch.float32, device=dev)
-    g = torch.where(valid, grad_logp.float(), zero).contiguous() if grad_logp is not None else torch.zeros(N, device=dev)
+    # Upstream gradients per token (already zero for ignored tokens: autograd.py).
+    g = grad_logp.float().contiguous() if grad_logp is not None else torch.zeros(N, device=dev)
     has_entropy = grad_entropy is not None and mean_z is not None
-    e = torch.where(valid, grad_entropy.float(), zero).contiguous() if has_entropy else None
+    e = grad_entropy.float().contiguous() if has_entropy else None
     run = _backward_sliced if backward_strategy() == "sliced" else _backward_fused
     return run(hidden, weight, bias, targets, lse, mean_z if has_entropy else None, g, e, opts,
                need_h, need_w, need_b and bias is not None)
