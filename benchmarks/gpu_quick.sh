@@ -12,7 +12,12 @@ echo "gpu tests rc=$?: $(tail -n 1 "$OUT/tests.log")"
 CMP=(python3 -m benchmarks.compare --heads qwen2.5-math-7b --seq-lens 1024 --target-ms 400)
 timeout 70 "${CMP[@]}" --impls rlsc-triton,cce,matmul-floor --out "$OUT/quick.json" > "$OUT/quick.log" 2>&1
 echo "compare rc=$?"
-RLSC_KERNELS_GRAD_LOGITS_MB=128 timeout 35 "${CMP[@]}" --impls rlsc-triton --ops rlsc_fwd_bwd --out "$OUT/quick128.json" > "$OUT/quick128.log" 2>&1
+# The same row with buffer_bytes=128 MB (an explicit keyword of the op) instead of the default 256 MB.
+BUF128='import functools, sys, types, rlsc_kernels as rk, benchmarks.impls as I, benchmarks.compare as C
+I._rk = lambda: types.SimpleNamespace(linear_logprobs=rk.linear_logprobs,
+                                      linear_rlsc_loss=functools.partial(rk.linear_rlsc_loss, buffer_bytes=128 << 20))
+sys.exit(C.main(sys.argv[1:]))'
+timeout 35 python3 -c "$BUF128" "${CMP[@]:3}" --impls rlsc-triton --ops rlsc_fwd_bwd --out "$OUT/quick128.json" > "$OUT/quick128.log" 2>&1
 echo "compare (128 MB) rc=$?"
 python3 - "$OUT" <<'PY'
 import json, sys, pathlib

@@ -2,8 +2,8 @@
 
     python -m benchmarks.tune_blocks --V 152064 --D 3584 --N 16384 --out tune.json
 
-Each candidate is set through RLSC_KERNELS_FWD_CONFIG / RLSC_KERNELS_BWD_CONFIG
-("block_n,block_v,block_d,warps,stages"); the forward is timed alone (no grad), the backward as
+Each candidate ("block_n,block_v,block_d,warps,stages") is passed to the op per call through its
+block_configs= keyword (rlsc_kernels.BlockConfigs), the backward strategy through backward=; the forward is timed alone (no grad), the backward as
 forward + backward of the RLSC loss minus the forward. Median and 20/80 % quantiles of
 triton.testing.do_bench (CUDA events, warm-up excluded).
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -25,6 +24,13 @@ BACKWARD = [
     ("sliced", "128,128,32,8,2", "128,0,128,8,4", 64),
     ("fused", "128,128,32,8,2", "", 0),
 ]
+
+
+def _config(text: str):
+    """ "block_n,block_v,block_d,warps,stages[,group_n]" -> rlsc_kernels.KernelConfig."""
+    import rlsc_kernels as rk
+
+    return rk.KernelConfig(*(int(x) for x in text.split(",")))
 
 
 def realistic_inputs(N, D, V, logit_scale, temperature, device="cuda", seed=0):
@@ -99,45 +105,50 @@ def main(argv=None):
     print(f"mean token entropy at T={T}: {entropy:.3f} nats; logits GEMM {mm:.2f} ms ({flops / mm / 1e9:.0f} TFLOP/s)")
     rows = [{"kind": "matmul", "config": "torch", "median_ms": mm}]
 
-    def fwd():
-        with torch.no_grad():
-            rk.linear_logprobs(h, w, y, temperature=T, backend="triton")
+    def fwd(blocks):
+        def run():
+            with torch.no_grad():
+                rk.linear_logprobs(h, w, y, temperature=T, backend="triton", check_values=False, block_configs=blocks)
+        return run
 
     ww = w.detach().clone().requires_grad_()
     hh = h.detach().clone().requires_grad_()
 
-    def fwd_bwd(filter_eps):
+    def fwd_bwd(filter_eps, strategy, blocks):
+        # grad_matmul="triton" where a filter is asked for: only the block-sparse matmuls skip tiles
+        # (on the library matmuls filter_eps="auto" is exact).
+        grad_matmul = "triton" if strategy == "sliced" and filter_eps is not None else "library"
+
         def run():
-            out = rk.linear_rlsc_loss(hh, ww, y, seq_index=seq, temperature=T, backend="triton", filter_eps=filter_eps)
+            out = rk.linear_rlsc_loss(hh, ww, y, seq_index=seq, temperature=T, backend="triton", filter_eps=filter_eps,
+                                      backward=strategy, grad_matmul=grad_matmul, check_values=False,
+                                      block_configs=blocks)
             out.loss.backward()
         return run
 
-    os.environ["RLSC_KERNELS_SKIP_VALUE_CHECKS"] = "1"
     for cfg in FORWARD:
         if time.time() - start > args.budget_s:
             break
-        os.environ["RLSC_KERNELS_FWD_CONFIG"] = cfg
+        blocks = rk.BlockConfigs(forward=_config(cfg))
         try:
-            q = triton.testing.do_bench(fwd, warmup=50, rep=300, quantiles=[0.5, 0.2, 0.8])
+            q = triton.testing.do_bench(fwd(blocks), warmup=50, rep=300, quantiles=[0.5, 0.2, 0.8])
             rows.append({"kind": "forward", "config": cfg, "median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2]})
             print(f"forward  {cfg:<18} {q[0]:8.2f} ms  ({q[0] / mm:.2f}x GEMM)", flush=True)
         except Exception as exc:  # record and go on
             rows.append({"kind": "forward", "config": cfg, "error": repr(exc)[:300]})
             print(f"forward  {cfg:<18} ERROR {exc!r}"[:300], flush=True)
-    os.environ.pop("RLSC_KERNELS_FWD_CONFIG", None)
     for strategy, cfg, mm_cfg, block_k in BACKWARD:
         for filter_eps in ("auto", None):
             if time.time() - start > args.budget_s:
                 break
-            os.environ["RLSC_KERNELS_BACKWARD"] = strategy
-            os.environ["RLSC_KERNELS_BWD_CONFIG"] = cfg
-            os.environ["RLSC_KERNELS_MM_CONFIG"] = mm_cfg
-            os.environ["RLSC_KERNELS_MM_BLOCK_K"] = str(block_k)
+            tile = _config(cfg)
+            blocks = rk.BlockConfigs(grad_logits=tile, backward=tile, matmul=_config(mm_cfg) if mm_cfg else None,
+                                     matmul_block_k=block_k or None)
             label = f"{strategy} {cfg} mm={mm_cfg or '-'} k={block_k}"
             try:
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-                q = triton.testing.do_bench(fwd_bwd(filter_eps), warmup=100, rep=600, quantiles=[0.5, 0.2, 0.8],
+                q = triton.testing.do_bench(fwd_bwd(filter_eps, strategy, blocks), warmup=100, rep=600, quantiles=[0.5, 0.2, 0.8],
                                             grad_to_none=[hh, ww])
                 peak = (torch.cuda.max_memory_allocated() - base) / 2**20
                 rows.append({"kind": "fwd+bwd", "config": label, "filter": str(filter_eps), "median_ms": q[0],
@@ -147,8 +158,6 @@ def main(argv=None):
             except Exception as exc:
                 rows.append({"kind": "fwd+bwd", "config": label, "filter": str(filter_eps), "error": repr(exc)[:300]})
                 print(f"fwd+bwd  {label:<48} ERROR {exc!r}"[:300], flush=True)
-    for name in ("RLSC_KERNELS_BACKWARD", "RLSC_KERNELS_BWD_CONFIG", "RLSC_KERNELS_MM_CONFIG", "RLSC_KERNELS_MM_BLOCK_K"):
-        os.environ.pop(name, None)
     rows += _peer_timings(h, w, y, seq, T, mm)
     if args.out:
         with open(args.out, "w") as f:

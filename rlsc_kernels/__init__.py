@@ -6,7 +6,7 @@
     out.loss.backward()
 """
 from .api import LinearRLSCLoss, RLSCLossOutput, linear_logprobs, linear_rlsc_loss
-from .options import AUTO_FILTER_EPS, FusedOptions
+from .options import AUTO_FILTER_EPS, BlockConfigs, FusedOptions, KernelConfig
 from .weighting import WEIGHTINGS, rlsc_weights
 
 __all__ = [
@@ -18,5 +18,7 @@ __all__ = [
     "WEIGHTINGS",
     "FusedOptions",
     "AUTO_FILTER_EPS",
+    "BlockConfigs",
+    "KernelConfig",
 ]
 __version__ = "0.1.0"

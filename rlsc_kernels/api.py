@@ -9,9 +9,18 @@ import torch
 
 from . import backends
 from .autograd import LinearLogprobsFunction
-from .options import FusedOptions, resolve_filter_eps
+from .options import (
+    BlockConfigs,
+    FusedOptions,
+    check_backward,
+    check_block_configs,
+    check_buffer_bytes,
+    check_grad_matmul,
+    resolve_filter_eps,
+)
 from .reference import reference_logprobs
-from .validation import check_backend, check_head, check_tensor, check_temperature, check_values
+from .validation import check_backend, check_head, check_tensor, check_temperature
+from .validation import check_values as _check_values
 from .weighting import WEIGHTINGS, rlsc_weights
 
 REDUCTIONS = ("mean", "sum")
@@ -26,13 +35,39 @@ def _logprobs_flat(hidden2d, weight, bias, targets1d, opts: FusedOptions, backen
     return logp, (entropy if opts.return_entropy else None)
 
 
-def _options(hidden, temperature, ignore_index, return_entropy, filter_eps) -> FusedOptions:
+def _options(hidden, temperature, ignore_index, return_entropy, filter_eps, backward, grad_matmul, buffer_bytes,
+             block_configs, check_values) -> FusedOptions:
+    backward = check_backward(backward)
+    grad_matmul = check_grad_matmul(grad_matmul)
+    if not isinstance(check_values, bool):
+        raise TypeError(f"check_values must be a bool, got {type(check_values).__name__}")
     return FusedOptions(
         temperature=check_temperature(temperature),
         ignore_index=int(ignore_index),
         return_entropy=bool(return_entropy),
-        filter_eps=resolve_filter_eps(filter_eps, hidden.dtype),
+        filter_eps=resolve_filter_eps(filter_eps, hidden.dtype, backward, grad_matmul),
+        backward=backward,
+        grad_matmul=grad_matmul,
+        buffer_bytes=check_buffer_bytes(buffer_bytes),
+        block_configs=check_block_configs(block_configs),
     )
+
+
+_OPTION_DOCS = """
+    Execution options (keywords; each call sees exactly what it passes, nothing is read from the
+    environment):
+    backward: Triton backward strategy, "sliced" (default: logit-gradient slices + two matmuls)
+      or "fused" (one kernel, fp32 atomics, non-deterministic sums).
+    grad_matmul: the sliced backward's matmuls, "library" (torch.mm / cuBLAS, default) or
+      "triton" (block-sparse, skips the tiles the gradient filter dropped).
+    buffer_bytes: budget for the largest temporary block a backend holds (torch: a logits
+      block; Triton: the logit-gradient slice, or the fused backward's fp32 dweight slice);
+      None = the backend's default.
+    check_values: True (default) checks target ids and finiteness with one device-to-host sync;
+      False skips them (garbage in, garbage out) for a trusted hot loop.
+    block_configs: rlsc_kernels.BlockConfigs of Triton block sizes for this call (tests and
+      tuning); None = the shipped ones.
+"""
 
 
 def linear_logprobs(
@@ -46,6 +81,11 @@ def linear_logprobs(
     return_entropy: bool = False,
     filter_eps: Union[None, str, float] = "auto",
     backend: str = "auto",
+    backward: str = "sliced",
+    grad_matmul: str = "library",
+    buffer_bytes: Optional[int] = None,
+    check_values: bool = True,
+    block_configs: Optional[BlockConfigs] = None,
 ):
     """Log-probs of `targets` under softmax((hidden @ weight.T + bias) / temperature), never
     materialising the [tokens x vocab] logits (except backend="reference").
@@ -57,14 +97,18 @@ def linear_logprobs(
     Differentiable w.r.t. hidden, weight and bias through both outputs.
 
     filter_eps: None = exact backward; "auto" = skip backward tiles whose gradient mass is below
-    2^-12 of the token's upstream gradient, for 16-bit inputs on the Triton backend (exact for
-    fp32/fp64 inputs); a float = that threshold. The torch and reference backends are always exact.
+    2^-12 of the token's upstream gradient, only where skipping saves work (16-bit inputs on the
+    Triton backend with backward="fused" or grad_matmul="triton"); exact everywhere else,
+    including the default sliced backward with library matmuls; a float = that threshold on
+    every Triton path. The torch and reference backends are always exact.
     backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton", "torch", "reference".
     """
     check_head(hidden, weight, bias, targets, ignore_index)
     check_backend(backend)
-    opts = _options(hidden, temperature, ignore_index, return_entropy, filter_eps)
-    check_values(hidden, weight, bias, targets, ignore_index)
+    opts = _options(hidden, temperature, ignore_index, return_entropy, filter_eps, backward, grad_matmul,
+                    buffer_bytes, block_configs, check_values)
+    if check_values:
+        _check_values(hidden, weight, bias, targets, ignore_index)
     lead_shape = targets.shape
     logp, entropy = _logprobs_flat(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), opts, backend
@@ -73,6 +117,9 @@ def linear_logprobs(
     if return_entropy:
         return logp, entropy.reshape(lead_shape)
     return logp
+
+
+linear_logprobs.__doc__ += _OPTION_DOCS
 
 
 @dataclass
@@ -161,6 +208,11 @@ def linear_rlsc_loss(
     filter_eps: Union[None, str, float] = "auto",
     backend: str = "auto",
     return_entropy: bool = False,
+    backward: str = "sliced",
+    grad_matmul: str = "library",
+    buffer_bytes: Optional[int] = None,
+    check_values: bool = True,
+    block_configs: Optional[BlockConfigs] = None,
 ) -> RLSCLossOutput:
     """The RLSC loss -sum_s w_s L_s from hidden states and the lm_head weight, without logits.
 
@@ -175,6 +227,7 @@ def linear_rlsc_loss(
     reduction: "sum" or "mean" (divided by S). For micro-batches of one batch use "sum" and
       scale by 1 / S_total: each weight depends on its own sequence only, so that is exact.
     return_entropy: also return each scored token's entropy (for monitoring; it is not in the loss).
+    filter_eps, backend: as in linear_logprobs.
     """
     check_head(hidden, weight, bias, targets, ignore_index)
     check_backend(backend)
@@ -182,12 +235,14 @@ def linear_rlsc_loss(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     _check_weighting(weighting)
     alpha = _check_alpha(alpha)
-    opts = _options(hidden, temperature, ignore_index, return_entropy, filter_eps)
+    opts = _options(hidden, temperature, ignore_index, return_entropy, filter_eps, backward, grad_matmul,
+                    buffer_bytes, block_configs, check_values)
     h, y, seq, S = _select_tokens(hidden, targets, completion_mask, seq_index, ignore_index)
     valid = y != ignore_index
     n_tokens = torch.zeros(S, dtype=torch.int64, device=hidden.device).index_add_(0, seq, valid.long())
     empty = {"a sequence has no scored tokens (empty completion: check completion_mask / seq_index)": n_tokens == 0}
-    check_values(h, weight, bias, y, ignore_index, empty)
+    if check_values:
+        _check_values(h, weight, bias, y, ignore_index, empty)
 
     token_logp, token_entropy = _logprobs_flat(h, weight, bias, y, opts, backend)
     seq_logp = torch.zeros(S, dtype=token_logp.dtype, device=h.device).index_add(0, seq, token_logp)
@@ -196,6 +251,9 @@ def linear_rlsc_loss(
     if reduction == "mean":
         loss = loss / S
     return RLSCLossOutput(loss, seq_logp, seq_weight, token_logp, n_tokens, token_entropy)
+
+
+linear_rlsc_loss.__doc__ += _OPTION_DOCS
 
 
 class LinearRLSCLoss(torch.nn.Module):
@@ -213,8 +271,15 @@ class LinearRLSCLoss(torch.nn.Module):
         filter_eps: Union[None, str, float] = "auto",
         backend: str = "auto",
         return_entropy: bool = False,
+        **execution,
     ):
+        """execution: linear_rlsc_loss's execution options (backward, grad_matmul, buffer_bytes,
+        check_values, block_configs)."""
         super().__init__()
+        allowed = ("backward", "grad_matmul", "buffer_bytes", "check_values", "block_configs")
+        unknown = sorted(set(execution) - set(allowed))
+        if unknown:
+            raise TypeError(f"LinearRLSCLoss got unexpected keyword arguments {unknown}; execution options are {allowed}")
         check_temperature(temperature)
         check_backend(backend)
         _check_weighting(weighting)
@@ -223,6 +288,7 @@ class LinearRLSCLoss(torch.nn.Module):
         self.options = dict(
             temperature=temperature, alpha=_check_alpha(alpha), weighting=weighting, reduction=reduction,
             ignore_index=ignore_index, filter_eps=filter_eps, backend=backend, return_entropy=return_entropy,
+            **execution,
         )
 
     def forward(self, hidden, weight, targets, completion_mask=None, seq_index=None, bias=None, weighting=None):

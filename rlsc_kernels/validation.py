@@ -2,24 +2,18 @@
 
 Shape, dtype and device checks are free. Value checks (target ids in range, no NaN/inf in the
 inputs) need one device-to-host sync; they are batched into a single sync per call and can be
-turned off with the environment variable RLSC_KERNELS_SKIP_VALUE_CHECKS=1 for the hot loop of a
-trusted training job.
+turned off with the ops' check_values=False keyword for the hot loop of a trusted training job.
 """
 from __future__ import annotations
 
 import math
 import numbers
-import os
 from typing import Optional
 
 import torch
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 BACKENDS = ("auto", "triton", "torch", "reference")
-
-
-def value_checks_enabled() -> bool:
-    return os.environ.get("RLSC_KERNELS_SKIP_VALUE_CHECKS", "0") not in ("1", "true", "True")
 
 
 def check_tensor(name: str, x, *, dtypes=None, dim=None) -> None:
@@ -69,6 +63,8 @@ def check_head(hidden, weight, bias, targets, ignore_index) -> None:
         raise ValueError(f"weight must have V > 0 and D > 0, got shape {list(weight.shape)}")
     if bias is not None:
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES, dim=1)
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}; cast one of them")
         check_same_device("bias", bias, hidden, "hidden")
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {list(bias.shape)}")
@@ -102,8 +98,6 @@ def _confirm_not_finite(x: torch.Tensor) -> bool:
 def check_values(hidden, weight, bias, targets, ignore_index, extra: Optional[dict] = None) -> None:
     """Data-dependent checks with a single host sync: target range, finite inputs, and `extra`
     (name -> bool tensor that must be all False, with the message to raise)."""
-    if not value_checks_enabled():
-        return
     V = weight.shape[0]
     bad_target = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
     flags = [bad_target.any(), _maybe_not_finite(hidden), _maybe_not_finite(weight)]

@@ -34,8 +34,11 @@ def _slices(weight: torch.Tensor):
         yield v0, min(V, v0 + step)
 
 
-def _chunk_rows(V: int) -> int:
-    return max(1, BLOCK_ELEMENTS // max(V, 1))
+def _chunk_rows(V: int, acc: torch.dtype, opts: FusedOptions) -> int:
+    """Token rows per chunk: a [rows, V] block of acc-dtype logits fits opts.buffer_bytes
+    (default BLOCK_ELEMENTS elements)."""
+    elements = opts.buffer_bytes // (torch.finfo(acc).bits // 8) if opts.buffer_bytes is not None else BLOCK_ELEMENTS
+    return max(1, elements // max(V, 1))
 
 
 def _slice_logits(h: torch.Tensor, weight, bias, v0: int, v1: int, acc: torch.dtype, temperature: float):
@@ -60,7 +63,7 @@ def forward(
     mean_z = torch.empty(N, dtype=acc, device=dev) if opts.return_entropy else None
     valid = targets != opts.ignore_index
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
-    rows = _chunk_rows(weight.shape[0])
+    rows = _chunk_rows(weight.shape[0], acc, opts)
     with torch.no_grad():
         for n0 in range(0, N, rows):
             n1 = min(N, n0 + rows)
@@ -119,7 +122,7 @@ def backward(
     dh = torch.zeros(N, D, dtype=acc, device=dev) if need_h else None
     dw = torch.zeros(weight.shape, dtype=acc, device=dev) if need_w else None
     db = torch.zeros(weight.shape[0], dtype=acc, device=dev) if (need_b and bias is not None) else None
-    rows = _chunk_rows(weight.shape[0])
+    rows = _chunk_rows(weight.shape[0], acc, opts)
     inv_t = 1.0 / opts.temperature
     with torch.no_grad():
         for n0 in range(0, N, rows):

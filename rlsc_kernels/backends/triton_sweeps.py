@@ -6,21 +6,22 @@ kernels (rlsc_kernels/kernels/) never guess.
 Two backward strategies, both accumulating dweight and dhidden in fp32 and neither holding an
 [N, V] buffer or an fp32 buffer the size of W for 16-bit weights:
   "sliced" (default): per vocab slice, one kernel stores the slice's logit gradients [N, VS]
-      (16-bit, at most GRAD_LOGITS_BYTES, VS >= MIN_SLICE_ROWS), then two matmuls produce
+      (16-bit, at most buffer_bytes or GRAD_LOGITS_BYTES, VS >= MIN_SLICE_ROWS by default), then two matmuls produce
       dweight for the slice (fp32 accumulation over all tokens, stored once in the weight dtype)
       and add the slice's dhidden into fp32 dhidden. The matmuls are the library's (torch.mm,
-      cuBLAS on GPU: RLSC_KERNELS_GRAD_MATMUL=torch, the default) or our block-sparse Triton
-      ones that skip the tiles the filter dropped (=triton). Deterministic up to dbias.
+      cuBLAS on GPU: grad_matmul="library", the default) or our block-sparse Triton ones that
+      skip the tiles the filter dropped (grad_matmul="triton"). Deterministic up to dbias.
   "fused": one kernel per vocab slice recomputes each tile and adds its dhidden / dweight
       contributions with fp32 atomics; dweight goes through an fp32 slice buffer of at most
-      VOCAB_SLICE_BYTES. No [N, VS] buffer, but atomic traffic and non-deterministic sums.
-Choose with RLSC_KERNELS_BACKWARD=sliced|fused.
+      buffer_bytes or VOCAB_SLICE_BYTES. No [N, VS] buffer, but atomic traffic and non-deterministic sums.
+Choose with the op's backward="sliced"|"fused" keyword (FusedOptions.backward); buffer sizes
+with buffer_bytes, block sizes with block_configs (tests, tuning).
+
+Layout is settled here: hidden and weight are passed with their strides; targets, bias and the
+per-token vectors are made contiguous, since the kernels read them with stride 1.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import torch
@@ -30,7 +31,7 @@ from ..kernels.backward_sweep import backward_sweep_kernel
 from ..kernels.forward_sweep import forward_sweep_kernel
 from ..kernels.grad_logits import grad_logits_kernel
 from ..kernels.grad_matmul import grad_hidden_kernel, grad_weight_kernel
-from ..options import FusedOptions
+from ..options import BACKWARD_STRATEGIES, GRAD_MATMULS, FusedOptions, KernelConfig  # noqa: F401 (re-exported)
 from . import triton_interpreting
 
 #: Largest fp32 dweight slice held at once when the weight is 16-bit ("fused" backward).
@@ -40,18 +41,6 @@ GRAD_LOGITS_BYTES = 256 << 20
 #: ... but never fewer vocab rows per slice than this: each slice re-reads and re-writes fp32
 #: dhidden, so very thin slices would trade memory for bandwidth badly.
 MIN_SLICE_ROWS = 4096
-BACKWARD_STRATEGIES = ("sliced", "fused")
-GRAD_MATMULS = ("torch", "triton")
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    block_n: int
-    block_v: int
-    block_d: int
-    num_warps: int
-    num_stages: int
-    group_n: int = 8
 
 
 # The block sizes we ship (compiled for sm_90 in the test suite). 16-bit inputs get tensor-core
@@ -82,67 +71,23 @@ MATMUL_CONFIGS = {
     "fp32": KernelConfig(block_n=32, block_v=0, block_d=64, num_warps=4, num_stages=2),
 }
 MATMUL_BLOCK_K = {"16bit": 64, "fp32": 32}
-_overrides: dict = {}
 
 
-def _env_config(name: str) -> Optional[KernelConfig]:
-    """RLSC_KERNELS_{FWD,BWD,GRAD_LOGITS,MM}_CONFIG = "block_n,block_v,block_d,warps,stages[,group_n]" (tuning)."""
-    value = os.environ.get(name)
-    if not value:
-        return None
-    return KernelConfig(*(int(x) for x in value.split(",")))
-
-
-def config_for(kind: str, dtype: torch.dtype) -> KernelConfig:
+def config_for(kind: str, dtype: torch.dtype, opts: FusedOptions) -> KernelConfig:
     """kind: "forward", "grad_logits" (sliced backward's tile kernel), "backward" (fused
-    backward's kernel) or "matmul" (sliced backward's block-sparse matmuls)."""
-    if kind in _overrides:
-        return _overrides[kind]
-    env = _env_config({"forward": "RLSC_KERNELS_FWD_CONFIG", "backward": "RLSC_KERNELS_BWD_CONFIG",
-                       "grad_logits": "RLSC_KERNELS_GRAD_LOGITS_CONFIG", "matmul": "RLSC_KERNELS_MM_CONFIG"}[kind])
-    if env is not None:
-        return env
+    backward's kernel) or "matmul" (sliced backward's block-sparse matmuls). The call's
+    opts.block_configs wins over the shipped tables."""
+    chosen = getattr(opts.block_configs, kind, None) if opts.block_configs is not None else None
+    if chosen is not None:
+        return chosen
     table = {"forward": FORWARD_CONFIGS, "backward": BACKWARD_CONFIGS, "grad_logits": GRAD_LOGITS_CONFIGS,
              "matmul": MATMUL_CONFIGS}[kind]
     return table["fp32" if dtype == torch.float32 else "16bit"]
 
 
-def matmul_block_k(dtype: torch.dtype) -> int:
-    if "matmul_block_k" in _overrides:
-        return _overrides["matmul_block_k"]
-    return int(os.environ.get("RLSC_KERNELS_MM_BLOCK_K", 0)) or MATMUL_BLOCK_K["fp32" if dtype == torch.float32 else "16bit"]
-
-
-def grad_matmul() -> str:
-    name = _overrides.get("grad_matmul") or os.environ.get("RLSC_KERNELS_GRAD_MATMUL", "torch")
-    if name not in GRAD_MATMULS:
-        raise ValueError(f"RLSC_KERNELS_GRAD_MATMUL must be one of {GRAD_MATMULS}, got {name!r}")
-    return name
-
-
-def backward_strategy() -> str:
-    name = _overrides.get("strategy") or os.environ.get("RLSC_KERNELS_BACKWARD", "sliced")
-    if name not in BACKWARD_STRATEGIES:
-        raise ValueError(f"RLSC_KERNELS_BACKWARD must be one of {BACKWARD_STRATEGIES}, got {name!r}")
-    return name
-
-
-@contextlib.contextmanager
-def override_configs(forward: Optional[KernelConfig] = None, backward: Optional[KernelConfig] = None,
-                     matmul: Optional[KernelConfig] = None, matmul_block_k: Optional[int] = None,
-                     strategy: Optional[str] = None, grad_matmul: Optional[str] = None):
-    """Temporarily use other block sizes or backward strategy (tests use small blocks so tiny
-    shapes span many tiles)."""
-    saved = dict(_overrides)
-    for key, value in (("forward", forward), ("backward", backward), ("grad_logits", backward), ("matmul", matmul),
-                       ("matmul_block_k", matmul_block_k), ("strategy", strategy), ("grad_matmul", grad_matmul)):
-        if value is not None:
-            _overrides[key] = value
-    try:
-        yield
-    finally:
-        _overrides.clear()
-        _overrides.update(saved)
+def matmul_block_k(dtype: torch.dtype, opts: Optional[FusedOptions] = None) -> int:
+    chosen = opts.block_configs.matmul_block_k if opts is not None and opts.block_configs is not None else None
+    return chosen or MATMUL_BLOCK_K["fp32" if dtype == torch.float32 else "16bit"]
 
 
 def _sm_count(device: torch.device) -> int:
@@ -163,19 +108,23 @@ def _dot_flags(dtype: torch.dtype) -> Tuple[bool, str]:
     return upcast, precision
 
 
-def _check_kernel_inputs(hidden, weight, bias, targets):
+def _kernel_inputs(hidden, weight, bias, targets):
+    """Checks what the kernels assume and settles layout: the kernels take strides for hidden
+    and weight, and read bias and targets with stride 1, so those two are made contiguous (a
+    sliced, expanded or offset view would otherwise be read wrongly). Returns (bias, targets)."""
     if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"the Triton backend takes bf16, fp16 or fp32 hidden, got {hidden.dtype}")
     if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1:
         raise ValueError("the Triton launchers take flat hidden [N, D], weight [V, D], targets [N]")
+    return (bias.contiguous() if bias is not None else None), targets.contiguous()
 
 
 def forward(hidden, weight, bias, targets, opts: FusedOptions):
     """Sweep 1. Returns logp [N] fp32, entropy [N] fp32 or None, and (lse, mean_z|None) for sweep 2."""
-    _check_kernel_inputs(hidden, weight, bias, targets)
+    bias, targets = _kernel_inputs(hidden, weight, bias, targets)
     N, D = hidden.shape
     V = weight.shape[0]
-    cfg = config_for("forward", hidden.dtype)
+    cfg = config_for("forward", hidden.dtype, opts)
     n_blocks = triton.cdiv(N, cfg.block_n)
     total_vblocks = triton.cdiv(V, cfg.block_v)
     # Split the vocabulary so that one group of token blocks times the splits fills the GPU
@@ -209,17 +158,18 @@ def forward(hidden, weight, bias, targets, opts: FusedOptions):
     return part_target.sum(0) - lse, entropy, (lse, mean_z)
 
 
-def _vocab_slice_rows(V: int, D: int, block_v: int, weight_dtype: torch.dtype, need_w: bool) -> int:
+def _vocab_slice_rows(V: int, D: int, block_v: int, weight_dtype: torch.dtype, need_w: bool,
+                      buffer_bytes: Optional[int]) -> int:
     if not need_w or weight_dtype == torch.float32:
         return V
-    rows = max(block_v, (VOCAB_SLICE_BYTES // (4 * D)) // block_v * block_v)
+    rows = max(block_v, ((buffer_bytes or VOCAB_SLICE_BYTES) // (4 * D)) // block_v * block_v)
     return min(V, rows)
 
 
 def backward(hidden, weight, bias, targets, saved, grad_logp, grad_entropy, opts: FusedOptions, needs):
     """Sweep 2. Returns (dhidden fp32 [N, D] | None, dweight [V, D] fp32 or weight dtype | None, dbias fp32 [V] | None)."""
-    _check_kernel_inputs(hidden, weight, bias, targets)
-    lse, mean_z = saved
+    bias, targets = _kernel_inputs(hidden, weight, bias, targets)
+    lse, mean_z = (None if t is None else t.contiguous() for t in saved)
     N = hidden.shape[0]
     need_h, need_w, need_b = needs
     dev = hidden.device
@@ -227,14 +177,18 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, grad_entropy, opts
     g = grad_logp.float().contiguous() if grad_logp is not None else torch.zeros(N, device=dev)
     has_entropy = grad_entropy is not None and mean_z is not None
     e = grad_entropy.float().contiguous() if has_entropy else None
-    run = _backward_sliced if backward_strategy() == "sliced" else _backward_fused
+    run = _backward_sliced if opts.backward == "sliced" else _backward_fused
     return run(hidden, weight, bias, targets, lse, mean_z if has_entropy else None, g, e, opts,
                need_h, need_w, need_b and bias is not None)
 
 
-def _slice_rows(N: int, V: int, block_v: int, itemsize: int) -> int:
-    budget = int(os.environ.get("RLSC_KERNELS_GRAD_LOGITS_MB", 0)) << 20 or GRAD_LOGITS_BYTES
-    rows = max(MIN_SLICE_ROWS, budget // max(1, N * itemsize))
+def _slice_rows(N: int, V: int, block_v: int, itemsize: int, buffer_bytes: Optional[int]) -> int:
+    """Vocab rows per slice of the [N, VS] logit-gradient buffer. The default budget keeps at
+    least MIN_SLICE_ROWS rows; a budget the caller set explicitly is honoured down to one block."""
+    if buffer_bytes is None:
+        rows = max(MIN_SLICE_ROWS, GRAD_LOGITS_BYTES // max(1, N * itemsize))
+    else:
+        rows = buffer_bytes // max(1, N * itemsize)
     rows = max(block_v, rows // block_v * block_v)
     return min(rows, triton.cdiv(V, block_v) * block_v)
 
@@ -243,11 +197,11 @@ def _backward_sliced(hidden, weight, bias, targets, lse, mean_z, g, e, opts, nee
     N, D = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    tile = config_for("grad_logits", hidden.dtype)
-    sparse = grad_matmul() == "triton"
+    tile = config_for("grad_logits", hidden.dtype, opts)
+    sparse = opts.grad_matmul == "triton"
     if sparse:
-        mm = config_for("matmul", hidden.dtype)
-        block_k = matmul_block_k(hidden.dtype)
+        mm = config_for("matmul", hidden.dtype, opts)
+        block_k = matmul_block_k(hidden.dtype, opts)
         for name, small, big in (("block_n", mm.block_n, tile.block_n), ("block_n", mm.block_n, tile.block_v),
                                  ("block_k", block_k, tile.block_n), ("block_k", block_k, tile.block_v)):
             if big % small:
@@ -255,7 +209,7 @@ def _backward_sliced(hidden, weight, bias, targets, lse, mean_z, g, e, opts, nee
     upcast, precision = _dot_flags(hidden.dtype)
     filter_eps = opts.filter_eps
     use_mask = filter_eps is not None
-    slice_rows = _slice_rows(N, V, tile.block_v, hidden.element_size())
+    slice_rows = _slice_rows(N, V, tile.block_v, hidden.element_size(), opts.buffer_bytes)
     grad_logits = torch.empty(N, slice_rows, dtype=hidden.dtype, device=dev)
     n_nblocks = triton.cdiv(N, tile.block_n)
     tile_mask = torch.empty(n_nblocks * triton.cdiv(slice_rows, tile.block_v), dtype=torch.int8, device=dev)
@@ -339,11 +293,11 @@ def _backward_fused(hidden, weight, bias, targets, lse, mean_z, g, e, opts, need
     has_entropy = e is not None
     if e is None:
         e = g
-    cfg = config_for("backward", hidden.dtype)
+    cfg = config_for("backward", hidden.dtype, opts)
     upcast, precision = _dot_flags(hidden.dtype)
     dh = torch.zeros(N, D, dtype=torch.float32, device=dev) if need_h else None
     db = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
-    slice_rows = _vocab_slice_rows(V, D, cfg.block_v, weight.dtype, need_w)
+    slice_rows = _vocab_slice_rows(V, D, cfg.block_v, weight.dtype, need_w, opts.buffer_bytes)
     if need_w and weight.dtype == torch.float32:
         dw = torch.zeros(V, D, dtype=torch.float32, device=dev)
         dw_slice = dw

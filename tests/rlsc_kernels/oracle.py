@@ -66,15 +66,16 @@ BACKWARD_VARIANTS = ("sliced", "sliced-sparse", "fused")
 
 
 def small_blocks(variant="sliced"):
-    """Tiny Triton block sizes so that small, awkward shapes span several token blocks, vocab
-    blocks, splits, groups and matmul K steps; and the backward variant to test."""
-    from rlsc_kernels.backends import triton_sweeps as ts
-
-    return ts.override_configs(
-        forward=ts.KernelConfig(16, 32, 16, 4, 1),
-        backward=ts.KernelConfig(16, 32, 16, 4, 1, group_n=2),
-        matmul=ts.KernelConfig(16, 0, 16, 4, 1),
+    """Keyword arguments of the ops for tiny Triton block sizes, so that small, awkward shapes
+    span several token blocks, vocab blocks, splits, groups and matmul K steps, and for the
+    backward variant to test (other backends accept and ignore them)."""
+    tile = rk.KernelConfig(16, 32, 16, 4, 1, group_n=2)
+    blocks = rk.BlockConfigs(
+        forward=rk.KernelConfig(16, 32, 16, 4, 1),
+        grad_logits=tile,
+        backward=tile,
+        matmul=rk.KernelConfig(16, 0, 16, 4, 1),
         matmul_block_k=16,
-        strategy=variant.split("-")[0],
-        grad_matmul="triton" if variant.endswith("-sparse") else "torch",
     )
+    return dict(block_configs=blocks, backward=variant.split("-")[0],
+                grad_matmul="triton" if variant.endswith("-sparse") else "library")

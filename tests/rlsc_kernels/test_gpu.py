@@ -20,12 +20,12 @@ def _inputs(N, D, V, dtype, scale=1.0, bias=True, seed=0):
     return h, w, b, y
 
 
-def _run(backend, h, w, b, y, T, filter_eps=None, entropy_weight=0.3):
+def _run(backend, h, w, b, y, T, filter_eps=None, entropy_weight=0.3, **options):
     hh = h.detach().clone().requires_grad_()
     ww = w.detach().clone().requires_grad_()
     bb = b.detach().clone().requires_grad_() if b is not None else None
     logp, ent = rk.linear_logprobs(hh, ww, y, bias=bb, temperature=T, return_entropy=True, backend=backend,
-                                   filter_eps=filter_eps)
+                                   filter_eps=filter_eps, **options)
     gen = torch.Generator(device=h.device).manual_seed(1)
     g = torch.randn(logp.shape, device=h.device, generator=gen, dtype=torch.float64)
     e = torch.randn(logp.shape, device=h.device, generator=gen, dtype=torch.float64)
@@ -47,16 +47,13 @@ def test_triton_on_gpu_matches_float64_oracle(dtype, shape, T, bias):
     assert_within_oracle(fast, same, exact, dtype, label=f"gpu {dtype} {shape}")
 
 
-@pytest.mark.parametrize("strategy,grad_matmul", [("sliced", "torch"), ("sliced", "triton"), ("fused", "torch")])
-@pytest.mark.parametrize("filter_eps", [None, "auto"])
+@pytest.mark.parametrize("strategy,grad_matmul", [("sliced", "library"), ("sliced", "triton"), ("fused", "library")])
+@pytest.mark.parametrize("filter_eps", [None, rk.AUTO_FILTER_EPS])
 def test_every_backward_variant_on_gpu(strategy, grad_matmul, filter_eps):
-    from rlsc_kernels.backends import triton_sweeps
-
     h, w, b, y = _inputs(1500, 640, 9001, torch.bfloat16, scale=6.0)
     exact = _run("reference", h.double(), w.double(), b.double(), y, 0.5)
     same = _run("reference", h, w, b, y, 0.5)
-    with triton_sweeps.override_configs(strategy=strategy, grad_matmul=grad_matmul):
-        fast = _run("triton", h, w, b, y, 0.5, filter_eps=filter_eps)
+    fast = _run("triton", h, w, b, y, 0.5, filter_eps=filter_eps, backward=strategy, grad_matmul=grad_matmul)
     if filter_eps is None:
         assert_within_oracle(fast, same, exact, torch.bfloat16, label=f"{strategy}/{grad_matmul}")
     else:  # the filter's own error comes on top (bounded on CPU in test_gradient_filter.py)
@@ -89,7 +86,7 @@ def test_filtered_mode_error_on_peaked_distribution():
         del z
     exact = _run("reference", h.double(), w.double(), None, y, T, entropy_weight=0.0)
     full = _run("triton", h, w, None, y, T, entropy_weight=0.0)
-    filt = _run("triton", h, w, None, y, T, filter_eps="auto", entropy_weight=0.0)
+    filt = _run("triton", h, w, None, y, T, filter_eps=rk.AUTO_FILTER_EPS, entropy_weight=0.0)
     for name in ("dhidden", "dweight"):
         scale = exact[name].abs().max().item()
         e_full = (full[name] - exact[name]).abs().max().item() / scale

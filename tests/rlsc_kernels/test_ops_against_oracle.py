@@ -3,8 +3,6 @@ bias, temperatures 0.3..2, every dtype, log-probs, entropies and all three gradi
 import pytest
 import torch
 
-from rlsc_kernels.backends import triton_sweeps
-
 from .oracle import BACKWARD_VARIANTS, assert_within_oracle, make_inputs, run_logprobs, small_blocks
 
 pytestmark = pytest.mark.interpreter
@@ -18,8 +16,7 @@ def _check(backend, dtype, shape, temperature, bias, seed, strategy="sliced"):
     exact = run_logprobs("reference", h.double(), w.double(), None if b is None else b.double(), y,
                          temperature=temperature)
     same_dtype = run_logprobs("reference", h, w, b, y, temperature=temperature)
-    with small_blocks(strategy):
-        fast = run_logprobs(backend, h, w, b, y, temperature=temperature, filter_eps=None)
+    fast = run_logprobs(backend, h, w, b, y, temperature=temperature, filter_eps=None, **small_blocks(strategy))
     assert_within_oracle(fast, same_dtype, exact, dtype, label=f"{backend}/{strategy} {dtype} {shape} T={temperature} bias={bias}")
     ignored = y == -100
     assert (fast["logp"][ignored] == 0).all() and (fast["entropy"][ignored] == 0).all()
@@ -44,40 +41,37 @@ def test_torch_backend_accepts_float64_and_is_exact():
 
 
 def test_torch_backend_chunks_tokens_and_vocab(monkeypatch):
-    """Force many token chunks and vocab slices: the online logsumexp must still be exact."""
+    """Force many token chunks (buffer_bytes) and vocab slices: the online logsumexp must still be exact."""
     from rlsc_kernels.backends import torch_chunked
 
-    monkeypatch.setattr(torch_chunked, "BLOCK_ELEMENTS", 7 * 40)
     monkeypatch.setattr(torch_chunked, "VOCAB_SLICE", 40)
     h, w, b, y = make_inputs(29, 13, 151, dtype=torch.float16, seed=None)
     exact = run_logprobs("reference", h.double(), w.double(), b.double(), y, temperature=0.7)
     same = run_logprobs("reference", h, w, b, y, temperature=0.7)
-    fast = run_logprobs("torch", h, w, b, y, temperature=0.7)
+    fast = run_logprobs("torch", h, w, b, y, temperature=0.7, buffer_bytes=7 * 151 * 4)
     assert_within_oracle(fast, same, exact, torch.float16)
 
 
-@pytest.mark.parametrize("strategy,grad_matmul", [("sliced", "torch"), ("sliced", "triton"), ("fused", "torch")])
+@pytest.mark.parametrize("strategy,grad_matmul", [("sliced", "library"), ("sliced", "triton"), ("fused", "library")])
 def test_triton_shipped_block_sizes_in_interpreter(strategy, grad_matmul):
     """The block sizes that ship (not the small test ones), on a shape that is not a multiple of them."""
     h, w, b, y = make_inputs(70, 72, 300, dtype=torch.float16, seed=None)
     exact = run_logprobs("reference", h.double(), w.double(), b.double(), y, temperature=0.5)
     same = run_logprobs("reference", h, w, b, y, temperature=0.5)
-    with triton_sweeps.override_configs(strategy=strategy, grad_matmul=grad_matmul):
-        fast = run_logprobs("triton", h, w, b, y, temperature=0.5, filter_eps=None)
+    fast = run_logprobs("triton", h, w, b, y, temperature=0.5, filter_eps=None, backward=strategy,
+                        grad_matmul=grad_matmul)
     assert_within_oracle(fast, same, exact, torch.float16)
 
 
 @pytest.mark.parametrize("variant", ["sliced", "sliced-sparse"])
-def test_sliced_backward_spans_several_vocab_slices(monkeypatch, variant):
-    """Force slices of 64 vocab rows (several per call): dweight rows, dbias and the fp32
-    dhidden accumulation across slices must all line up."""
-    monkeypatch.setattr(triton_sweeps, "MIN_SLICE_ROWS", 64)
-    monkeypatch.setattr(triton_sweeps, "GRAD_LOGITS_BYTES", 1)
+def test_sliced_backward_spans_several_vocab_slices(variant):
+    """Force slices of 64 vocab rows (several per call) with an explicit buffer_bytes: dweight
+    rows, dbias and the fp32 dhidden accumulation across slices must all line up."""
     h, w, b, y = make_inputs(37, 40, 301, dtype=torch.float32, seed=None)
     exact = run_logprobs("reference", h.double(), w.double(), b.double(), y, temperature=0.9)
     same = run_logprobs("reference", h, w, b, y, temperature=0.9)
-    with small_blocks(variant):
-        fast = run_logprobs("triton", h, w, b, y, temperature=0.9, filter_eps=None)
+    fast = run_logprobs("triton", h, w, b, y, temperature=0.9, filter_eps=None, buffer_bytes=37 * 64 * 4,
+                        **small_blocks(variant))
     assert_within_oracle(fast, same, exact, torch.float32)
 
 

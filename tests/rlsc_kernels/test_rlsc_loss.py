@@ -62,10 +62,10 @@ def test_loss_and_grads_match_algorithm1(backend, weighting, reduction):
     h = hidden.clone().requires_grad_()
     W = weight.clone().requires_grad_()
     b = bias.clone().requires_grad_()
-    with small_blocks():
-        out = rk.linear_rlsc_loss(h, W, targets, completion_mask=mask, bias=b, temperature=temperature, alpha=alpha,
-                                  weighting=weighting_arg, reduction=reduction, backend=backend, filter_eps=None)
-        out.loss.backward()
+    out = rk.linear_rlsc_loss(h, W, targets, completion_mask=mask, bias=b, temperature=temperature, alpha=alpha,
+                              weighting=weighting_arg, reduction=reduction, backend=backend, filter_eps=None,
+                              **small_blocks())
+    out.loss.backward()
     assert torch.allclose(out.seq_logp.double(), ref_seq.detach(), rtol=1e-5, atol=1e-4)
     assert torch.allclose(out.seq_weight.double(), ref_w.float().double(), rtol=1e-5, atol=1e-6)
     assert torch.equal(out.n_tokens, mask.sum(-1))
@@ -117,9 +117,8 @@ def test_low_precision_loss_within_same_dtype_torch_error(dtype):
                                 backend="reference")
     same = rk.linear_rlsc_loss(hidden, weight, targets, completion_mask=mask, bias=bias, backend="reference")
     for backend in ("torch", "triton"):
-        with small_blocks():
-            fast = rk.linear_rlsc_loss(hidden, weight, targets, completion_mask=mask, bias=bias, backend=backend,
-                                       filter_eps=None)
+        fast = rk.linear_rlsc_loss(hidden, weight, targets, completion_mask=mask, bias=bias, backend=backend,
+                                   filter_eps=None, **small_blocks())
         for name in ("loss", "seq_logp"):
             e_fast = (getattr(fast, name).double() - getattr(exact, name)).abs().max().item()
             e_ref = (getattr(same, name).double() - getattr(exact, name)).abs().max().item()
