@@ -1,4 +1,9 @@
-"""Sampling completions with transformers `generate` (KV cache, batched over the samples).
+"""Sampling completions with a plain ancestral loop over the model's KV cache (batched over samples).
+
+Each new token is drawn from softmax(logits / T) of the model's own forward and nothing else. We do
+not call `generate`: it merges in whatever the checkpoint's generation_config carries (repetition
+penalty, no-repeat n-grams, minimum length, suppressed or forced tokens, top-k / top-p), and any of
+those would make p_old in the RLSC weight differ from the probability of the sample.
 
 A `Rollouts` batch keeps the prompt block (left-padded when several questions share a batch) and
 the completion block apart, with the completion mask covering every generated token up to and
@@ -7,6 +12,7 @@ including the first EOS; tokens after it are padding and never reach the head.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -91,10 +97,11 @@ def sample(
     greedy: bool = False,
     autocast_dtype: torch.dtype | None = None,
 ) -> Rollouts:
-    """`num_samples` completions for each problem, generated together in one `generate` call.
+    """`num_samples` completions for each problem, generated together in one batched loop over the KV cache.
 
-    Sampling is ancestral from softmax(logits / temperature) with no top-k / top-p truncation, so
-    the completions are drawn from exactly the distribution the trainer scores.
+    Sampling is ancestral from softmax(logits / temperature) of the model's forward, with no other
+    logits processing (the model's generation_config is ignored), so the completions are drawn from
+    exactly the distribution the trainer scores. greedy=True takes the argmax instead.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -126,31 +133,70 @@ def sample(
     n = 1 if greedy else num_samples
     rep_ids = prompt_ids.repeat_interleave(n, dim=0)
     rep_mask = prompt_mask.repeat_interleave(n, dim=0)
-    gen_kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None)
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     try:
-        with amp, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
-            out = model.generate(
-                input_ids=rep_ids,
-                attention_mask=rep_mask.long(),
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos,
-                pad_token_id=pad,
-                use_cache=True,
-                **gen_kwargs,
-            )
+        with amp:
+            completion_ids = _ancestral_loop(model, rep_ids, rep_mask, max_new_tokens=max_new_tokens,
+                                             temperature=None if greedy else temperature, eos_ids=eos, pad_id=pad)
     finally:
         model.train(was_training)
-    completion_ids = out[:, prompt_ids.shape[1]:]
-    if completion_ids.shape[1] == 0:
-        raise ValueError("generate returned an empty completion block")
     completion_mask, capped = completion_mask_from_ids(completion_ids, eos)
     completion_ids = completion_ids.masked_fill(~completion_mask, pad)
     question_index = torch.arange(len(problems), device=device).repeat_interleave(n)
     return Rollouts(rep_ids, rep_mask, completion_ids, completion_mask, capped, question_index)
+
+
+def _cache_keyword(model) -> str:
+    """transformers >= 5.24 names the KV cache argument `cache` (`past_key_values` is deprecated)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _forward_last_logits(model, input_ids, attention_mask, position_ids, past, cache_kw):
+    """Logits [B, V] of the last position, and the updated cache."""
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+              cache_kw: past, "use_cache": True}
+    try:
+        out = model(**kwargs, logits_to_keep=1)
+    except TypeError:  # a model whose forward has no logits_to_keep
+        out = model(**kwargs)
+    cache = out.get("cache") if cache_kw == "cache" else None
+    return out.logits[:, -1], (cache if cache is not None else out.past_key_values)
+
+
+def _ancestral_loop(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float | None,
+                    eos_ids: list[int], pad_id: int) -> torch.Tensor:
+    """Completion block [B, L <= max_new_tokens]: token t+1 ~ softmax(logits_t / temperature)
+    (argmax when temperature is None), stopping once every row has emitted an EOS.
+
+    Left-padded prompts get explicit position ids (cumulative count of real tokens), the same ones
+    the training pass uses, so the sampled and the scored distributions see identical inputs."""
+    B = prompt_ids.shape[0]
+    device = prompt_ids.device
+    attention = prompt_mask.long()
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    eos = torch.tensor(eos_ids, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    cache_kw = _cache_keyword(model)
+    logits, past = _forward_last_logits(model, prompt_ids, attention, positions, None, cache_kw)
+    next_position = positions[:, -1:] + 1
+    tokens = []
+    for step in range(max_new_tokens):
+        if temperature is None:
+            token = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            token = torch.multinomial(probs, 1).squeeze(-1)
+        token = token.masked_fill(finished, pad_id)
+        tokens.append(token)
+        finished |= torch.isin(token, eos)
+        if step + 1 == max_new_tokens or bool(finished.all()):
+            break
+        attention = torch.cat([attention, torch.ones(B, 1, dtype=attention.dtype, device=device)], dim=1)
+        logits, past = _forward_last_logits(model, token[:, None], attention, next_position, past, cache_kw)
+        next_position = next_position + 1
+    return torch.stack(tokens, dim=1)
 
 
 def decode_completions(tokenizer, rollouts: Rollouts) -> list[str]:
