@@ -31,9 +31,10 @@ class CompileReport:
     spill_bytes: int  # stack frame + local memory: where spilled registers go
     shared_bytes: int
     uses_wgmma: bool
+    has_barrier: bool = False  # a CTA-wide barrier (bar.sync) in the PTX
 
     def row(self) -> str:
-        return (f"{self.kernel:<16} {self.dtype:<5} {self.block:<18} {self.flags:<36} regs={self.registers:<4} "
+        return (f"{self.kernel:<17} {self.dtype:<5} {self.block:<18} {self.flags:<36} regs={self.registers:<4} "
                 f"spills={self.spill_bytes:<5} smem={self.shared_bytes:<7} wgmma={'yes' if self.uses_wgmma else 'no'}")
 
 
@@ -84,6 +85,23 @@ def _grad_hidden_signature(ty: str):
     return sig
 
 
+def _single_pass_stats_signature(ty: str):
+    # the logits block is fp32 whatever the input dtype; the bias has the input dtype
+    sig = {"logits_ptr": "*fp32", "bias_ptr": f"*{ty}", "targets_ptr": "*i64"}
+    for name in ("lse_ptr", "logp_ptr", "mean_z_ptr", "entropy_ptr"):
+        sig[name] = "*fp32"
+    sig.update(n_rows="i32", V="i32", stride_ln="i32", inv_temperature="fp32", ignore_index="i32")
+    return sig
+
+
+def _single_pass_grad_signature(ty: str):
+    # 16-bit inputs: the gradient is written over the fp32 logits block as 16-bit values
+    sig = {"logits_ptr": "*fp32", "grad_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "targets_ptr": "*i64",
+           "lse_ptr": "*fp32", "coef_ptr": "*fp32"}
+    sig.update(n_rows="i32", V="i32", stride_ln="i32", stride_gn="i32", inv_temperature="fp32")
+    return sig
+
+
 def _resource_usage(cubin: bytes) -> Dict[str, int]:
     """Registers, stack frame (spills land there) and static shared memory of the real cubin,
     read with the cuobjdump that ships inside Triton's wheel."""
@@ -110,15 +128,25 @@ def compile_kernel(kernel: str, dtype: str, config, flags: Dict[str, bool], arch
     from .forward_sweep import forward_sweep_kernel
     from .grad_logits import grad_logits_kernel
     from .grad_matmul import grad_hidden_kernel, grad_weight_kernel
+    from .single_pass_grad import single_pass_grad_kernel
+    from .single_pass_stats import single_pass_stats_kernel
 
     import torch
 
     ty = _DTYPE_NAMES[dtype]
     precision = "ieee"
     constexprs = {"EVEN_D": flags.get("EVEN_D", True), "DOT_UPCAST": False, "DOT_PRECISION": precision,
-                  "BLOCK_N": config.block_n, "BLOCK_V": config.block_v, "BLOCK_D": config.block_d,
+                  "BLOCK_N": config.block_n, "BLOCK_V": config.block_v, "BLOCK_D": getattr(config, "block_d", 0),
                   "HAS_BIAS": flags.get("HAS_BIAS", False), "HAS_ENTROPY": flags.get("HAS_ENTROPY", False)}
-    if kernel in ("grad_weight", "grad_hidden"):
+    if kernel in ("single_pass_stats", "single_pass_grad"):
+        constexprs = {"HAS_BIAS": flags.get("HAS_BIAS", False), "BLOCK_N": config.block_n, "BLOCK_V": config.block_v}
+        if kernel == "single_pass_stats":
+            fn, sig = single_pass_stats_kernel, _single_pass_stats_signature(ty)
+            constexprs["HAS_ENTROPY"] = flags.get("HAS_ENTROPY", False)
+        else:
+            fn, sig = single_pass_grad_kernel, _single_pass_grad_signature(ty)
+            constexprs["ROUND_BF16_RTNE"] = False
+    elif kernel in ("grad_weight", "grad_hidden"):
         tile = GRAD_LOGITS_CONFIGS["fp32" if dtype == "float32" else "16bit"]
         constexprs = {"USE_MASK": flags.get("USE_MASK", True), "DOT_UPCAST": False, "DOT_PRECISION": precision,
                       "BLOCK_D": config.block_d, "BLOCK_K": matmul_block_k(getattr(torch, dtype)),
@@ -148,20 +176,25 @@ def compile_kernel(kernel: str, dtype: str, config, flags: Dict[str, bool], arch
     fn = getattr(fn, "fn", fn) if not hasattr(fn, "arg_names") else fn
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+                              options={"num_warps": config.num_warps,
+                                       "num_stages": getattr(config, "num_stages", 1)})
     ptx = compiled.asm["ptx"]
     res = _resource_usage(compiled.asm["cubin"])
     shared = int(getattr(compiled.metadata, "shared", -1))
     shown = ",".join(k for k, v in sorted(flags.items()) if v)
-    if kernel in ("grad_weight", "grad_hidden"):
+    if kernel in ("single_pass_stats", "single_pass_grad"):
+        block = f"{config.block_n}x{config.block_v}/w{config.num_warps}"
+    elif kernel in ("grad_weight", "grad_hidden"):
         block = f"{config.block_n}x{config.block_d}xK{constexprs['BLOCK_K']}/w{config.num_warps}s{config.num_stages}"
     else:
         block = f"{config.block_n}x{config.block_v}x{config.block_d}/w{config.num_warps}s{config.num_stages}"
-    return CompileReport(kernel, ty, shown, block, res["registers"], res["spill_bytes"], shared, "wgmma" in ptx)
+    barrier = re.search(r"\b(bar|barrier)\.sync\b", ptx) is not None
+    return CompileReport(kernel, ty, shown, block, res["registers"], res["spill_bytes"], shared, "wgmma" in ptx, barrier)
 
 
 def shipped_variants() -> List[tuple]:
     """(kernel, dtype, config, flags) for every shipped block size and the flag combinations that matter."""
+    from ..backends.triton_single_pass import SHIPPED_CONFIGS as SINGLE_PASS_CONFIGS
     from ..backends.triton_sweeps import BACKWARD_CONFIGS, FORWARD_CONFIGS, GRAD_LOGITS_CONFIGS, MATMUL_CONFIGS
 
     out = []
@@ -181,6 +214,10 @@ def shipped_variants() -> List[tuple]:
         for kernel in ("grad_weight", "grad_hidden"):
             for flags in ({"USE_MASK": True}, {"USE_MASK": False}):
                 out.append((kernel, dtype, MATMUL_CONFIGS[key], flags))
+        for flags in ({"HAS_BIAS": False, "HAS_ENTROPY": False}, {"HAS_BIAS": True, "HAS_ENTROPY": True}):
+            out.append(("single_pass_stats", dtype, SINGLE_PASS_CONFIGS["stats"], flags))
+        for flags in ({"HAS_BIAS": False}, {"HAS_BIAS": True}):
+            out.append(("single_pass_grad", dtype, SINGLE_PASS_CONFIGS["grad"], flags))
     return out
 
 

@@ -1,0 +1,210 @@
+"""The Triton single-pass RLSC loss (backends/triton_single_pass.py) against the float64 oracle,
+run in Triton's interpreter on CPU tensors.
+
+The backend is called directly with the framework's chunk planner and Weigh, so chunking,
+ignored tokens, bias, entropy, every weighting and reduction, and block sizes that leave ragged
+edges are all exercised. bf16 runs here use the interpreter-only rounding fix (the GEMMs are
+torch's, the kernels elementwise, so no bf16 tl.dot is involved); fp32 and fp16 run as on a GPU.
+"""
+import pytest
+import torch
+
+from rlsc_kernels.options import FusedOptions
+from rlsc_kernels.reference import reference_logprobs
+from rlsc_kernels.single_pass import Weigh, plan_chunks
+from rlsc_kernels.weighting import rlsc_weights
+
+from .oracle import TOL, assert_within_oracle
+
+pytestmark = pytest.mark.interpreter
+
+
+def _small_configs():
+    from rlsc_kernels.backends.triton_single_pass import RowConfig
+
+    # a few rows / 16-32 columns per step: rows and vocab both end in ragged blocks below
+    return {"stats": RowConfig(2, 32, 4), "grad": RowConfig(4, 16, 4)}
+
+
+def _draw(N, D, V, S, dtype, *, bias, seed, logit_scale=1.0, ignore_frac=0.2):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    w = torch.randn(V, D, generator=gen, dtype=torch.float64) * (logit_scale / D**0.5)
+    b = torch.randn(V, generator=gen, dtype=torch.float64) * 0.5 if bias else None
+    y = torch.randint(0, V, (N,), generator=gen)
+    y[torch.rand(N, generator=gen) < ignore_frac] = -100
+    # S sequences of uneven lengths, each with at least one scored token
+    cuts = torch.sort(torch.randperm(N - 1, generator=gen)[: S - 1] + 1).values
+    seq = torch.zeros(N, dtype=torch.int64)
+    seq[cuts] = 1
+    seq = seq.cumsum(0)
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), cuts])
+    y[starts] = torch.randint(0, V, (S,), generator=gen)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(h), cast(w), cast(b), y, seq
+
+
+def _oracle(h, w, b, y, seq, S, *, T, weighting, alpha, reduction, entropy):
+    """Loss, L_s, token log-probs / entropies and gradients by plain autograd in h's dtype."""
+    hh = h.detach().clone().requires_grad_()
+    ww = w.detach().clone().requires_grad_()
+    bb = b.detach().clone().requires_grad_() if b is not None else None
+    opts = FusedOptions(temperature=T, return_entropy=entropy)
+    logp, ent = reference_logprobs(hh, ww, bb, y, opts)
+    seq_logp = torch.zeros(S, dtype=logp.dtype).index_add(0, seq, logp)
+    n_tokens = torch.zeros(S, dtype=torch.int64).index_add_(0, seq, (y != -100).long())
+    wts = rlsc_weights(seq_logp, n_tokens, weighting, alpha)
+    loss = -(wts.to(seq_logp.dtype) * seq_logp).sum() * (1.0 / S if reduction == "mean" else 1.0)
+    loss.backward()
+    out = {"loss": loss, "token_logp": logp, "seq_logp": seq_logp, "dhidden": hh.grad, "dweight": ww.grad}
+    if entropy:
+        out["token_entropy"] = ent
+    if bb is not None:
+        out["dbias"] = bb.grad
+    return {k: v.detach().double().reshape(-1) for k, v in out.items()}
+
+
+def _single_pass(h, w, b, y, seq, S, *, T, weighting, alpha, reduction, entropy, max_rows, configs=None,
+                 needs=(True, True, True)):
+    from rlsc_kernels.backends.triton_single_pass import rlsc_single_pass
+
+    counts = torch.bincount(seq, minlength=S).tolist()
+    chunks = plan_chunks(counts, max(max_rows, max(counts)))
+    assert chunks is not None
+    weigh = Weigh(weighting, alpha, reduction, S)
+    opts = FusedOptions(temperature=T, return_entropy=entropy)
+    res = rlsc_single_pass(h, w, b, y, seq, chunks, weigh, opts, needs, configs=configs or _small_configs())
+    out = {"loss": weigh.loss(res.seq_logp, res.seq_weight), "token_logp": res.token_logp, "seq_logp": res.seq_logp,
+           "dhidden": res.dhidden, "dweight": res.dweight}
+    if entropy:
+        out["token_entropy"] = res.token_entropy
+    if b is not None:
+        out["dbias"] = res.dbias
+    return {k: v.detach().double().reshape(-1) for k, v in out.items() if v is not None}, res, chunks
+
+
+def _check(dtype, N, D, V, S, *, T=0.5, weighting="rlsc", alpha=0.1, reduction="mean", entropy=True, bias=True,
+           max_rows=16, seed=0, logit_scale=1.0):
+    h, w, b, y, seq = _draw(N, D, V, S, dtype, bias=bias, seed=seed, logit_scale=logit_scale)
+    kw = dict(T=T, weighting=weighting, alpha=alpha, reduction=reduction, entropy=entropy)
+    exact = _oracle(h.double(), w.double(), None if b is None else b.double(), y, seq, S, **kw)
+    same = _oracle(h, w, b, y, seq, S, **kw)
+    fast, res, chunks = _single_pass(h, w, b, y, seq, S, max_rows=max_rows, **kw)
+    assert_within_oracle(fast, same, exact, dtype, label=f"{dtype} N={N} D={D} V={V} chunks={len(chunks)}")
+    return fast, exact, res, chunks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_single_pass_matches_float64_oracle_over_several_chunks(dtype):
+    fast, exact, res, chunks = _check(dtype, N=61, D=24, V=203, S=7, max_rows=19)
+    assert len(chunks) >= 3
+    for name in ("token_logp", "lse", "seq_weight"):
+        assert torch.isfinite(getattr(res, name)).all(), name
+    assert res.dweight.dtype == torch.float32 and res.dhidden.dtype == torch.float32
+
+
+@pytest.mark.parametrize("weighting", ["rlsc", "rlsc-l1", "entropy", "length", "external"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_every_weighting_and_reduction(weighting, reduction):
+    if weighting == "external":
+        weighting = torch.linspace(-0.5, 2.0, 5)
+    _check(torch.float32, N=37, D=16, V=77, S=5, weighting=weighting, reduction=reduction, T=0.7, max_rows=12, seed=1)
+
+
+@pytest.mark.parametrize("bias,entropy", [(False, False), (True, False), (False, True)])
+def test_without_bias_or_entropy(bias, entropy):
+    fast, _, res, _ = _check(torch.float16, N=29, D=20, V=131, S=3, bias=bias, entropy=entropy, T=1.3, seed=2)
+    assert (res.dbias is not None) == bias
+    assert (res.token_entropy is not None) == entropy and (res.mean_z is not None) == entropy
+
+
+def test_ignored_tokens_score_nothing_and_get_no_gradient():
+    h, w, b, y, seq = _draw(40, 16, 90, 4, torch.float32, bias=True, seed=3, ignore_frac=0.5)
+    kw = dict(T=0.5, weighting="rlsc", alpha=0.1, reduction="mean", entropy=True)
+    fast, res, _ = _single_pass(h, w, b, y, seq, 4, max_rows=15, **kw)
+    ignored = y == -100
+    assert ignored.any()
+    assert (res.token_logp[ignored] == 0).all() and (res.token_entropy[ignored] == 0).all()
+    assert (res.dhidden[ignored] == 0).all()
+    # changing an ignored token's hidden state changes nothing
+    h2 = h.clone()
+    h2[ignored] += 3.0
+    fast2, _, _ = _single_pass(h2, w, b, y, seq, 4, max_rows=15, **kw)
+    for name in ("loss", "seq_logp", "dweight", "dbias"):
+        assert torch.allclose(fast[name], fast2[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_large_logits_in_16_bit_are_no_worse_than_the_two_sweep_exact_mode():
+    """Logits of magnitude 20-40 (held in bf16 they would be off by ~0.1): the single pass keeps
+    them in fp32, so its error against float64 is at most the two-sweep exact mode's."""
+    import rlsc_kernels as rk
+
+    dtype, S, T = torch.bfloat16, 4, 0.5
+    h, w, _, y, seq = _draw(48, 32, 257, S, dtype, bias=False, seed=4, logit_scale=12.0)
+    z = h.double() @ w.double().T
+    assert z.abs().max() > 20
+    kw = dict(T=T, weighting="rlsc", alpha=0.1, reduction="mean", entropy=False)
+    exact = _oracle(h.double(), w.double(), None, y, seq, S, **kw)
+    fast, _, _ = _single_pass(h, w, None, y, seq, S, max_rows=20, **kw)
+    # two-sweep exact mode: the fused log-probs op with filter_eps=None, loss built on top
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    logp = rk.linear_logprobs(hh, ww, y, temperature=T, backend="triton", filter_eps=None)
+    seq_logp = torch.zeros(S).index_add(0, seq, logp)
+    n_tokens = torch.bincount(seq[y != -100], minlength=S)
+    loss = -(rlsc_weights(seq_logp, n_tokens, "rlsc", 0.1) * seq_logp).sum() / S
+    loss.backward()
+    two = {"loss": loss, "token_logp": logp, "seq_logp": seq_logp, "dhidden": hh.grad, "dweight": ww.grad}
+    for name, ref in two.items():
+        scale = exact[name].abs().max().item()
+        err_one = (fast[name] - exact[name]).abs().max().item()
+        err_two = (ref.detach().double().reshape(-1) - exact[name]).abs().max().item()
+        assert err_one <= err_two + TOL[dtype] * scale, f"{name}: single pass {err_one:.3e} > two-sweep {err_two:.3e}"
+        if name in ("token_logp", "seq_logp"):  # fp32 logits: far better than bf16 logits would be
+            assert err_one <= 1e-3 * max(1.0, scale), name
+
+
+def test_one_sequence_per_chunk_and_one_chunk_for_all():
+    for max_rows in (None, 1000):
+        h, w, b, y, seq = _draw(30, 8, 45, 3, torch.float32, bias=True, seed=5)
+        rows = int(torch.bincount(seq).max()) if max_rows is None else max_rows
+        kw = dict(T=0.9, weighting="rlsc", alpha=0.1, reduction="sum", entropy=True)
+        exact = _oracle(h.double(), w.double(), b.double(), y, seq, 3, **kw)
+        same = _oracle(h, w, b, y, seq, 3, **kw)
+        fast, _, chunks = _single_pass(h, w, b, y, seq, 3, max_rows=rows, **kw)
+        assert len(chunks) == (3 if max_rows is None else 1) or max_rows is None
+        assert_within_oracle(fast, same, exact, torch.float32, label=f"max_rows={rows}")
+
+
+def test_gradients_not_needed_are_not_computed():
+    h, w, b, y, seq = _draw(20, 8, 33, 2, torch.float32, bias=True, seed=6)
+    kw = dict(T=0.5, weighting="rlsc", alpha=0.1, reduction="mean", entropy=False)
+    full, _, _ = _single_pass(h, w, b, y, seq, 2, max_rows=12, **kw)
+    for needs in [(False, False, False), (True, False, False), (False, True, True)]:
+        _, res, _ = _single_pass(h, w, b, y, seq, 2, max_rows=12, needs=needs, **kw)
+        for name, need in zip(("dhidden", "dweight", "dbias"), needs):
+            got = getattr(res, name)
+            assert (got is not None) == need, name
+            if need:
+                assert torch.allclose(got.double().reshape(-1), full[name], rtol=1e-6, atol=1e-7), name
+        assert torch.equal(res.token_logp.double(), full["token_logp"])
+
+
+def test_chunks_that_do_not_tile_the_tokens_are_refused():
+    from rlsc_kernels.backends.triton_single_pass import rlsc_single_pass
+
+    h, w, b, y, seq = _draw(10, 8, 16, 2, torch.float32, bias=False, seed=7)
+    weigh = Weigh("rlsc", 0.1, "mean", 2)
+    with pytest.raises(ValueError, match="chunks must tile"):
+        rlsc_single_pass(h, w, None, y, seq, [(0, 5, 0, 1)], weigh, FusedOptions(), (True, True, False))
+
+
+def test_shipped_block_sizes_in_the_interpreter():
+    """The shipped configs (4 rows x 1024 columns) on a vocabulary spanning two column blocks."""
+    from rlsc_kernels.backends.triton_single_pass import SHIPPED_CONFIGS
+
+    h, w, b, y, seq = _draw(13, 8, 1500, 2, torch.float16, bias=True, seed=8)
+    kw = dict(T=0.5, weighting="rlsc", alpha=0.1, reduction="mean", entropy=True)
+    exact = _oracle(h.double(), w.double(), b.double(), y, seq, 2, **kw)
+    same = _oracle(h, w, b, y, seq, 2, **kw)
+    fast, _, _ = _single_pass(h, w, b, y, seq, 2, max_rows=8, configs=SHIPPED_CONFIGS, **kw)
+    assert_within_oracle(fast, same, exact, torch.float16, label="shipped configs")
