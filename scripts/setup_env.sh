@@ -23,4 +23,10 @@ fi
 # The peers the benchmarks compare against (their tests run on CPU too). --no-deps: they would
 # otherwise ask for their own torch/triton pins; the ones installed above serve them.
 "$PY" -m pip install -q --no-deps "liger-kernel==0.8.5" "cut-cross-entropy==25.1.1"
+# TRL for the integration tests (rlsc_kernels.integrations.trl), and datasets for its GRPOTrainer.
+# The constraint pins the torch installed above: pip fails rather than replace it.
+TORCH_PIN=$(mktemp)
+"$PY" -c "import torch; print('torch==' + torch.__version__)" > "$TORCH_PIN"
+"$PY" -m pip install -q -c "$TORCH_PIN" "trl==1.16.0" "datasets>=3"
+rm -f "$TORCH_PIN"
 touch "$VENV/.installed"
