@@ -1,0 +1,284 @@
+"""Vocab-parallel log-probs: each rank of a process group holds a contiguous slice of the head.
+
+Rank r holds weight rows [start_r, stop_r) (and the matching bias entries); the slices of the
+group tile [0, V) without gaps or overlaps (V = the sum of the slice sizes). Every rank holds the
+same hidden states and the same targets, given as global vocabulary ids. Each rank runs its
+backend's ordinary forward sweep on its slice and the per-token statistics are merged:
+
+    local:   l_r = logsumexp_{v in r} z_v,  a_r = sum_{v in r} p_r,v z_v (softmax within r),
+             t_r = z_y if y in r else 0
+    MAX:     m = max_r l_r
+    SUM:     (s, a, t) = sum_r (exp(l_r - m), exp(l_r - m) a_r, t_r)       (one packed tensor)
+    global:  lse = m + log s,  mean_z = a / s,  logp = t - lse,  entropy = lse - mean_z
+
+The backward runs the backend's backward sweep on the slice with the GLOBAL lse and mean_z and
+the targets remapped to local ids (a target outside the slice matches no local column but its
+token still gets the softmax part of the gradient). dweight and dbias of the slice stay local;
+each rank's partial dhidden (fp32) is summed with one all-reduce.
+
+Bytes all-reduced per token, with statistics in float32 (float64 for float64 inputs, twice these):
+    forward:  4 (MAX of lse) + 8 (SUM of sum-exp and target logit) = 12 bytes,
+              + 4 in the SUM with return_entropy=True               = 16 bytes
+    backward: 4 * D bytes (fp32 dhidden), only when hidden requires grad
+With value checks on, one more SUM all-reduce per call carries each rank's slice bounds and
+value flags (8 * world_size * (8 + extra checks) bytes, independent of the number of tokens), so
+that every rank raises the same error instead of leaving the others waiting in a collective.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from .options import FusedOptions
+from .reference import output_dtype
+
+
+@dataclass(frozen=True)
+class VocabParallel:
+    """This rank's slice of a vocabulary split across the ranks of a process group.
+
+    start, stop: the rank holds weight rows (and bias entries) [start, stop) of the full head;
+        0 <= start < stop. The slices of all ranks must tile [0, V) with V = their total size
+        (in any rank order); the value checks verify that.
+    group: the torch.distributed process group the vocabulary is split over (None = the
+        default group). Every rank of it must call the op with the same hidden states, targets
+        (global ids) and options.
+    """
+
+    start: int
+    stop: int
+    group: Any = None
+
+    def __post_init__(self):
+        for name in ("start", "stop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"VocabParallel.{name} must be an int, got {type(value).__name__}")
+        if not 0 <= self.start < self.stop:
+            raise ValueError(f"VocabParallel needs 0 <= start < stop, got start={self.start}, stop={self.stop}")
+
+    @property
+    def size(self) -> int:
+        """Rows of the head this rank holds."""
+        return self.stop - self.start
+
+
+def check_vocab_parallel(vocab_parallel, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """Shape checks (no communication): the local weight holds exactly the rank's slice."""
+    if not isinstance(vocab_parallel, VocabParallel):
+        raise TypeError(f"vocab_parallel must be None or an rlsc_kernels.VocabParallel, got {type(vocab_parallel).__name__}")
+    if weight.shape[0] != vocab_parallel.size:
+        raise ValueError(
+            f"weight must hold this rank's slice [{vocab_parallel.start}, {vocab_parallel.stop}) of the head, "
+            f"i.e. {vocab_parallel.size} rows, got {weight.shape[0]}"
+        )
+    if bias is not None and bias.shape[0] != vocab_parallel.size:
+        raise ValueError(f"bias must hold this rank's {vocab_parallel.size} entries [start, stop), got {bias.shape[0]}")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("vocab_parallel needs torch.distributed initialised (torch.distributed.init_process_group)")
+
+
+def _not_finite(x: torch.Tensor) -> torch.Tensor:
+    """0-d bool, True iff x holds NaN or inf. A float64 sum of finite 16/32-bit values cannot
+    overflow, so the sum is exact as a test and needs no x-sized temporary."""
+    if x.dtype == torch.float64:
+        return ~torch.isfinite(x).all()
+    return ~torch.isfinite(torch.sum(x, dtype=torch.float64))
+
+
+def check_values(hidden, weight, bias, targets, ignore_index: int, vocab_parallel: VocabParallel, extra=None) -> None:
+    """The value checks of the public ops for a vocab-parallel call, with one all-reduce and one
+    host sync. Every rank contributes its slice bounds and its flags, so all ranks see the same
+    table and raise the same error (or none).
+
+    Checked: the slices tile [0, V); targets are in [0, V) or ignore_index; every rank holds the
+    same number of tokens and the same targets (a checksum); hidden, weight and bias are finite;
+    `extra` (message -> bool tensor that must be all False) on every rank.
+    """
+    group = vocab_parallel.group
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    valid = targets != ignore_index
+    t = targets.long()
+    flags = [
+        torch.tensor(vocab_parallel.start, device=t.device),
+        torch.tensor(vocab_parallel.stop, device=t.device),
+        torch.tensor(t.numel(), device=t.device),
+        torch.where(valid, t, torch.zeros_like(t)).sum(),  # checksum of the targets
+        torch.where(valid, t, torch.full_like(t, -1)).max(),
+        (valid & (t < 0)).sum(),
+        _not_finite(hidden),
+        _not_finite(weight),
+        _not_finite(bias) if bias is not None else torch.zeros((), dtype=torch.bool, device=t.device),
+    ]
+    messages = list((extra or {}).keys())
+    flags += [flag.any() for flag in (extra or {}).values()]
+    table = torch.zeros(world, len(flags), dtype=torch.int64, device=t.device)
+    table[rank] = torch.stack([f.to(device=t.device, dtype=torch.int64) for f in flags])
+    dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
+    rows = table.cpu().tolist()  # the one host sync
+    starts, stops, counts, checksums, max_ids, n_negative, hidden_bad, weight_bad, bias_bad = (list(c) for c in zip(*[r[:9] for r in rows]))
+    layout = sorted(zip(starts, stops))
+    V = sum(stop - start for start, stop in layout)
+    if layout[0][0] != 0 or any(a[1] != b[0] for a, b in zip(layout, layout[1:])):
+        raise ValueError(
+            "the VocabParallel slices of the group must tile [0, V) without gaps or overlaps; "
+            f"got [start, stop) per rank: {list(zip(starts, stops))}"
+        )
+    if len(set(counts)) > 1 or len(set(checksums)) > 1:
+        raise ValueError(
+            "every rank of a vocab-parallel call must hold the same tokens and targets; "
+            f"got {counts} tokens and target checksums {checksums} per rank"
+        )
+    if max(max_ids) >= V or max(n_negative) > 0:
+        bad = targets[valid & ((t < 0) | (t >= V))]
+        raise ValueError(
+            f"targets holds ids outside [0, {V}) (V = the sum of the ranks' slices) that are not "
+            f"ignore_index={ignore_index} (e.g. {bad[:5].tolist()})"
+        )
+    for name, bad_ranks in (("hidden", hidden_bad), ("weight", weight_bad), ("bias", bias_bad)):
+        if any(bad_ranks):
+            raise ValueError(f"{name} contains NaN or inf (on ranks {[r for r, b in enumerate(bad_ranks) if b]})")
+    for j, message in enumerate(messages):
+        if any(r[9 + j] for r in rows):
+            raise ValueError(message)
+
+
+#: Local target ids handed to the backends: the slice's own ids are 0..size-1; every other
+#: token (target in another slice, or ignored) gets OUTSIDE, which matches no column, and the
+#: backends run with ignore_index=LOCAL_IGNORE, which no local id equals. So a user's
+#: ignore_index that happens to be a vocabulary id cannot collide with a local id.
+OUTSIDE = -2
+LOCAL_IGNORE = -1
+
+
+def _local_targets(targets: torch.Tensor, vocab_parallel: VocabParallel, ignore_index: int):
+    """(local ids, in_slice) for global targets. Ignored tokens also get OUTSIDE: their upstream
+    gradients and outputs are zeroed here, so the backends need not know them."""
+    in_slice = (targets != ignore_index) & (targets >= vocab_parallel.start) & (targets < vocab_parallel.stop)
+    local = torch.where(in_slice, targets - vocab_parallel.start, torch.full_like(targets, OUTSIDE))
+    return local, in_slice
+
+
+class _ReferenceSlice:
+    """The naive full-logits sweeps on one slice (backend="reference" under vocab_parallel):
+    the slice's [N, stop - start] logits are materialised; GEMM in the input dtype and softmax
+    in float32 (float64 for float64 inputs), as in reference.py."""
+
+    @staticmethod
+    def _logits(hidden, weight, bias, opts):
+        return torch.nn.functional.linear(hidden, weight, bias).to(output_dtype(hidden.dtype)) / opts.temperature
+
+    @staticmethod
+    def forward(hidden, weight, bias, targets, opts: FusedOptions):
+        z = _ReferenceSlice._logits(hidden, weight, bias, opts)
+        lse = torch.logsumexp(z, dim=1)
+        in_slice = (targets >= 0) & (targets < weight.shape[0])
+        target_z = z.gather(1, torch.where(in_slice, targets, 0)[:, None]).squeeze(1)
+        target_z = torch.where(in_slice, target_z, torch.zeros_like(target_z))
+        mean_z = entropy = None
+        if opts.return_entropy:
+            mean_z = (torch.softmax(z, dim=1) * z).sum(1)
+            entropy = lse - mean_z
+        return target_z - lse, entropy, (lse, mean_z)
+
+    @staticmethod
+    def backward(hidden, weight, bias, targets, saved, grad_logp, grad_entropy, opts, needs):
+        lse, mean_z = saved
+        acc = output_dtype(hidden.dtype)
+        z = _ReferenceSlice._logits(hidden, weight, bias, opts)
+        p = torch.exp(z - lse[:, None])
+        dz = torch.zeros_like(z)
+        if grad_logp is not None:
+            g = grad_logp.to(acc)
+            in_slice = (targets >= 0) & (targets < weight.shape[0])
+            dz -= g[:, None] * p
+            dz.scatter_add_(1, torch.where(in_slice, targets, 0)[:, None], torch.where(in_slice, g, 0.0)[:, None])
+        if grad_entropy is not None and mean_z is not None:
+            dz -= grad_entropy.to(acc)[:, None] * p * (z - mean_z[:, None])
+        dz /= opts.temperature
+        need_h, need_w, need_b = needs
+        dh = dz @ weight.to(acc) if need_h else None
+        dw = dz.T @ hidden.to(acc) if need_w else None
+        db = dz.sum(0) if (need_b and bias is not None) else None
+        return dh, dw, db
+
+
+def _zero_ignored(x, valid):
+    return None if x is None else torch.where(valid, x, x.new_zeros(()))
+
+
+class VocabParallelLogprobsFunction(torch.autograd.Function):
+    """Per-token log-probs (and entropies) over a vocabulary split across ranks (module docstring).
+    Ignored tokens get 0 outputs and no gradient, as in autograd.LinearLogprobsFunction."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, opts: FusedOptions, backend, vocab_parallel: VocabParallel):
+        group = vocab_parallel.group
+        local, in_slice = _local_targets(targets, vocab_parallel, opts.ignore_index)
+        local_opts = replace(opts, ignore_index=LOCAL_IGNORE)
+        logp_local, _, (lse_local, mean_z_local) = backend.forward(hidden, weight, bias, local, local_opts)
+        # The backends return logp = t - lse; t is 0 for a target outside the slice.
+        target_z = torch.where(in_slice, logp_local + lse_local, torch.zeros_like(lse_local))
+        lse_max = lse_local.clone()
+        dist.all_reduce(lse_max, op=dist.ReduceOp.MAX, group=group)
+        scale = torch.exp(lse_local - lse_max)
+        parts = [scale, target_z] + ([scale * mean_z_local] if opts.return_entropy else [])
+        packed = torch.stack(parts)
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        lse = lse_max + torch.log(packed[0])
+        valid = targets != opts.ignore_index
+        logp = _zero_ignored(packed[1] - lse, valid)
+        mean_z = entropy = None
+        if opts.return_entropy:
+            mean_z = packed[2] / packed[0]
+            entropy = _zero_ignored(lse - mean_z, valid)
+        ctx.backend = backend
+        ctx.opts = opts
+        ctx.local_opts = local_opts
+        ctx.vocab_parallel = vocab_parallel
+        ctx.has_bias = bias is not None
+        saved = (lse,) if mean_z is None else (lse, mean_z)
+        ctx.save_for_backward(hidden, weight, bias, targets, local, *saved)
+        if entropy is None:
+            entropy = logp.new_empty(0)
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, local, lse, *rest = ctx.saved_tensors
+        mean_z = rest[0] if rest else None
+        opts: FusedOptions = ctx.opts
+        if not opts.return_entropy:
+            grad_entropy = None
+        valid = targets != opts.ignore_index
+        grad_logp, grad_entropy = _zero_ignored(grad_logp, valid), _zero_ignored(grad_entropy, valid)
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+        dh, dw, db = ctx.backend.backward(hidden, weight, bias, local, (lse, mean_z), grad_logp, grad_entropy,
+                                         ctx.local_opts, needs)
+        if dh is not None:
+            dh = dh.to(output_dtype(hidden.dtype))  # fp32 (fp64 for fp64 inputs) on the wire
+            dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.vocab_parallel.group)
+            dh = dh.to(hidden.dtype)
+        dw = dw.to(weight.dtype) if dw is not None else None
+        db = db.to(bias.dtype) if db is not None else None
+        return dh, dw, db, None, None, None, None
+
+
+def vocab_parallel_logprobs(hidden, weight, bias, targets, opts: FusedOptions, backend_name: str, vocab_parallel):
+    """Per-token (logp [N], entropy [N] | None) for flat, checked inputs: hidden [N, D] and
+    targets [N] (global ids) replicated on every rank, weight [stop - start, D] and bias the
+    rank's slice. backend_name: a resolved backend ("torch", "triton", "native", "reference")."""
+    if backend_name == "reference":
+        backend = _ReferenceSlice
+    else:
+        from . import backends
+
+        backend = backends.get(backend_name)
+    logp, entropy = VocabParallelLogprobsFunction.apply(hidden, weight, bias, targets, opts, backend, vocab_parallel)
+    return logp, (entropy if opts.return_entropy else None)
