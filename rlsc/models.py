@@ -134,15 +134,13 @@ def body_and_head(model):
     """(decoder body returning final hidden states, lm_head Linear) of a causal LM, PEFT-wrapped or not.
 
     The fused op replaces only the head + loss, so any CausalLM whose head is a plain Linear on
-    the body's last hidden state works without a per-model copy of its forward.
+    the body's last hidden state works without a per-model copy of its forward. What the model does
+    to the head's output (logit scaling, soft-capping, LoRA on the head) is handled by
+    rlsc.step.StepHead; check_head_matches_forward verifies it against the model's own logits.
     """
     base = model
     if hasattr(base, "get_base_model"):  # peft.PeftModel
         base = base.get_base_model()
-    cfg = getattr(base, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if cfg is not None and getattr(cfg, attr, None) not in (None, 1.0):
-            raise NotImplementedError(f"models with {attr} on the head are not supported by the fused op")
     head = base.get_output_embeddings()
     body = base.get_decoder() if hasattr(base, "get_decoder") else None
     if body is None or body is base:
