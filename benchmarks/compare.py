@@ -82,7 +82,7 @@ def _versions() -> dict:
     from importlib import metadata
 
     out = {"python": platform.python_version()}
-    for dist in ("torch", "triton", "transformers", "liger-kernel", "cut-cross-entropy"):
+    for dist in ("torch", "triton", "transformers", "liger-kernel", "cut-cross-entropy", "trl"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -194,6 +194,7 @@ def run_row(impl, op, inp, ref_inp, ref, device, target_ms) -> dict:
         if not isinstance(e, torch.cuda.OutOfMemoryError):
             traceback.print_exc(limit=4)
         del e
+    res["code_path"] = impl.describe_path(inp)
     cleanup(device)
     if errors:
         res["error"] = "; ".join(errors)

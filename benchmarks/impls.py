@@ -9,30 +9,44 @@ seq_index [N] with S equal-length sequences):
     loss = -sum_s w_s L_s / S,
   forward and backward to dH [N, D] and dW [V, D].
 
-How the peers express the weighted RLSC loss (they have no sequence weights of their own):
+How the peers express the weighted RLSC loss (they have no sequence weights of their own), each
+in its best form. A peer whose per-token output (-logp, reduction="none") is differentiable needs
+no extra pass: w_s = weight(L_s) are the *detached* values of the same forward, and
+loss = sum_t w_{s(t)} * nll_t / S is differentiated once (one forward, one backward):
 
-- cce (Cut Cross-Entropy): `linear_cross_entropy(hidden / T, W, targets, reduction="none")` is
-  -logp per token (CCE has no temperature; T = 0.5 is a power of two, so hidden / T is exact in
-  bf16). The weights need L_s first, so a no-grad pass computes them, then
-  loss = sum_t w_{s(t)} * nll_t / S is differentiated (CCE's reduction="none" takes a per-token
-  grad_output). Default filtering (filter_eps="high" = bf16 eps / 32).
-- liger (Liger-Kernel 0.8.x): its chunked GRPO loss `LigerFusedLinearGRPOLoss(beta=0,
-  use_ref_model=False, loss_type="dapo", temperature=T)` with no old log-probs: the importance
-  ratio is exp(logp - logp.detach()) = 1, so its gradient is -sum_t A_{s(t)} grad logp_t / N_tok;
-  with advantages A_s = w_s * N_tok / S that is exactly the RLSC gradient. The weights come
-  from a no-grad pass of Liger's own chunked selective log-prob (`LigerFusedLinearPPOBase.
-  chunk_forward`, the op its GRPO loss uses), which is also its `logprobs_fwd`. Liger's loss
-  *value* is the GRPO surrogate, not -sum w L / S; the loss we report for it is computed from
-  the no-grad log-probs.
-- torch-linear-ce: torch.nn.functional.linear_cross_entropy (torch >= 2.13) with
-  reduction="none" and the chunked path (options=LinearCrossEntropyOptions()), hidden / T, same
-  two-pass scheme as cce.
+- cce (Cut Cross-Entropy): `linear_cross_entropy(hidden / T, W, targets, reduction="none")`
+  (CCE has no temperature; T = 0.5 is a power of two, so hidden / T is exact in bf16). Default
+  filtering (filter_eps="high" = bf16 eps / 32).
+- torch-linear-ce: torch.nn.functional.linear_cross_entropy (torch >= 2.13), reduction="none",
+  chunked path (options=LinearCrossEntropyOptions()), hidden / T.
+- trl: TRL 1.16's fused LM head, `trl.kernels.ChunkedLogProbFunction.apply(hidden, W, None,
+  targets, T, 32768, None, 1.0, ())` exactly as `add_fused_lm_head` calls it (vocab chunks of
+  32768, log-probs only): cuBLAS tiles folded by a Triton kernel on CUDA, torch ops elsewhere;
+  dW accumulated in fp32. What every TRL (GRPOTrainer) user gets by default.
+- liger-scaled-ce: Liger 0.8.5 `LigerFusedLinearScaledCrossEntropyFunction.apply(hidden, W,
+  targets, temperature=T)`: per-token NLL with temperature. On sm_90 it dispatches to a CuTe
+  DSL kernel that needs nvidia-cutlass-dsl; where that does not import, its own 512-token
+  PyTorch path runs (the row's code_path says which).
+- liger (Liger's GRPO loss): `LigerFusedLinearGRPOLoss(beta=0, use_ref_model=False,
+  loss_type="dapo", temperature=T)` with no old log-probs: the importance ratio
+  exp(logp - logp.detach()) = 1, so its gradient is -sum_t A_{s(t)} grad logp_t / N_tok; with
+  advantages A_s = w_s * N_tok / S that is exactly the RLSC gradient. Its surrogate output does
+  not give L_s, so the weights need a no-grad pass of Liger's own chunked selective log-prob
+  (`LigerFusedLinearPPOBase.chunk_forward`, the op its GRPO loss uses, also its `logprobs_fwd`)
+  before the weighted pass: two passes is its best form. Liger's loss *value* is the GRPO
+  surrogate, so the loss we report for it is computed from the no-grad log-probs. Liger
+  compiles its loss math with torch.compile on CUDA; each new shape is compiled statically
+  (Dynamo's automatic dynamic shapes failed at the headline shape with "sources must not be
+  empty for symbol s10" after the reference slice's shape, see run_liger_grpo).
 - torch-naive: the paper's Algorithm 1: full bf16 logits, log_softmax in fp32, gather.
 - torch-chunked / torch-compile: two vocabulary sweeps by token chunks in PyTorch (a custom
   autograd.Function that saves only lse and recomputes each chunk's logits in backward), eager /
   with each chunk's forward and backward compiled by torch.compile.
-- rlsc-triton / rlsc-triton-exact: ours (filter_eps="auto" / None); rlsc-torch: ours, torch backend.
+- ours: rlsc-triton (filter_eps="auto", path="auto"), rlsc-triton-exact (filter_eps=None),
+  rlsc-triton-single-pass / rlsc-triton-two-sweep (path forced), rlsc-torch (torch backend).
 - matmul-floor: one GEMM hidden @ W^T of the logits' shape (logprobs_fwd only): the floor.
+
+Every row records `code_path`: which implementation path the peer (or ours) actually took.
 """
 from __future__ import annotations
 
@@ -179,15 +193,57 @@ def chunked_fwd_bwd(inp: HeadInputs, hidden, weight, compiled=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# Peers that give -logp per token (reduction="none"): two passes, weights from the first.
+# Peers that give a differentiable -logp per token (reduction="none"): one forward, one backward.
 
 
-def _nll_two_pass(nll_fn, inp: HeadInputs, hidden, weight):
-    with torch.no_grad():
-        w = seq_weights(-nll_fn(hidden, weight).float(), inp.seq_index, inp.n_seqs)
+def _nll_one_pass(nll_fn, inp: HeadInputs, hidden, weight):
+    """loss = sum_t w_{s(t)} nll_t / S with w_s from the detached nll of the same forward."""
     nll = nll_fn(hidden, weight).float()
+    w = seq_weights(-nll.detach(), inp.seq_index, inp.n_seqs)
     loss = (w[inp.seq_index] * nll).sum() / inp.n_seqs
     return _grads(loss, hidden, weight)
+
+
+def _trl_nll(inp: HeadInputs):
+    from trl.kernels import ChunkedLogProbFunction
+
+    # as trl.trainer.utils.add_fused_lm_head calls it: vocab chunks of 32768, log-probs only
+    return lambda h, W: -ChunkedLogProbFunction.apply(h, W, None, inp.targets, inp.temperature, 32768, None, 1.0, ())[0]
+
+
+def _trl_path(inp: HeadInputs) -> str:
+    from trl.kernels import chunked_logprob
+
+    tiles = "Triton fold kernels" if chunked_logprob._use_triton(inp.hidden.device) else "torch ops"
+    return f"trl.kernels.ChunkedLogProbFunction: cuBLAS [4096 x 32768] tiles + {tiles}, fp32 dW accumulation"
+
+
+def _liger_scaled_ce_function(device):
+    """(the autograd Function Liger dispatches to on this device, why it is not the dispatcher's choice or None).
+
+    On sm_90 Liger picks a CuTe DSL kernel that needs nvidia-cutlass-dsl; where that does not
+    import, its own PyTorch path (the one every other device gets) is the best that runs."""
+    from liger_kernel.ops import fused_linear_scaled_cross_entropy as m
+
+    try:
+        return m._resolve_implementation(device), None
+    except ImportError as e:
+        return m._FusedLinearPPOFallbackFunction, f"CuTe DSL kernel unavailable ({type(e).__name__}: {e})"[:200]
+
+
+def _liger_scaled_ce_nll(inp: HeadInputs):
+    from liger_kernel.ops import fused_linear_scaled_cross_entropy as m
+
+    fn, _ = _liger_scaled_ce_function(inp.hidden.device)
+    if fn is m._FusedLinearPPOFallbackFunction:
+        # the fallback's apply: (input, weight, target, temperature, ignore_index, return_entropy)
+        return lambda h, W: fn.apply(h, W, inp.targets, inp.temperature, -100, False)
+    return lambda h, W: m.LigerFusedLinearScaledCrossEntropyFunction.apply(h, W, inp.targets, temperature=inp.temperature)
+
+
+def _liger_scaled_ce_path(inp: HeadInputs) -> str:
+    fn, why = _liger_scaled_ce_function(inp.hidden.device)
+    return f"liger {fn.__module__.split('.')[-1]}.{fn.__name__}" + (f" ({why})" if why else "")
 
 
 def _cce_nll(inp: HeadInputs):
@@ -201,6 +257,11 @@ def _linear_ce_nll(inp: HeadInputs):
 
     opts = torch.nn.LinearCrossEntropyOptions()
     return lambda h, W: F.linear_cross_entropy(h / inp.temperature, W, inp.targets, reduction="none", options=opts)
+
+
+def _single_nll(nll_fn):
+    """logprobs_fwd of a -logp peer."""
+    return lambda inp: -nll_fn(inp)(inp.hidden, inp.weight).float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,29 +281,60 @@ def liger_logprobs(inp: HeadInputs, hidden=None, weight=None):
 
 
 _liger_losses = {}
+#: why Liger's compiled GRPO loss could not run here (then it runs uncompiled), per device type
+_liger_compile_failed = {}
+
+
+def _liger_grpo_loss(temperature: float, compiled: bool):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    key = (temperature, compiled)
+    if key not in _liger_losses:
+        _liger_losses[key] = LigerFusedLinearGRPOLoss(
+            beta=0.0, use_ref_model=False, loss_type="dapo", temperature=temperature, compiled=compiled
+        )
+    return _liger_losses[key]
+
+
+def run_liger_grpo(inp: HeadInputs, hidden, weight, advantages, compiled: bool):
+    """Liger's GRPO surrogate for advantages [S]. Compiled (Liger's default on CUDA), every shape
+    is compiled statically: with automatic dynamic shapes, the second shape Dynamo saw (the
+    headline batch after the 256-token reference slice) failed in Liger 0.8.5 / torch 2.11 with
+    "AssertionError: sources must not be empty for symbol s10". If compilation still fails, the
+    loss runs uncompiled and the row's code_path says so."""
+    S, N, D = inp.n_seqs, hidden.shape[0], hidden.shape[1]
+    mask = torch.ones(S, N // S, dtype=torch.long, device=hidden.device)
+    args = (hidden.reshape(S, -1, D), weight, inp.targets.reshape(S, -1), mask, advantages)
+    dev = hidden.device.type
+    if compiled and dev not in _liger_compile_failed:
+        try:
+            with torch._dynamo.config.patch(automatic_dynamic_shapes=False, cache_size_limit=64):
+                return _liger_grpo_loss(inp.temperature, True)(*args)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: run the eager path instead
+            _liger_compile_failed[dev] = f"{type(e).__name__}: {e}".replace("\n", " ")[:200]
+    return _liger_grpo_loss(inp.temperature, False)(*args)
 
 
 def liger_fwd_bwd(inp: HeadInputs, hidden, weight):
-    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
     compiled = hidden.is_cuda  # Liger compiles its loss math; on CPU that only adds compile time
-    key = (inp.temperature, compiled)
-    if key not in _liger_losses:
-        _liger_losses[key] = LigerFusedLinearGRPOLoss(
-            beta=0.0, use_ref_model=False, loss_type="dapo", temperature=inp.temperature, compiled=compiled
-        )
-    loss_fn = _liger_losses[key]
-    S, N, D = inp.n_seqs, hidden.shape[0], hidden.shape[1]
+    S, N = inp.n_seqs, hidden.shape[0]
     with torch.no_grad():
         logp = liger_logprobs(inp, hidden, weight)
         w = seq_weights(logp, inp.seq_index, S)
         loss_value = -(w.double() * torch.zeros(S, dtype=torch.float64, device=w.device).index_add(
             0, inp.seq_index, logp.double())).sum() / S
     advantages = w * (N / S)  # dapo divides by the token count; RLSC by the sequence count
-    mask = torch.ones(S, N // S, dtype=torch.long, device=hidden.device)
-    surrogate, _metrics = loss_fn(hidden.reshape(S, -1, D), weight, inp.targets.reshape(S, -1), mask, advantages)
+    surrogate, _metrics = run_liger_grpo(inp, hidden, weight, advantages, compiled)
     _, dH, dW = _grads(surrogate, hidden, weight)
     return loss_value.float(), dH, dW
+
+
+def _liger_path(inp: HeadInputs) -> str:
+    base = "liger chunked_loss.LigerFusedLinearGRPOLoss (no-grad chunk_forward pass for the weights, then the loss)"
+    if not inp.hidden.is_cuda:
+        return base + ", eager"
+    why = _liger_compile_failed.get(inp.hidden.device.type)
+    return base + (f", eager: torch.compile failed ({why})" if why else ", torch.compile (static shapes)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,10 +352,24 @@ def rk_logprobs(inp: HeadInputs, backend: str, filter_eps="auto"):
                                  filter_eps=filter_eps, backend=backend)
 
 
-def rk_fwd_bwd(inp: HeadInputs, hidden, weight, backend: str, filter_eps="auto"):
+_rk_paths = {}  # (backend, path) -> the path the last call reported taking
+
+
+def rk_fwd_bwd(inp: HeadInputs, hidden, weight, backend: str, filter_eps="auto", path: str = "auto"):
+    extra = {} if path == "auto" else {"path": path}  # versions without the keyword serve "auto" only
     out = _rk().linear_rlsc_loss(hidden, weight, inp.targets, seq_index=inp.seq_index, temperature=inp.temperature,
-                                 alpha=ALPHA, reduction="mean", filter_eps=filter_eps, backend=backend)
+                                 alpha=ALPHA, reduction="mean", filter_eps=filter_eps, backend=backend, **extra)
+    _rk_paths[(backend, path)] = getattr(out, "path", None)
     return _grads(out.loss, hidden, weight)
+
+
+def _rk_path(backend: str, filter_eps, path: str = "auto"):
+    def describe(inp: HeadInputs) -> str:
+        taken = _rk_paths.get((backend, path))
+        text = f"rlsc_kernels backend={backend!r} path={path!r} filter_eps={filter_eps!r}"
+        return text + (f" -> took {taken!r}" if taken else "")
+
+    return describe
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,6 +385,7 @@ class Impl:
     fwd_bwd: Optional[Callable] = None  # (inp, hidden, weight) -> (loss, dH, dW)
     needs_cuda: bool = False
     check: Optional[Callable[[], Optional[str]]] = None  # returns a reason it is unavailable, or None
+    code_path: Optional[Callable] = None  # (inp) -> which implementation path ran, after a run
 
     def fn(self, op: str):
         return self.logprobs if op == "logprobs_fwd" else self.fwd_bwd
@@ -289,6 +396,14 @@ class Impl:
         if self.needs_cuda and device.type != "cuda":
             return f"{self.name} needs a CUDA device"
         return self.check() if self.check is not None else None
+
+    def describe_path(self, inp) -> Optional[str]:
+        if self.code_path is None:
+            return None
+        try:
+            return self.code_path(inp)
+        except Exception as e:  # noqa: BLE001 - the description must never fail a row
+            return f"unknown ({type(e).__name__}: {e})"[:200]
 
 
 def _importable(module: str, what: str):
@@ -310,32 +425,55 @@ def _has_linear_ce():
     return None
 
 
+def _fixed(text: str):
+    return lambda inp: text
+
+
+_RK = _importable("rlsc_kernels", "rlsc_kernels")
+
 IMPLS = {
     i.name: i
     for i in [
         Impl("rlsc-triton", lambda inp: rk_logprobs(inp, "triton"),
-             lambda inp, h, W: rk_fwd_bwd(inp, h, W, "triton"), needs_cuda=True, check=_importable("rlsc_kernels", "rlsc_kernels")),
+             lambda inp, h, W: rk_fwd_bwd(inp, h, W, "triton"), needs_cuda=True, check=_RK,
+             code_path=_rk_path("triton", "auto")),
         Impl("rlsc-triton-exact", lambda inp: rk_logprobs(inp, "triton", None),
-             lambda inp, h, W: rk_fwd_bwd(inp, h, W, "triton", None), needs_cuda=True, check=_importable("rlsc_kernels", "rlsc_kernels")),
+             lambda inp, h, W: rk_fwd_bwd(inp, h, W, "triton", None), needs_cuda=True, check=_RK,
+             code_path=_rk_path("triton", None)),
+        Impl("rlsc-triton-single-pass", None,
+             lambda inp, h, W: rk_fwd_bwd(inp, h, W, "triton", "auto", "single-pass"), needs_cuda=True, check=_RK,
+             code_path=_rk_path("triton", "auto", "single-pass")),
+        Impl("rlsc-triton-two-sweep", None,
+             lambda inp, h, W: rk_fwd_bwd(inp, h, W, "triton", "auto", "two-sweep"), needs_cuda=True, check=_RK,
+             code_path=_rk_path("triton", "auto", "two-sweep")),
         Impl("rlsc-torch", lambda inp: rk_logprobs(inp, "torch", None),
-             lambda inp, h, W: rk_fwd_bwd(inp, h, W, "torch", None), check=_importable("rlsc_kernels", "rlsc_kernels")),
-        Impl("cce", lambda inp: -_cce_nll(inp)(inp.hidden, inp.weight).float(),
-             lambda inp, h, W: _nll_two_pass(_cce_nll(inp), inp, h, W), needs_cuda=True,
-             check=_importable("cut_cross_entropy", "cut-cross-entropy")),
-        Impl("liger", liger_logprobs, liger_fwd_bwd, check=_importable("liger_kernel.chunked_loss", "liger-kernel")),
-        Impl("torch-naive", naive_logprobs, naive_fwd_bwd),
-        Impl("torch-chunked", chunked_logprobs, chunked_fwd_bwd),
+             lambda inp, h, W: rk_fwd_bwd(inp, h, W, "torch", None), check=_RK, code_path=_rk_path("torch", None)),
+        Impl("cce", _single_nll(_cce_nll), lambda inp, h, W: _nll_one_pass(_cce_nll(inp), inp, h, W), needs_cuda=True,
+             check=_importable("cut_cross_entropy", "cut-cross-entropy"),
+             code_path=_fixed("cut_cross_entropy.linear_cross_entropy(reduction='none'), one pass, default filter")),
+        Impl("trl", _single_nll(_trl_nll), lambda inp, h, W: _nll_one_pass(_trl_nll(inp), inp, h, W),
+             check=_importable("trl.kernels", "trl (>= 1.16, trl.kernels)"), code_path=_trl_path),
+        Impl("liger-scaled-ce", _single_nll(_liger_scaled_ce_nll),
+             lambda inp, h, W: _nll_one_pass(_liger_scaled_ce_nll(inp), inp, h, W),
+             check=_importable("liger_kernel.ops.fused_linear_scaled_cross_entropy", "liger-kernel >= 0.8.5"),
+             code_path=_liger_scaled_ce_path),
+        Impl("liger", liger_logprobs, liger_fwd_bwd, check=_importable("liger_kernel.chunked_loss", "liger-kernel"),
+             code_path=_liger_path),
+        Impl("torch-naive", naive_logprobs, naive_fwd_bwd, code_path=_fixed("full logits, fp32 log_softmax, autograd")),
+        Impl("torch-chunked", chunked_logprobs, chunked_fwd_bwd, code_path=_fixed("two sweeps by token chunks, eager")),
         Impl("torch-compile", lambda inp: chunked_logprobs(inp, compiled=True),
-             lambda inp, h, W: chunked_fwd_bwd(inp, h, W, compiled=True)),
-        Impl("torch-linear-ce", lambda inp: -_linear_ce_nll(inp)(inp.hidden, inp.weight).float(),
-             lambda inp, h, W: _nll_two_pass(_linear_ce_nll(inp), inp, h, W), check=_has_linear_ce),
-        Impl("matmul-floor", lambda inp: inp.hidden @ inp.weight.T, None),
+             lambda inp, h, W: chunked_fwd_bwd(inp, h, W, compiled=True),
+             code_path=_fixed("two sweeps by token chunks, torch.compile per chunk")),
+        Impl("torch-linear-ce", _single_nll(_linear_ce_nll), lambda inp, h, W: _nll_one_pass(_linear_ce_nll(inp), inp, h, W),
+             check=_has_linear_ce, code_path=_fixed("F.linear_cross_entropy(reduction='none', chunked options), one pass")),
+        Impl("matmul-floor", lambda inp: inp.hidden @ inp.weight.T, None, code_path=_fixed("one GEMM hidden @ W.T")),
     ]
 }
 
 #: The impls whose rows matter most (they come first in the comparison's order).
-CORE_IMPLS = ("rlsc-triton", "matmul-floor", "cce", "liger", "torch-naive")
-EXTRA_IMPLS = ("rlsc-triton-exact", "torch-chunked", "torch-linear-ce", "rlsc-torch", "torch-compile")
+CORE_IMPLS = ("rlsc-triton", "matmul-floor", "cce", "trl", "liger-scaled-ce", "liger", "torch-naive")
+EXTRA_IMPLS = ("rlsc-triton-single-pass", "rlsc-triton-two-sweep", "rlsc-triton-exact", "torch-chunked",
+               "torch-linear-ce", "rlsc-torch", "torch-compile")
 #: Impls whose warm-up (compilation per shape) costs tens of seconds: they run after all the others.
 LATE_IMPLS = ("torch-compile",)
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-BACKENDS = ("auto", "triton", "torch", "reference")
+BACKENDS = ("auto", "triton", "torch", "native", "reference")
 
 
 def check_tensor(name: str, x, *, dtypes=None, dim=None) -> None:

@@ -1,11 +1,13 @@
 """Backend dispatch: which implementation of the two vocabulary sweeps serves a call.
 
-"auto" picks Triton for CUDA tensors (when Triton imports) and the chunked PyTorch backend
-everywhere else; "reference" is the naive full-logits version.
+"auto" picks Triton for CUDA tensors (when Triton imports), the native C++ backend on CPU (when
+its extension was built; else PyTorch, with a warning) and the chunked PyTorch backend everywhere
+else; "reference" is the naive full-logits version.
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -22,12 +24,47 @@ def triton_available() -> bool:
     return True
 
 
+_warned_no_native = False
+
+
+def native_available() -> bool:
+    """Whether the compiled CPU extension (csrc/, rlsc_kernels._native) imports."""
+    from . import native
+
+    return native.available()
+
+
+def _native_or_torch() -> str:
+    """backend="auto" on CPU: the native backend, or PyTorch with a one-line warning (once)."""
+    global _warned_no_native
+    if native_available():
+        return "native"
+    if not _warned_no_native:
+        _warned_no_native = True
+        from . import native
+
+        warnings.warn(
+            f"rlsc_kernels: native CPU backend not built ({native.unavailable_reason()}); using the PyTorch backend",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return "torch"
+
+
 def resolve(backend: str, hidden: torch.Tensor) -> str:
-    """Returns "triton", "torch" or "reference"; raises if the requested one cannot serve `hidden`."""
+    """Returns "triton", "torch", "native" or "reference"; raises if the requested one cannot serve `hidden`."""
     if backend == "auto":
         if hidden.is_cuda and hidden.dtype != torch.float64 and triton_available():
             return "triton"
+        if hidden.device.type == "cpu":
+            return _native_or_torch()
         return "torch"
+    if backend == "native":
+        if hidden.device.type != "cpu":
+            raise ValueError(f"backend='native' is the CPU backend; hidden is on {hidden.device}")
+        from . import native
+
+        native.extension()  # raises a clear error where the extension was not built
     if backend == "triton":
         if not triton_available():
             raise ValueError("backend='triton' needs the triton package, which failed to import")
@@ -51,4 +88,8 @@ def get(name: str):
         from . import triton_sweeps
 
         return triton_sweeps
+    if name == "native":
+        from . import native
+
+        return native
     raise ValueError(f"no fused backend named {name!r}")
