@@ -21,7 +21,7 @@ Bytes all-reduced per token, with statistics in float32 (float64 for float64 inp
               + 4 in the SUM with return_entropy=True               = 16 bytes
     backward: 4 * D bytes (fp32 dhidden), only when hidden requires grad
 With value checks on, one more SUM all-reduce per call carries each rank's slice bounds and
-value flags (8 * world_size * (8 + extra checks) bytes, independent of the number of tokens), so
+value flags (8 * world_size * (9 + extra checks) bytes, independent of the number of tokens), so
 that every rank raises the same error instead of leaving the others waiting in a collective.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from .options import FusedOptions
 from .reference import output_dtype
+from .validation import _confirm_not_finite, _maybe_not_finite
 
 
 @dataclass(frozen=True)
@@ -82,14 +83,6 @@ def check_vocab_parallel(vocab_parallel, weight: torch.Tensor, bias: Optional[to
         raise RuntimeError("vocab_parallel needs torch.distributed initialised (torch.distributed.init_process_group)")
 
 
-def _not_finite(x: torch.Tensor) -> torch.Tensor:
-    """0-d bool, True iff x holds NaN or inf. A float64 sum of finite 16/32-bit values cannot
-    overflow, so the sum is exact as a test and needs no x-sized temporary."""
-    if x.dtype == torch.float64:
-        return ~torch.isfinite(x).all()
-    return ~torch.isfinite(torch.sum(x, dtype=torch.float64))
-
-
 def check_values(hidden, weight, bias, targets, ignore_index: int, vocab_parallel: VocabParallel, extra=None) -> None:
     """The value checks of the public ops for a vocab-parallel call, with one all-reduce and one
     host sync. Every rank contributes its slice bounds and its flags, so all ranks see the same
@@ -102,26 +95,23 @@ def check_values(hidden, weight, bias, targets, ignore_index: int, vocab_paralle
     group = vocab_parallel.group
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
+    dev = targets.device
     valid = targets != ignore_index
-    t = targets.long()
+    t = targets.long().reshape(-1)
+    valid = valid.reshape(-1)
+    tensors = {"hidden": hidden, "weight": weight, "bias": bias}
+    no = torch.zeros((), dtype=torch.bool, device=dev)
     flags = [
-        torch.tensor(vocab_parallel.start, device=t.device),
-        torch.tensor(vocab_parallel.stop, device=t.device),
-        torch.tensor(t.numel(), device=t.device),
-        torch.where(valid, t, torch.zeros_like(t)).sum(),  # checksum of the targets
-        torch.where(valid, t, torch.full_like(t, -1)).max(),
+        torch.tensor(vocab_parallel.start, device=dev),
+        torch.tensor(vocab_parallel.stop, device=dev),
+        torch.tensor(t.numel(), device=dev),
+        torch.where(valid, t, 0).sum(),  # a checksum of the targets
+        torch.where(valid, t, -1).max() if t.numel() else torch.tensor(-1, device=dev),
         (valid & (t < 0)).sum(),
-        _not_finite(hidden),
-        _not_finite(weight),
-        _not_finite(bias) if bias is not None else torch.zeros((), dtype=torch.bool, device=t.device),
-    ]
-    messages = list((extra or {}).keys())
+    ] + [_maybe_not_finite(x) if x is not None else no for x in tensors.values()]
     flags += [flag.any() for flag in (extra or {}).values()]
-    table = torch.zeros(world, len(flags), dtype=torch.int64, device=t.device)
-    table[rank] = torch.stack([f.to(device=t.device, dtype=torch.int64) for f in flags])
-    dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
-    rows = table.cpu().tolist()  # the one host sync
-    starts, stops, counts, checksums, max_ids, n_negative, hidden_bad, weight_bad, bias_bad = (list(c) for c in zip(*[r[:9] for r in rows]))
+    rows = _gather_rows(flags, world, rank, group)  # the one collective and host sync
+    starts, stops, counts, checksums, max_ids, n_negative = (list(c) for c in zip(*[r[:6] for r in rows]))
     layout = sorted(zip(starts, stops))
     V = sum(stop - start for start, stop in layout)
     if layout[0][0] != 0 or any(a[1] != b[0] for a, b in zip(layout, layout[1:])):
@@ -135,17 +125,33 @@ def check_values(hidden, weight, bias, targets, ignore_index: int, vocab_paralle
             f"got {counts} tokens and target checksums {checksums} per rank"
         )
     if max(max_ids) >= V or max(n_negative) > 0:
-        bad = targets[valid & ((t < 0) | (t >= V))]
+        bad = t[valid & ((t < 0) | (t >= V))]
         raise ValueError(
             f"targets holds ids outside [0, {V}) (V = the sum of the ranks' slices) that are not "
             f"ignore_index={ignore_index} (e.g. {bad[:5].tolist()})"
         )
-    for name, bad_ranks in (("hidden", hidden_bad), ("weight", weight_bad), ("bias", bias_bad)):
-        if any(bad_ranks):
-            raise ValueError(f"{name} contains NaN or inf (on ranks {[r for r, b in enumerate(bad_ranks) if b]})")
-    for j, message in enumerate(messages):
-        if any(r[9 + j] for r in rows):
+    alarms = [[bool(r[6 + j]) for r in rows] for j in range(len(tensors))]
+    if any(any(a) for a in alarms):
+        # A float32 sum overflowing on finite values raises a false alarm: the alarmed ranks
+        # look again, exactly, and everyone learns the verdict (a second collective, only here).
+        confirmed = [alarm[rank] and _confirm_not_finite(x) for alarm, x in zip(alarms, tensors.values())]
+        verdict = _gather_rows([torch.tensor(c, device=dev) for c in confirmed], world, rank, group)
+        for j, name in enumerate(tensors):
+            bad_ranks = [r for r, row in enumerate(verdict) if row[j]]
+            if bad_ranks:
+                raise ValueError(f"{name} contains NaN or inf (on ranks {bad_ranks})")
+    for j, message in enumerate((extra or {}).keys()):
+        if any(r[6 + len(tensors) + j] for r in rows):
             raise ValueError(message)
+
+
+def _gather_rows(values, world: int, rank: int, group):
+    """Every rank's list of 0-d integer / bool tensors, as a [world][len(values)] list of ints
+    (one SUM all-reduce of an int64 table in which each rank fills its own row)."""
+    table = torch.zeros(world, len(values), dtype=torch.int64, device=values[0].device)
+    table[rank] = torch.stack([v.to(torch.int64) for v in values])
+    dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
+    return table.cpu().tolist()
 
 
 #: Local target ids handed to the backends: the slice's own ids are 0..size-1; every other
@@ -171,7 +177,11 @@ class _ReferenceSlice:
 
     @staticmethod
     def _logits(hidden, weight, bias, opts):
-        return torch.nn.functional.linear(hidden, weight, bias).to(output_dtype(hidden.dtype)) / opts.temperature
+        """z = (h W^T + b) / T, or c tanh((h W^T + b) / c) / T with opts.softcap = c."""
+        z = torch.nn.functional.linear(hidden, weight, bias).to(output_dtype(hidden.dtype))
+        if getattr(opts, "softcap", None) is not None:
+            z = opts.softcap * torch.tanh(z / opts.softcap)
+        return z / opts.temperature
 
     @staticmethod
     def forward(hidden, weight, bias, targets, opts: FusedOptions):
@@ -201,6 +211,8 @@ class _ReferenceSlice:
         if grad_entropy is not None and mean_z is not None:
             dz -= grad_entropy.to(acc)[:, None] * p * (z - mean_z[:, None])
         dz /= opts.temperature
+        if getattr(opts, "softcap", None) is not None:
+            dz *= 1.0 - (z * (opts.temperature / opts.softcap)).square()  # tanh' with tanh = z T / c
         need_h, need_w, need_b = needs
         dh = dz @ weight.to(acc) if need_h else None
         dw = dz.T @ hidden.to(acc) if need_w else None
@@ -218,6 +230,18 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, opts: FusedOptions, backend, vocab_parallel: VocabParallel):
+        ctx.backend = backend
+        ctx.opts = opts
+        ctx.vocab_parallel = vocab_parallel
+        ctx.has_bias = bias is not None
+        ctx.empty = hidden.shape[0] == 0
+        if ctx.empty:  # every rank holds the same (zero) tokens: nothing to compute or exchange
+            ctx.save_for_backward(hidden, weight, bias)
+            logp = torch.zeros(0, dtype=output_dtype(hidden.dtype), device=hidden.device)
+            entropy = logp.clone() if opts.return_entropy else logp.new_empty(0)
+            if not opts.return_entropy:
+                ctx.mark_non_differentiable(entropy)
+            return logp, entropy
         group = vocab_parallel.group
         local, in_slice = _local_targets(targets, vocab_parallel, opts.ignore_index)
         local_opts = replace(opts, ignore_index=LOCAL_IGNORE)
@@ -237,11 +261,7 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
         if opts.return_entropy:
             mean_z = packed[2] / packed[0]
             entropy = _zero_ignored(lse - mean_z, valid)
-        ctx.backend = backend
-        ctx.opts = opts
         ctx.local_opts = local_opts
-        ctx.vocab_parallel = vocab_parallel
-        ctx.has_bias = bias is not None
         saved = (lse,) if mean_z is None else (lse, mean_z)
         ctx.save_for_backward(hidden, weight, bias, targets, local, *saved)
         if entropy is None:
@@ -251,6 +271,10 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
+        if ctx.empty:
+            hidden, weight, bias = ctx.saved_tensors
+            zero = lambda x, i: torch.zeros_like(x) if x is not None and ctx.needs_input_grad[i] else None  # noqa: E731
+            return zero(hidden, 0), zero(weight, 1), zero(bias, 2), None, None, None, None
         hidden, weight, bias, targets, local, lse, *rest = ctx.saved_tensors
         mean_z = rest[0] if rest else None
         opts: FusedOptions = ctx.opts
