@@ -9,6 +9,8 @@ Math (DESIGN.md section 2), for token t and vocab entry v:
     mean_z_t = sum_v p_tv z_tv,    entropy_t = lse_t - mean_z_t
     dz_tv = g_t ([v = y_t] - p_tv) - e_t p_tv (z_tv - mean_z_t)     (g = dL/dlogp, e = dL/dentropy)
     dh_t = (1/T) sum_v dz_tv W_v,  dW_v = (1/T) sum_t dz_tv h_t,  db_v = (1/T) sum_t dz_tv
+With soft-capping (opts.softcap = c): z_tv = c tanh(u_tv / c) / T for u = W h + b, and dz_tv is
+multiplied by 1 - tanh^2(u_tv / c) before the three matmuls.
 """
 from __future__ import annotations
 
@@ -41,12 +43,15 @@ def _chunk_rows(V: int, acc: torch.dtype, opts: FusedOptions) -> int:
     return max(1, elements // max(V, 1))
 
 
-def _slice_logits(h: torch.Tensor, weight, bias, v0: int, v1: int, acc: torch.dtype, temperature: float):
+def _slice_logits(h: torch.Tensor, weight, bias, v0: int, v1: int, acc: torch.dtype, opts: FusedOptions):
+    """z = (h W^T + b) / T, or c * tanh((h W^T + b) / c) / T with opts.softcap = c."""
     w = weight[v0:v1].to(acc)
     z = h @ w.T
     if bias is not None:
         z += bias[v0:v1].to(acc)
-    z /= temperature
+    if opts.softcap is not None:
+        z = torch.tanh(z.div_(opts.softcap)).mul_(opts.softcap)
+    z /= opts.temperature
     return z, w
 
 
@@ -75,7 +80,7 @@ def forward(
             a = torch.zeros(n1 - n0, dtype=acc, device=dev) if mean_z is not None else None
             ty = torch.zeros(n1 - n0, dtype=acc, device=dev)
             for v0, v1 in _slices(weight):
-                z, _ = _slice_logits(h, weight, bias, v0, v1, acc, opts.temperature)
+                z, _ = _slice_logits(h, weight, bias, v0, v1, acc, opts)
                 m_new = torch.maximum(m, z.max(dim=1).values)
                 scale = torch.exp(m - m_new)
                 ez = torch.exp(z - m_new[:, None])
@@ -130,7 +135,7 @@ def backward(
             h = hidden[n0:n1].to(acc)
             y = safe_targets[n0:n1]
             for v0, v1 in _slices(weight):
-                z, w = _slice_logits(h, weight, bias, v0, v1, acc, opts.temperature)
+                z, w = _slice_logits(h, weight, bias, v0, v1, acc, opts)
                 p = torch.exp(z - lse[n0:n1, None])
                 dz = torch.zeros_like(z)
                 if g is not None:
@@ -142,6 +147,9 @@ def backward(
                 if e is not None:
                     dz -= e[n0:n1, None] * p * (z - mean_z[n0:n1, None])
                 dz *= inv_t
+                if opts.softcap is not None:
+                    # z = c tanh(u / c) / T: du = dz (1 - tanh^2) / T, tanh = z T / c
+                    dz *= 1.0 - (z * (opts.temperature / opts.softcap)).square()
                 if dh is not None:
                     dh[n0:n1] += dz @ w
                 if dw is not None:

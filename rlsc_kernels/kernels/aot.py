@@ -45,6 +45,7 @@ def _forward_signature(ty: str):
     for name in ("N", "V", "D", "vblocks_per_split", "stride_hn", "stride_hd", "stride_wv", "stride_wd"):
         sig[name] = "i32"
     sig["inv_temperature"] = "fp32"
+    sig["softcap"] = "fp32"
     return sig
 
 
@@ -56,6 +57,7 @@ def _backward_signature(ty: str):
         sig[name] = "i32"
     sig["inv_temperature"] = "fp32"
     sig["filter_eps"] = "fp32"
+    sig["softcap"] = "fp32"
     return sig
 
 
@@ -68,6 +70,7 @@ def _grad_logits_signature(ty: str):
         sig[name] = "i32"
     sig["inv_temperature"] = "fp32"
     sig["filter_eps"] = "fp32"
+    sig["softcap"] = "fp32"
     return sig
 
 
@@ -137,7 +140,8 @@ def compile_kernel(kernel: str, dtype: str, config, flags: Dict[str, bool], arch
     precision = "ieee"
     constexprs = {"EVEN_D": flags.get("EVEN_D", True), "DOT_UPCAST": False, "DOT_PRECISION": precision,
                   "BLOCK_N": config.block_n, "BLOCK_V": config.block_v, "BLOCK_D": getattr(config, "block_d", 0),
-                  "HAS_BIAS": flags.get("HAS_BIAS", False), "HAS_ENTROPY": flags.get("HAS_ENTROPY", False)}
+                  "HAS_BIAS": flags.get("HAS_BIAS", False), "HAS_ENTROPY": flags.get("HAS_ENTROPY", False),
+                  "SOFTCAP": flags.get("SOFTCAP", False)}
     if kernel in ("single_pass_stats", "single_pass_grad"):
         constexprs = {"HAS_BIAS": flags.get("HAS_BIAS", False), "BLOCK_N": config.block_n, "BLOCK_V": config.block_v}
         if kernel == "single_pass_stats":

@@ -20,8 +20,8 @@ def backward_sweep_kernel(
     dhidden_ptr, dweight_ptr, dbias_ptr,
     N, D, v_lo, v_hi,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_dhn, stride_dwv,
-    inv_temperature, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, EVEN_D: tl.constexpr,
+    inv_temperature, filter_eps, softcap,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr, EVEN_D: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     FILTER: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
@@ -33,10 +33,10 @@ def backward_sweep_kernel(
     offs_v = v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_v = offs_v < v_hi
     z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, mask_n, offs_v, mask_v, D,
-                    stride_hn, stride_hd, stride_wv, stride_wd, inv_temperature,
-                    HAS_BIAS, EVEN_D, DOT_UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+                    stride_hn, stride_hd, stride_wv, stride_wd, inv_temperature, softcap,
+                    HAS_BIAS, SOFTCAP, EVEN_D, DOT_UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
     dz, scale = grad_logits_tile(z, offs_n, mask_n, offs_v, mask_v, targets_ptr, lse_ptr, mean_z_ptr,
-                                 grad_logp_ptr, grad_entropy_ptr, HAS_ENTROPY)
+                                 grad_logp_ptr, grad_entropy_ptr, inv_temperature, softcap, HAS_ENTROPY, SOFTCAP)
     keep = True
     if FILTER:
         keep = tile_is_needed(dz, scale, filter_eps)

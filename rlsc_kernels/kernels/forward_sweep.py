@@ -22,8 +22,8 @@ def forward_sweep_kernel(
     part_max_ptr, part_sum_ptr, part_zsum_ptr, part_target_ptr,
     N, V, D, vblocks_per_split,
     stride_hn, stride_hd, stride_wv, stride_wd,
-    inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, EVEN_D: tl.constexpr,
+    inv_temperature, softcap,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
@@ -45,8 +45,8 @@ def forward_sweep_kernel(
         offs_v = (first_vblock + vb) * BLOCK_V + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
         z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, mask_n, offs_v, mask_v, D,
-                        stride_hn, stride_hd, stride_wv, stride_wd, inv_temperature,
-                        HAS_BIAS, EVEN_D, DOT_UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+                        stride_hn, stride_hd, stride_wv, stride_wd, inv_temperature, softcap,
+                        HAS_BIAS, SOFTCAP, EVEN_D, DOT_UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
         z = tl.where(mask_v[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))
         rescale = tl.exp(m - m_new)

@@ -4,6 +4,8 @@ For token rows n and vocab columns v of one tile:
     z_nv  = (h_n . W_v + b_v) / T                          (fp32 accumulation over D)
     dz_nv = g_n ([v = y_n] - p_nv) - e_n p_nv (z_nv - mean_z_n),   p_nv = exp(z_nv - lse_n)
 where g = dL/dlogp and e = dL/dentropy per token (zero for ignored tokens and padding rows).
+With SOFTCAP (cap c): z_nv = c tanh(u_nv / c) / T for u = h . W + b, and dz_nv (the gradient
+with respect to u, up to the 1/T the callers apply) carries the factor 1 - tanh^2 = 1 - (z T / c)^2.
 """
 import triton
 import triton.language as tl
@@ -23,9 +25,9 @@ def grouped_program(pid, n_row_blocks, n_cols, GROUP_N: tl.constexpr):
 @triton.jit
 def logits_tile(
     hidden_ptr, weight_ptr, bias_ptr, offs_n, mask_n, offs_v, mask_v, D,
-    stride_hn, stride_hd, stride_wv, stride_wd, inv_temperature,
-    HAS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_hn, stride_hd, stride_wv, stride_wd, inv_temperature, softcap,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """z [BLOCK_N, BLOCK_V] fp32; columns outside the vocabulary hold finite garbage (mask them)."""
     rows_h = hidden_ptr + offs_n.to(tl.int64)[:, None] * stride_hn
@@ -47,14 +49,17 @@ def logits_tile(
         acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    if SOFTCAP:
+        # c tanh(u / c), with tanh(x) = 2 sigmoid(2x) - 1 (Triton has no portable tanh)
+        acc = softcap * (2.0 * tl.sigmoid(acc * (2.0 / softcap)) - 1.0)
     return acc * inv_temperature
 
 
 @triton.jit
 def grad_logits_tile(
     z, offs_n, mask_n, offs_v, mask_v,
-    targets_ptr, lse_ptr, mean_z_ptr, grad_logp_ptr, grad_entropy_ptr,
-    HAS_ENTROPY: tl.constexpr,
+    targets_ptr, lse_ptr, mean_z_ptr, grad_logp_ptr, grad_entropy_ptr, inv_temperature, softcap,
+    HAS_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """(dz [BLOCK_N, BLOCK_V] fp32, scale [BLOCK_N] = |g| + |e|); dz is 0 outside the tile's valid area."""
     valid = mask_n[:, None] & mask_v[None, :]
@@ -70,6 +75,9 @@ def grad_logits_tile(
         mean_z = tl.load(mean_z_ptr + offs_n, mask=mask_n, other=0.0)
         dz -= e[:, None] * p * tl.where(valid, z - mean_z[:, None], 0.0)
         scale += tl.abs(e)
+    if SOFTCAP:
+        tanh = z / (softcap * inv_temperature)
+        dz = dz * (1.0 - tanh * tanh)
     return dz, scale
 
 
