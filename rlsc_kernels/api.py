@@ -21,6 +21,7 @@ from .options import (
 from .reference import reference_logprobs
 from .validation import check_backend, check_head, check_tensor, check_temperature
 from .validation import check_values as _check_values
+from .single_pass import maybe_single_pass
 from .weighting import WEIGHTINGS, rlsc_weights
 
 REDUCTIONS = ("mean", "sum")
@@ -213,6 +214,7 @@ def linear_rlsc_loss(
     buffer_bytes: Optional[int] = None,
     check_values: bool = True,
     block_configs: Optional[BlockConfigs] = None,
+    path: str = "auto",
 ) -> RLSCLossOutput:
     """The RLSC loss -sum_s w_s L_s from hidden states and the lm_head weight, without logits.
 
@@ -228,6 +230,11 @@ def linear_rlsc_loss(
       scale by 1 / S_total: each weight depends on its own sequence only, so that is exact.
     return_entropy: also return each scored token's entropy (for monitoring; it is not in the loss).
     filter_eps, backend: as in linear_logprobs.
+    path: "auto" computes the loss and its gradients in one pass (three GEMMs per chunk of whole
+      sequences; the backward only scales them) wherever that applies: backends torch, native
+      and triton, each sequence's logits within buffer_bytes. Elsewhere, and with "two-sweep",
+      the per-token op's two sweeps. "single-pass" raises where it does not apply. The single
+      pass makes one more device-to-host sync (tokens per sequence, for the chunk plan).
     """
     check_head(hidden, weight, bias, targets, ignore_index)
     check_backend(backend)
@@ -244,6 +251,11 @@ def linear_rlsc_loss(
     if check_values:
         _check_values(h, weight, bias, y, ignore_index, empty)
 
+    single = maybe_single_pass(h, weight, bias, y, seq, S, opts=opts, weighting=weighting, alpha=alpha,
+                               reduction=reduction, backend=backend, path=path)
+    if single is not None:
+        loss, token_logp, seq_logp, seq_weight, token_entropy = single
+        return RLSCLossOutput(loss, seq_logp, seq_weight, token_logp, n_tokens, token_entropy)
     token_logp, token_entropy = _logprobs_flat(h, weight, bias, y, opts, backend)
     seq_logp = torch.zeros(S, dtype=token_logp.dtype, device=h.device).index_add(0, seq, token_logp)
     seq_weight = rlsc_weights(seq_logp, n_tokens, weighting, alpha)

@@ -74,7 +74,7 @@ class SinglePassResult:
 class Weigh:
     """weigh(seq_logp [k], n_tokens [k], s0=None) -> (seq_weight [k] fp32 detached, coef [k] fp32).
 
-    coef = dLoss/dL_s for grad_output = 1: -w_s, divided by S for reduction "mean", in
+    coef = dLoss/dL_s for grad_output = 1: -w_s, divided by max(S, 1) for reduction "mean", in
     seq_logp's dtype (fp32; fp64 for the fp64 oracle). Sequences
     are identified by position: a call without s0 covers the k sequences after the previous
     call's (so backends that call it once per chunk, in chunk order, need not pass s0).
@@ -84,7 +84,7 @@ class Weigh:
     def __init__(self, weighting: Union[str, torch.Tensor], alpha: float, reduction: str, n_seqs: int):
         self.weighting = weighting
         self.alpha = alpha
-        self.scale = 1.0 / n_seqs if reduction == "mean" else 1.0
+        self.scale = 1.0 / max(n_seqs, 1) if reduction == "mean" else 1.0
         self.n_seqs = n_seqs
         self._next = 0
 
@@ -291,3 +291,31 @@ def rlsc_loss_single_pass(
         token_logp = token_logp[inverse]
         entropy = entropy[inverse] if entropy is not None else None
     return loss, token_logp, seq_logp, seq_weight, entropy
+
+
+def check_path(path) -> str:
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    return path
+
+
+def maybe_single_pass(hidden, weight, bias, targets, seq, n_seqs, *, opts, weighting, alpha, reduction, backend, path):
+    """linear_rlsc_loss's dispatch: the single pass's (loss, token_logp, seq_logp, seq_weight,
+    token_entropy) where `path` and `backend` allow it, or None for the two-sweep path.
+    Inputs are the packed tokens after selection and checks."""
+    check_path(path)
+    if path == "two-sweep":
+        return None
+    from . import backends
+
+    name = backends.resolve(backend, hidden)
+    if name == "reference":
+        if path == "single-pass":
+            raise ValueError("path='single-pass' cannot serve backend='reference' (the naive full-logits oracle)")
+        return None
+    if isinstance(weighting, torch.Tensor):
+        rlsc_weights(torch.zeros(n_seqs, device=hidden.device), None, weighting)  # shape/dtype/device errors now
+    return rlsc_loss_single_pass(
+        hidden, weight, bias, targets, seq, n_seqs, opts=opts, weighting=weighting, alpha=alpha,
+        reduction=reduction, backend_name=name, two_sweep=backends.get(name), path=path,
+    )
