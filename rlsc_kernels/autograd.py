@@ -4,12 +4,22 @@ Forward returns per-token log-probs (and entropies); backward receives their ups
 g_t = dL/dlogp_t and e_t = dL/dentropy_t and asks the backend for dhidden, dweight, dbias. Any
 loss built from per-token log-probs (RLSC's weighted sequence sum, GRPO, PPO) composes on top
 with plain autograd, so the kernels never need to know which loss they serve.
+
+An output nobody backpropagates through costs nothing: gradients are not materialised, so an
+entropy computed for logging only reaches the backend as grad_entropy=None and the backward runs
+without its entropy path. The backward is not itself differentiable: differentiating its
+gradients (double backward) raises a clear error instead of silently missing terms.
 """
 from __future__ import annotations
 
 import torch
+from torch._C import _functions as _autograd_functions
+
+_DOUBLE_BACKWARD = (b"rlsc_kernels: the fused op's backward is not differentiable (double backward, "
+                    b"create_graph=True through it); use backend='reference' for higher-order gradients")
 
 from .options import FusedOptions
+from .reference import output_dtype
 
 
 def _zero_ignored(x, valid):
@@ -20,13 +30,19 @@ def _zero_ignored(x, valid):
 class LinearLogprobsFunction(torch.autograd.Function):
     """Ignored tokens (targets == ignore_index) are handled here, once for every backend: their
     outputs are 0 and their upstream gradients are zeroed before the backend's backward, so
-    they contribute nothing to any gradient."""
+    they contribute nothing to any gradient. Zero tokens (an empty batch) never reach a
+    backend: the outputs are empty and every gradient is zero."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, opts: FusedOptions, backend):
-        logp, entropy, saved = backend.forward(hidden, weight, bias, targets, opts)
-        valid = targets != opts.ignore_index
-        logp, entropy = _zero_ignored(logp, valid), _zero_ignored(entropy, valid)
+        ctx.set_materialize_grads(False)
+        if hidden.shape[0] == 0:
+            logp = hidden.new_zeros(0, dtype=output_dtype(hidden.dtype))
+            entropy, saved = (logp.clone() if opts.return_entropy else None), ()
+        else:
+            logp, entropy, saved = backend.forward(hidden, weight, bias, targets, opts)
+            valid = targets != opts.ignore_index
+            logp, entropy = _zero_ignored(logp, valid), _zero_ignored(entropy, valid)
         ctx.backend = backend
         ctx.opts = opts
         ctx.has_bias = bias is not None
@@ -38,13 +54,39 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
+        with torch.no_grad():
+            grads = LinearLogprobsFunction._gradients(ctx, grad_logp, grad_entropy)
+        if not torch.is_grad_enabled():
+            return grads
+        # create_graph=True: like torch's once_differentiable, but also when only the saved
+        # inputs (not the upstream gradients) require grad, which once_differentiable misses:
+        # the returned gradients get a node that raises if anything differentiates them.
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if not present:
+            return grads
+        raise_later = _autograd_functions.DelayedError(_DOUBLE_BACKWARD, len(present))
+        wrapped = raise_later(*[grads[i].detach().requires_grad_() for i in present])
+        wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+        out = list(grads)
+        for i, g in zip(present, wrapped):
+            out[i] = g
+        return tuple(out)
+
+    @staticmethod
+    def _gradients(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets, *saved = ctx.saved_tensors
         opts: FusedOptions = ctx.opts
         if not opts.return_entropy:
             grad_entropy = None
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+        if hidden.shape[0] == 0 or (grad_logp is None and grad_entropy is None):
+            # Nothing flows back (no token, or neither output was used): zero gradients where
+            # asked, so a rank with an empty micro-batch still takes part in the backward.
+            zeros = [torch.zeros_like(t) if (need and t is not None) else None
+                     for t, need in zip((hidden, weight, bias), needs)]
+            return (*zeros, None, None, None)
         valid = targets != opts.ignore_index
         grad_logp, grad_entropy = _zero_ignored(grad_logp, valid), _zero_ignored(grad_entropy, valid)
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
         dh, dw, db = ctx.backend.backward(hidden, weight, bias, targets, tuple(saved), grad_logp, grad_entropy, opts, needs)
         dh = dh.to(hidden.dtype) if dh is not None else None
         dw = dw.to(weight.dtype) if dw is not None else None

@@ -74,8 +74,6 @@ def check_head(hidden, weight, bias, targets, ignore_index) -> None:
         raise ValueError(
             f"targets must have shape {list(hidden.shape[:-1])} (hidden.shape[:-1]), got {list(targets.shape)}"
         )
-    if targets.numel() == 0:
-        raise ValueError("hidden/targets hold no tokens (empty batch)")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 

@@ -31,7 +31,6 @@ def test_logprobs_errors(backend):
         (dict(bias=torch.zeros(19)), ValueError, r"bias must have shape \[V\] = \[20\]"),
         (dict(filter_eps="fast"), ValueError, "filter_eps must be None, 'auto' or a float"),
         (dict(filter_eps=-1.0), ValueError, "filter_eps must be a finite float >= 0"),
-        (dict(h=torch.zeros(0, 8), y=torch.zeros(0, dtype=torch.long)), ValueError, "empty batch"),
         (dict(h=torch.full((6, 8), float("nan"))), ValueError, "hidden contains NaN or inf"),
         (dict(w=torch.full((20, 8), float("inf"))), ValueError, "weight contains NaN or inf"),
     ]
@@ -66,7 +65,14 @@ def test_rlsc_loss_errors():
         (dict(weighting=torch.ones(5)), ValueError, r"weighting tensor must have shape \[2\]"),
         (dict(seq_index=torch.tensor([0, 0, 1])), ValueError, r"seq_index must have shape \[6\]"),
         (dict(seq_index=torch.tensor([0, 0, 1, 1, -1, 0])), ValueError, "negative sequence ids"),
-        (dict(seq_index=torch.tensor([0, 0, 2, 2, 2, 0])), ValueError, "a sequence has no scored tokens"),
+        (dict(seq_index=torch.tensor([0, 0, 1, 1, 2, 0]), num_sequences=2), ValueError,
+         r"seq_index holds ids outside \[0, num_sequences=2\)"),
+        (dict(num_sequences=-1), ValueError, "num_sequences must be None or an int >= 0"),
+        (dict(backward="atomic"), ValueError, "backward must be one of"),
+        (dict(grad_matmul="torch"), ValueError, "grad_matmul must be one of"),
+        (dict(buffer_bytes=0), ValueError, "buffer_bytes must be None or an int > 0"),
+        (dict(block_configs=(16, 32)), TypeError, "block_configs must be None or an rlsc_kernels.BlockConfigs"),
+        (dict(check_values="no"), TypeError, "check_values must be a bool"),
         (dict(completion_mask=torch.ones(6, dtype=torch.bool)), ValueError, "completion_mask is for the padded form"),
         (dict(completion_mask=mask, seq_index=torch.zeros(6, dtype=torch.long)), ValueError, "not both"),
     ]
@@ -84,9 +90,8 @@ def test_padded_form_errors():
         rk.linear_rlsc_loss(h, w, y, completion_mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match="completion_mask must have dtype"):
         rk.linear_rlsc_loss(h, w, y, completion_mask=torch.ones(2, 3))
-    mask = torch.tensor([[True, True, False], [False, False, False]])
-    with pytest.raises(ValueError, match="empty completion"):
-        rk.linear_rlsc_loss(h, w, y, completion_mask=mask)
+    with pytest.raises(ValueError, match="num_sequences is for the packed form"):
+        rk.linear_rlsc_loss(h, w, y, num_sequences=2)
     with pytest.raises(ValueError, match=r"\[B, T, D\] \(padded form\) or \[N, D\]"):
         rk.linear_rlsc_loss(h[None], w, y[None])
 
@@ -119,3 +124,16 @@ def test_device_mismatch_names_the_argument():
         rk.linear_logprobs(h, w, y.to("meta"))
     with pytest.raises(ValueError, match="bias is on meta"):
         rk.linear_logprobs(h, w, y, bias=torch.zeros(20, device="meta"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_bias_of_another_dtype_or_device_is_refused_on_every_backend(backend):
+    h, w, y = _ok()
+    for op in (lambda **kw: rk.linear_logprobs(h, w, y, backend=backend, **kw),
+               lambda **kw: rk.linear_rlsc_loss(h, w, y, backend=backend, **kw)):
+        with pytest.raises(TypeError, match="bias dtype torch.float64 differs from hidden dtype torch.float32"):
+            op(bias=torch.zeros(20, dtype=torch.float64))
+        with pytest.raises(TypeError, match="bias dtype torch.bfloat16 differs"):
+            op(bias=torch.zeros(20, dtype=torch.bfloat16))
+        with pytest.raises(ValueError, match="bias is on meta but hidden is on cpu"):
+            op(bias=torch.zeros(20, device="meta"))
