@@ -66,7 +66,9 @@ class FusedOptions:
     buffer_bytes: budget in bytes for the largest temporary block a backend holds at a time
         (torch: a logits block; Triton sliced: the logit-gradient slice; Triton fused: the fp32
         dweight slice of a 16-bit weight); None = the backend's default.
-    softcap: reserved (logit soft-capping); None = off.
+    softcap: logit soft-cap c > 0, or None (off): the logits are c * tanh((W h + b) / c), then
+        divided by the temperature (the order of the models that cap, e.g. Gemma 2, and of their
+        sampling: the model's forward caps, generation then divides by T).
     block_configs: Triton block sizes for this call (tests, tuning); None = the shipped ones.
     """
 
@@ -79,6 +81,14 @@ class FusedOptions:
     buffer_bytes: Optional[int] = None
     softcap: Optional[float] = None
     block_configs: Optional[BlockConfigs] = None
+
+
+def check_softcap(softcap) -> Optional[float]:
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not (0.0 < float(softcap) < float("inf")):
+        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+    return float(softcap)
 
 
 def check_backward(backward) -> str:
