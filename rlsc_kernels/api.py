@@ -1,6 +1,8 @@
 """Public ops: fused linear log-probs and the RLSC loss, and the nn.Module wrapper."""
 from __future__ import annotations
 
+import contextlib
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -26,6 +28,40 @@ from .single_pass import maybe_single_pass
 from .weighting import WEIGHTINGS, rlsc_weights
 
 REDUCTIONS = ("mean", "sum")
+_AUTOCAST_CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_dtype(hidden) -> Optional[torch.dtype]:
+    """The autocast dtype of hidden's device type if an autocast region is active there, else None."""
+    if not isinstance(hidden, torch.Tensor):
+        return None
+    device_type = hidden.device.type
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except (RuntimeError, TypeError, ValueError):  # a device type autocast does not know
+        return None
+
+
+def _autocast_inputs(hidden, weight, bias):
+    """Like F.linear under torch.autocast: hidden, weight and bias in the region's dtype (the
+    casts are differentiable, so an fp32 master weight gets its gradient in fp32). The op then
+    runs with autocast off, so no backend matmul is recast behind its back."""
+    dtype = _autocast_dtype(hidden)
+    if dtype is None:
+        return hidden, weight, bias, contextlib.nullcontext()
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_CASTABLE else t
+
+    return cast(hidden), cast(weight), cast(bias), torch.autocast(hidden.device.type, enabled=False)
+
+_AUTOCAST_DOC = """
+    Under torch.autocast (active for hidden's device type) the op behaves like F.linear: hidden,
+    weight and bias (fp32/fp16/bf16) run in the autocast dtype, gradients flow back through the
+    casts to the original dtypes, and the outputs stay float32.
+"""
 
 
 def _logprobs_flat(hidden2d, weight, bias, targets1d, opts: FusedOptions, backend: str):
@@ -109,7 +145,11 @@ def linear_logprobs(
     softcap: None, or c > 0 for soft-capped logits: softmax(c * tanh((hidden @ weight.T + bias) / c)
     / temperature), the cap before the temperature as in the models that cap (Gemma 2) and
     their sampling; every backend, with its gradient.
+    Any layout of any tensor argument (sliced, transposed, expanded, offset) gives the result of
+    its contiguous copy. Zero tokens are legal: the outputs are empty and still differentiable
+    (zero gradients). With check_values=False the call makes no device-to-host sync.
     """
+    hidden, weight, bias, autocast_off = _autocast_inputs(hidden, weight, bias)
     check_head(hidden, weight, bias, targets, ignore_index)
     check_backend(backend)
     opts = _options(hidden, temperature, ignore_index, return_entropy, filter_eps, backward, grad_matmul,
@@ -117,28 +157,31 @@ def linear_logprobs(
     if check_values:
         _check_values(hidden, weight, bias, targets, ignore_index)
     lead_shape = targets.shape
-    logp, entropy = _logprobs_flat(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), opts, backend
-    )
+    with autocast_off:
+        logp, entropy = _logprobs_flat(
+            hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), opts, backend
+        )
     logp = logp.reshape(lead_shape)
     if return_entropy:
         return logp, entropy.reshape(lead_shape)
     return logp
 
 
-linear_logprobs.__doc__ += _OPTION_DOCS
+linear_logprobs.__doc__ += _AUTOCAST_DOC + _OPTION_DOCS
 
 
 @dataclass
 class RLSCLossOutput:
     """Result of linear_rlsc_loss.
 
-    loss: scalar, -sum_s w_s L_s (reduction "sum") or that divided by S ("mean").
-    seq_logp: [S] float32 sequence log-probs L_s (differentiable).
+    loss: scalar, -sum_s w_s L_s (reduction "sum") or that divided by max(S, 1) ("mean").
+    seq_logp: [S] float32 sequence log-probs L_s (differentiable; 0 for a sequence with no
+      scored token).
     seq_weight: [S] float32 detached weights w_s.
-    token_logp: [n_scored] float32 log-probs of the scored tokens, in their order in the input.
+    token_logp: float32 log-probs in input order: padded form [n_scored], the masked-in tokens
+      only; packed form [N], 0 where targets == ignore_index.
     n_tokens: [S] int64 scored tokens per sequence.
-    token_entropy: [n_scored] float32 entropies (with return_entropy=True), else None.
+    token_entropy: entropies of the same tokens (with return_entropy=True), else None.
     """
 
     loss: torch.Tensor
@@ -150,7 +193,7 @@ class RLSCLossOutput:
 
 
 def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not torch.isfinite(torch.tensor(float(alpha))):
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(float(alpha)):
         raise ValueError(f"alpha must be a finite float, got {alpha!r}")
     return float(alpha)
 
@@ -162,13 +205,26 @@ def _check_weighting(weighting):
         raise ValueError(f"weighting must be one of {WEIGHTINGS} or a float tensor [S], got {weighting!r}")
 
 
-def _select_tokens(hidden, targets, completion_mask, seq_index, ignore_index):
-    """Brings both input forms to packed scored tokens: (hidden [n, D], targets [n], seq [n], S)."""
+def _check_num_sequences(num_sequences) -> Optional[int]:
+    if num_sequences is None:
+        return None
+    if isinstance(num_sequences, bool) or not isinstance(num_sequences, numbers.Integral) or num_sequences < 0:
+        raise ValueError(f"num_sequences must be None or an int >= 0, got {num_sequences!r}")
+    return int(num_sequences)
+
+
+def _select_tokens(hidden, targets, completion_mask, seq_index, num_sequences, ignore_index):
+    """Brings both input forms to packed tokens: (hidden [n, D], targets [n], seq [n] int64, S,
+    checks) where checks maps an error message to a bool tensor that must be all False (checked
+    with the value checks' single sync). Syncs: the padded form's gather of the scored tokens
+    (its count is data-dependent); the packed form only without num_sequences (S = max id + 1)."""
     if completion_mask is not None and seq_index is not None:
         raise ValueError("pass either completion_mask (padded form) or seq_index (packed form), not both")
     if hidden.dim() == 3:
         if seq_index is not None:
             raise ValueError("seq_index is for the packed form hidden [N, D]; the padded form [B, T, D] takes completion_mask")
+        if num_sequences is not None:
+            raise ValueError("num_sequences is for the packed form hidden [N, D]; the padded form has one sequence per row")
         B, T = targets.shape
         if completion_mask is None:
             completion_mask = torch.ones(B, T, dtype=torch.bool, device=targets.device)
@@ -180,22 +236,32 @@ def _select_tokens(hidden, targets, completion_mask, seq_index, ignore_index):
         scored = completion_mask & (targets != ignore_index)
         # Prompt and padding tokens never reach the head: gather the scored ones only.
         seq = torch.arange(B, device=hidden.device)[:, None].expand(B, T)[scored]
-        return hidden[scored], targets[scored], seq, B
+        return hidden[scored], targets[scored], seq, B, {}
     if hidden.dim() == 2:
         if completion_mask is not None:
             raise ValueError("completion_mask is for the padded form hidden [B, T, D]; the packed form [N, D] takes seq_index")
         N = hidden.shape[0]
         if seq_index is None:
-            seq_index = torch.zeros(N, dtype=torch.int64, device=hidden.device)
+            if num_sequences not in (None, 1) and N > 0:
+                raise ValueError(f"num_sequences={num_sequences} needs seq_index (without it all tokens are one sequence)")
+            S = (1 if N > 0 else 0) if num_sequences is None else num_sequences
+            return hidden, targets, torch.zeros(N, dtype=torch.int64, device=hidden.device), S, {}
         check_tensor("seq_index", seq_index, dtypes=(torch.int64, torch.int32), dim=1)
         if seq_index.shape[0] != N:
             raise ValueError(f"seq_index must have shape [{N}] like targets, got {list(seq_index.shape)}")
         if seq_index.device != hidden.device:
             raise ValueError(f"seq_index is on {seq_index.device} but hidden is on {hidden.device}")
-        lo, hi = (int(v) for v in torch.stack(torch.aminmax(seq_index)).tolist())  # one sync
+        seq = seq_index.long()
+        if num_sequences is not None:
+            bad = (seq < 0) | (seq >= num_sequences)
+            return hidden, targets, seq, num_sequences, {
+                f"seq_index holds ids outside [0, num_sequences={num_sequences})": bad}
+        if N == 0:
+            return hidden, targets, seq, 0, {}
+        lo, hi = (int(v) for v in torch.stack(torch.aminmax(seq)).tolist())  # one sync
         if lo < 0:
             raise ValueError(f"seq_index holds negative sequence ids (got {lo}; expected 0..S-1)")
-        return hidden, targets, seq_index.long(), hi + 1
+        return hidden, targets, seq, hi + 1, {}
     raise ValueError(f"hidden must be [B, T, D] (padded form) or [N, D] (packed form), got shape {list(hidden.shape)}")
 
 
@@ -216,6 +282,7 @@ def linear_rlsc_loss(
     backend: str = "auto",
     return_entropy: bool = False,
     softcap: Optional[float] = None,
+    num_sequences: Optional[int] = None,
     backward: str = "sliced",
     grad_matmul: str = "library",
     buffer_bytes: Optional[int] = None,
@@ -227,22 +294,35 @@ def linear_rlsc_loss(
 
     hidden[..., t, :] is the state that predicts targets[..., t] (the caller shifts).
     Padded form: hidden [B, T, D], targets [B, T], completion_mask [B, T] bool; one sequence per
-      row; only masked-in tokens (whose target is not ignore_index) are scored.
-    Packed form: hidden [N, D], targets [N], seq_index [N] int64 in 0..S-1; tokens whose target is
-      ignore_index are skipped.
+      row (S = B); only masked-in tokens (whose target is not ignore_index) are scored.
+    Packed form: hidden [N, D], targets [N], seq_index [N] int64/int32 in 0..S-1 (None: all
+      tokens are one sequence); tokens whose target is ignore_index are skipped. S is
+      num_sequences if given (ids must lie in [0, num_sequences)), else max(seq_index) + 1.
     L_s = sum of the scored tokens' log_softmax(logits / temperature) at the target.
+    A sequence with no scored token (a fully masked completion, an id no token carries) is legal:
+      L_s = 0, n_tokens = 0, and it contributes nothing to the loss or the gradients. An empty
+      batch (no token, or every token masked) gives a zero loss that is still connected to
+      hidden and weight: backward runs and gives zero gradients (a data-parallel rank with an
+      empty micro-batch must take part in the backward).
     weighting: "rlsc" (w = exp(L) + alpha), "rlsc-l1" (exp(L)), "entropy" (1 + L), "length"
       (exp(L / n_tokens) + alpha), or a float tensor [S] of external weights; always detached.
-    reduction: "sum" or "mean" (divided by S). For micro-batches of one batch use "sum" and
-      scale by 1 / S_total: each weight depends on its own sequence only, so that is exact.
-    return_entropy: also return each scored token's entropy (for monitoring; it is not in the loss).
+    reduction: "sum", or "mean" = the sum divided by S, the number of sequences, counting those
+      with no scored token (so micro-batches compose), and by 1 when S = 0. For micro-batches of
+      one batch use "sum" and scale by 1 / S_total: each weight depends on its own sequence
+      only, so that is exact.
+    return_entropy: also return each scored token's entropy (for monitoring; it is not in the
+      loss, and costs nothing in the backward unless the caller backpropagates through it).
     filter_eps, backend, softcap: as in linear_logprobs.
     path: "auto" computes the loss and its gradients in one pass (three GEMMs per chunk of whole
       sequences; the backward only scales them) wherever that applies: backends torch, native
       and triton, each sequence's logits within buffer_bytes. Elsewhere, and with "two-sweep",
       the per-token op's two sweeps. "single-pass" raises where it does not apply. The single
       pass makes one more device-to-host sync (tokens per sequence, for the chunk plan).
+    Device-to-host syncs: the value checks (one, check_values=True), the padded form's gather
+      of the scored tokens (one), and the packed form's S = max(seq_index) + 1 without
+      num_sequences (one). The packed form with num_sequences and check_values=False makes none.
     """
+    hidden, weight, bias, autocast_off = _autocast_inputs(hidden, weight, bias)
     check_head(hidden, weight, bias, targets, ignore_index)
     check_backend(backend)
     if reduction not in REDUCTIONS:
@@ -251,33 +331,34 @@ def linear_rlsc_loss(
     alpha = _check_alpha(alpha)
     opts = _options(hidden, temperature, ignore_index, return_entropy, filter_eps, backward, grad_matmul,
                     buffer_bytes, block_configs, check_values, softcap)
-    h, y, seq, S = _select_tokens(hidden, targets, completion_mask, seq_index, ignore_index)
+    num_sequences = _check_num_sequences(num_sequences)
+    h, y, seq, S, seq_checks = _select_tokens(hidden, targets, completion_mask, seq_index, num_sequences, ignore_index)
+    if check_values:
+        _check_values(h, weight, bias, y, ignore_index, seq_checks)
     valid = y != ignore_index
     n_tokens = torch.zeros(S, dtype=torch.int64, device=hidden.device).index_add_(0, seq, valid.long())
-    empty = {"a sequence has no scored tokens (empty completion: check completion_mask / seq_index)": n_tokens == 0}
-    if check_values:
-        _check_values(h, weight, bias, y, ignore_index, empty)
 
-    single = maybe_single_pass(h, weight, bias, y, seq, S, opts=opts, weighting=weighting, alpha=alpha,
-                               reduction=reduction, backend=backend, path=path)
-    if single is not None:
-        loss, token_logp, seq_logp, seq_weight, token_entropy = single
-        return RLSCLossOutput(loss, seq_logp, seq_weight, token_logp, n_tokens, token_entropy)
-    token_logp, token_entropy = _logprobs_flat(h, weight, bias, y, opts, backend)
-    seq_logp = torch.zeros(S, dtype=token_logp.dtype, device=h.device).index_add(0, seq, token_logp)
-    seq_weight = rlsc_weights(seq_logp, n_tokens, weighting, alpha)
-    loss = -(seq_weight.to(seq_logp.dtype) * seq_logp).sum()
-    if reduction == "mean":
-        loss = loss / S
+    with autocast_off:
+        single = maybe_single_pass(h, weight, bias, y, seq, S, opts=opts, weighting=weighting, alpha=alpha,
+                                   reduction=reduction, backend=backend, path=path)
+        if single is not None:
+            loss, token_logp, seq_logp, seq_weight, token_entropy = single
+            return RLSCLossOutput(loss, seq_logp, seq_weight, token_logp, n_tokens, token_entropy)
+        token_logp, token_entropy = _logprobs_flat(h, weight, bias, y, opts, backend)
+        seq_logp = torch.zeros(S, dtype=token_logp.dtype, device=h.device).index_add(0, seq, token_logp)
+        seq_weight = rlsc_weights(seq_logp, n_tokens, weighting, alpha)
+        loss = -(seq_weight.to(seq_logp.dtype) * seq_logp).sum()
+        if reduction == "mean":
+            loss = loss / max(S, 1)
     return RLSCLossOutput(loss, seq_logp, seq_weight, token_logp, n_tokens, token_entropy)
 
 
-linear_rlsc_loss.__doc__ += _OPTION_DOCS
+linear_rlsc_loss.__doc__ += _AUTOCAST_DOC + _OPTION_DOCS
 
 
 class LinearRLSCLoss(torch.nn.Module):
     """nn.Module holding linear_rlsc_loss's options; forward(hidden, weight, targets, completion_mask=None,
-    seq_index=None, bias=None, weighting=None) returns an RLSCLossOutput."""
+    seq_index=None, bias=None, weighting=None, num_sequences=None) returns an RLSCLossOutput."""
 
     def __init__(
         self,
@@ -310,12 +391,14 @@ class LinearRLSCLoss(torch.nn.Module):
             **execution,
         )
 
-    def forward(self, hidden, weight, targets, completion_mask=None, seq_index=None, bias=None, weighting=None):
+    def forward(self, hidden, weight, targets, completion_mask=None, seq_index=None, bias=None, weighting=None,
+                num_sequences=None):
         options = dict(self.options)
         if weighting is not None:
             options["weighting"] = weighting
         return linear_rlsc_loss(
-            hidden, weight, targets, completion_mask=completion_mask, seq_index=seq_index, bias=bias, **options
+            hidden, weight, targets, completion_mask=completion_mask, seq_index=seq_index, bias=bias,
+            num_sequences=num_sequences, **options
         )
 
     def extra_repr(self) -> str:
