@@ -35,7 +35,7 @@ def _assert_grads_close(got, ref, rtol=1e-9, atol=1e-11):
         torch.testing.assert_close(got[name], ref[name], rtol=rtol, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "cohere", "granite"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "cohere", "granite", "gemma2"])
 def test_fused_head_log_probs_entropy_and_grads_match_the_models_own_logits(kind):
     model = tiny_model(kind)
     ids, mask, labels = batch()
@@ -54,6 +54,7 @@ def test_scaled_heads_read_their_scale_from_the_config():
     assert logit_transform(tiny_model("cohere").config) == (0.37, None)
     assert logit_transform(tiny_model("granite").config) == (1 / 2.5, None)
     assert logit_transform(tiny_model("llama").config) == (1.0, None)
+    assert logit_transform(tiny_model("gemma2").config) == (1.0, 2.0)
 
 
 def test_tied_embeddings_get_the_gradient_of_both_uses():

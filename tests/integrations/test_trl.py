@@ -88,14 +88,15 @@ def test_grpo_step_on_our_op_has_trls_loss_and_gradients(tmp_path, beta):
         assert our_logs[key] == pytest.approx(trl_logs[key], rel=1e-4, abs=1e-6), key
 
 
-def test_adapter_matches_trls_function_with_scale_softcap_bias_and_extras():
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_adapter_matches_trls_function_with_scale_softcap_bias_and_extras(softcap):
     """The adapter against TRL's own Function on one tile set: outputs and gradients."""
     from trl.kernels import ChunkedLogProbFunction
 
     gen = torch.Generator().manual_seed(0)
     N, H, V = 37, 16, 53
     h = torch.randn(N, H, generator=gen)
-    w = torch.randn(V, H, generator=gen) * 0.5
+    w = torch.randn(V, H, generator=gen)
     b = torch.randn(V, generator=gen) * 0.1
     y = torch.randint(0, V, (N,), generator=gen)
     outputs = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
@@ -103,7 +104,7 @@ def test_adapter_matches_trls_function_with_scale_softcap_bias_and_extras():
     for fn in (ChunkedLogProbFunction, rk_trl.RlscChunkedLogProb):
         rk_trl.RlscChunkedLogProb.trl_function = ChunkedLogProbFunction
         hh, ww, bb = (t.clone().requires_grad_() for t in (h, w, b))
-        out = fn.apply(hh, ww, bb, y, 0.7, 16, None, 0.8, outputs)
+        out = fn.apply(hh, ww, bb, y, 0.7, 16, softcap, 0.8, outputs)
         (out[0].sum() + 0.3 * out[1].sum()).backward()
         results.append((out, hh.grad, ww.grad, bb.grad))
     (ref, *ref_grads), (got, *got_grads) = results
