@@ -24,7 +24,9 @@ from .options import (
 from .reference import reference_logprobs
 from .validation import check_backend, check_head, check_tensor, check_temperature
 from .validation import check_values as _check_values
-from .single_pass import maybe_single_pass
+from .single_pass import check_path, maybe_single_pass
+from .vocab_parallel import VocabParallel, check_vocab_parallel, vocab_parallel_logprobs
+from .vocab_parallel import check_values as _check_values_vocab_parallel
 from .weighting import WEIGHTINGS, rlsc_weights
 
 REDUCTIONS = ("mean", "sum")
@@ -64,9 +66,11 @@ _AUTOCAST_DOC = """
 """
 
 
-def _logprobs_flat(hidden2d, weight, bias, targets1d, opts: FusedOptions, backend: str):
+def _logprobs_flat(hidden2d, weight, bias, targets1d, opts: FusedOptions, backend: str, vocab_parallel=None):
     """Per-token (logp, entropy|None) for flat inputs hidden [N, D], targets [N]; inputs already checked."""
     name = backends.resolve(backend, hidden2d)
+    if vocab_parallel is not None:
+        return vocab_parallel_logprobs(hidden2d, weight, bias, targets1d, opts, name, vocab_parallel)
     if name == "reference":
         return reference_logprobs(hidden2d, weight, bias, targets1d, opts)
     logp, entropy = LinearLogprobsFunction.apply(hidden2d, weight, bias, targets1d, opts, backends.get(name))
@@ -106,6 +110,10 @@ _OPTION_DOCS = """
       False skips them (garbage in, garbage out) for a trusted hot loop.
     block_configs: rlsc_kernels.BlockConfigs of Triton block sizes for this call (tests and
       tuning); None = the shipped ones.
+    vocab_parallel: rlsc_kernels.VocabParallel(start, stop, group) when weight (and bias) hold
+      only rows [start, stop) of a head split over a torch.distributed group; targets stay
+      global ids and every rank passes the same hidden and targets (rlsc_kernels/vocab_parallel.py:
+      collectives, bytes per token). None (default) = weight is the whole head.
 """
 
 
@@ -126,6 +134,7 @@ def linear_logprobs(
     buffer_bytes: Optional[int] = None,
     check_values: bool = True,
     block_configs: Optional[BlockConfigs] = None,
+    vocab_parallel: Optional[VocabParallel] = None,
 ):
     """Log-probs of `targets` under softmax((hidden @ weight.T + bias) / temperature), never
     materialising the [tokens x vocab] logits (except backend="reference").
@@ -148,18 +157,34 @@ def linear_logprobs(
     Any layout of any tensor argument (sliced, transposed, expanded, offset) gives the result of
     its contiguous copy. Zero tokens are legal: the outputs are empty and still differentiable
     (zero gradients). With check_values=False the call makes no device-to-host sync.
+    Under torch.compile (also fullgraph=True) the op runs as registered custom ops
+    (rlsc_kernels/custom_ops.py): same results and gradients, a new token count is not a new
+    compilation, and the value checks run inside the op.
     """
+    if torch.compiler.is_compiling():  # traced by Dynamo: the registered custom ops (custom_ops.py)
+        from .custom_ops import traced_linear_logprobs
+
+        return traced_linear_logprobs(
+            hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
+            return_entropy=return_entropy, filter_eps=filter_eps, backend=backend, softcap=softcap,
+            backward=backward, grad_matmul=grad_matmul, buffer_bytes=buffer_bytes, check_values=check_values,
+            block_configs=block_configs,
+        )
     hidden, weight, bias, autocast_off = _autocast_inputs(hidden, weight, bias)
     check_head(hidden, weight, bias, targets, ignore_index)
     check_backend(backend)
     opts = _options(hidden, temperature, ignore_index, return_entropy, filter_eps, backward, grad_matmul,
                     buffer_bytes, block_configs, check_values, softcap)
-    if check_values:
+    if vocab_parallel is not None:
+        check_vocab_parallel(vocab_parallel, weight, bias)
+    if check_values and vocab_parallel is not None:
+        _check_values_vocab_parallel(hidden, weight, bias, targets, ignore_index, vocab_parallel)
+    elif check_values:
         _check_values(hidden, weight, bias, targets, ignore_index)
     lead_shape = targets.shape
     with autocast_off:
         logp, entropy = _logprobs_flat(
-            hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), opts, backend
+            hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), opts, backend, vocab_parallel
         )
     logp = logp.reshape(lead_shape)
     if return_entropy:
@@ -289,6 +314,7 @@ def linear_rlsc_loss(
     check_values: bool = True,
     block_configs: Optional[BlockConfigs] = None,
     path: str = "auto",
+    vocab_parallel: Optional[VocabParallel] = None,
 ) -> RLSCLossOutput:
     """The RLSC loss -sum_s w_s L_s from hidden states and the lm_head weight, without logits.
 
@@ -317,11 +343,28 @@ def linear_rlsc_loss(
       sequences; the backward only scales them) wherever that applies: backends torch, native
       and triton, each sequence's logits within buffer_bytes. Elsewhere, and with "two-sweep",
       the per-token op's two sweeps. "single-pass" raises where it does not apply. The single
-      pass makes one more device-to-host sync (tokens per sequence, for the chunk plan).
+      pass makes one more device-to-host sync (tokens per sequence, for the chunk plan). With
+      vocab_parallel the loss always takes the two sweeps (the single pass does not split the
+      vocabulary), and "single-pass" raises.
     Device-to-host syncs: the value checks (one, check_values=True), the padded form's gather
       of the scored tokens (one), and the packed form's S = max(seq_index) + 1 without
-      num_sequences (one). The packed form with num_sequences and check_values=False makes none.
+      num_sequences (one). The packed form with num_sequences, check_values=False and
+      path="two-sweep" makes none (the single pass reads the tokens per sequence for its plan).
+    Under torch.compile (also fullgraph=True) the loss is built from the registered custom ops
+    (rlsc_kernels/custom_ops.py) on the two-sweep path: same loss and gradients, but token_logp /
+    token_entropy hold every position of the input (0 where unscored) rather than the scored
+    tokens only, and the packed form needs num_sequences=.
     """
+    if torch.compiler.is_compiling():  # traced by Dynamo: the registered custom ops (custom_ops.py)
+        from .custom_ops import traced_linear_rlsc_loss
+
+        return traced_linear_rlsc_loss(
+            hidden, weight, targets, completion_mask=completion_mask, seq_index=seq_index, bias=bias,
+            temperature=temperature, alpha=alpha, weighting=weighting, reduction=reduction,
+            ignore_index=ignore_index, filter_eps=filter_eps, backend=backend, return_entropy=return_entropy,
+            softcap=softcap, num_sequences=num_sequences, backward=backward, grad_matmul=grad_matmul,
+            buffer_bytes=buffer_bytes, check_values=check_values, block_configs=block_configs,
+        )
     hidden, weight, bias, autocast_off = _autocast_inputs(hidden, weight, bias)
     check_head(hidden, weight, bias, targets, ignore_index)
     check_backend(backend)
@@ -332,19 +375,27 @@ def linear_rlsc_loss(
     opts = _options(hidden, temperature, ignore_index, return_entropy, filter_eps, backward, grad_matmul,
                     buffer_bytes, block_configs, check_values, softcap)
     num_sequences = _check_num_sequences(num_sequences)
+    if vocab_parallel is not None:
+        check_vocab_parallel(vocab_parallel, weight, bias)
+        if check_path(path) == "single-pass":
+            raise ValueError("path='single-pass' does not split the vocabulary; with vocab_parallel use path='auto' "
+                             "or 'two-sweep'")
     h, y, seq, S, seq_checks = _select_tokens(hidden, targets, completion_mask, seq_index, num_sequences, ignore_index)
-    if check_values:
+    if check_values and vocab_parallel is not None:
+        _check_values_vocab_parallel(h, weight, bias, y, ignore_index, vocab_parallel, seq_checks)
+    elif check_values:
         _check_values(h, weight, bias, y, ignore_index, seq_checks)
     valid = y != ignore_index
     n_tokens = torch.zeros(S, dtype=torch.int64, device=hidden.device).index_add_(0, seq, valid.long())
 
     with autocast_off:
-        single = maybe_single_pass(h, weight, bias, y, seq, S, opts=opts, weighting=weighting, alpha=alpha,
-                                   reduction=reduction, backend=backend, path=path)
+        single = None if vocab_parallel is not None else maybe_single_pass(
+            h, weight, bias, y, seq, S, opts=opts, weighting=weighting, alpha=alpha, reduction=reduction,
+            backend=backend, path=path)
         if single is not None:
             loss, token_logp, seq_logp, seq_weight, token_entropy = single
             return RLSCLossOutput(loss, seq_logp, seq_weight, token_logp, n_tokens, token_entropy)
-        token_logp, token_entropy = _logprobs_flat(h, weight, bias, y, opts, backend)
+        token_logp, token_entropy = _logprobs_flat(h, weight, bias, y, opts, backend, vocab_parallel)
         seq_logp = torch.zeros(S, dtype=token_logp.dtype, device=h.device).index_add(0, seq, token_logp)
         seq_weight = rlsc_weights(seq_logp, n_tokens, weighting, alpha)
         loss = -(seq_weight.to(seq_logp.dtype) * seq_logp).sum()
@@ -376,7 +427,8 @@ class LinearRLSCLoss(torch.nn.Module):
         """execution: linear_rlsc_loss's execution options (backward, grad_matmul, buffer_bytes,
         check_values, block_configs)."""
         super().__init__()
-        allowed = ("backward", "grad_matmul", "buffer_bytes", "check_values", "block_configs", "softcap")
+        allowed = ("backward", "grad_matmul", "buffer_bytes", "check_values", "block_configs", "softcap",
+                   "vocab_parallel")
         unknown = sorted(set(execution) - set(allowed))
         if unknown:
             raise TypeError(f"LinearRLSCLoss got unexpected keyword arguments {unknown}; execution options are {allowed}")

@@ -124,13 +124,15 @@ def _recording(module, monkeypatch):
 def test_entropy_for_logging_only_skips_the_entropy_backward(backend, module, monkeypatch):
     seen = _recording(module, monkeypatch)
     h, w, b, y = _leaves(20)
-    logged = rk.linear_rlsc_loss(h, w, y, bias=b, return_entropy=True, backend=backend, **small_blocks())
+    # the two sweeps' Function (the single pass has its own, tested with it)
+    logged = rk.linear_rlsc_loss(h, w, y, bias=b, return_entropy=True, backend=backend, path="two-sweep",
+                                 **small_blocks())
     logged.loss.backward()
     grads = [t.grad.clone() for t in (h, w, b)]
     assert logged.token_entropy is not None and seen == [None]  # no entropy path in the backward
     for t in (h, w, b):
         t.grad = None
-    plain = rk.linear_rlsc_loss(h, w, y, bias=b, backend=backend, **small_blocks())
+    plain = rk.linear_rlsc_loss(h, w, y, bias=b, backend=backend, path="two-sweep", **small_blocks())
     plain.loss.backward()
     for got, want in zip(grads, (h.grad, w.grad, b.grad)):
         assert torch.equal(got, want)
@@ -202,16 +204,19 @@ def _no_host_reads():
 
 @pytest.mark.parametrize("variant", ["sliced", "sliced-sparse", "fused"])
 def test_packed_form_with_checks_off_reads_nothing_on_the_host_triton(variant):
+    """The sync-free route: packed form, num_sequences, check_values=False, the two sweeps (the
+    single pass reads the tokens per sequence to plan its chunks)."""
     h, w, b, y = _leaves(30)
     seq = torch.arange(30) // 7
     with _no_host_reads():
         out = rk.linear_rlsc_loss(h, w, y, bias=b, seq_index=seq, num_sequences=5, check_values=False,
-                                  return_entropy=True, backend="triton", filter_eps=1e-3, **small_blocks(variant))
+                                  return_entropy=True, backend="triton", filter_eps=1e-3, path="two-sweep",
+                                  **small_blocks(variant))
         out.loss.backward()
         logp = rk.linear_logprobs(h, w, y, bias=b, check_values=False, backend="triton", **small_blocks(variant))
         logp.sum().backward()
     with pytest.raises(AssertionError, match="host sync"), _no_host_reads():  # the guard does catch syncs
-        rk.linear_rlsc_loss(h, w, y, seq_index=seq, backend="triton")
+        rk.linear_rlsc_loss(h, w, y, seq_index=seq, backend="triton", path="two-sweep")
 
 
 @pytest.mark.parametrize("weighting", ["rlsc", "rlsc-l1", "entropy", "length", "tensor"])
@@ -226,7 +231,7 @@ def test_packed_form_with_checks_off_runs_on_the_meta_device(weighting):
     seq = torch.empty(17, dtype=torch.long, **meta)
     weights = torch.empty(4, **meta) if weighting == "tensor" else weighting
     out = rk.linear_rlsc_loss(h, w, y, bias=b, seq_index=seq, num_sequences=4, weighting=weights, check_values=False,
-                              return_entropy=True, backend="torch")
+                              return_entropy=True, backend="torch", path="two-sweep")
     out.loss.backward()
     rk.linear_logprobs(h, w, y, bias=b, check_values=False, backend="torch").sum().backward()
     assert w.grad.shape == w.shape and out.seq_logp.shape == (4,)
