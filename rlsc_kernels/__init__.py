@@ -7,6 +7,7 @@
 """
 from .api import LinearRLSCLoss, RLSCLossOutput, linear_logprobs, linear_rlsc_loss
 from .options import AUTO_FILTER_EPS, BlockConfigs, FusedOptions, KernelConfig
+from .vocab_parallel import VocabParallel
 from .weighting import WEIGHTINGS, rlsc_weights
 
 __all__ = [
@@ -20,5 +21,6 @@ __all__ = [
     "AUTO_FILTER_EPS",
     "BlockConfigs",
     "KernelConfig",
+    "VocabParallel",
 ]
 __version__ = "0.1.0"
