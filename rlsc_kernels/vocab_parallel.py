@@ -230,6 +230,7 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, opts: FusedOptions, backend, vocab_parallel: VocabParallel):
+        ctx.set_materialize_grads(False)  # an output nobody backpropagates through costs nothing
         ctx.backend = backend
         ctx.opts = opts
         ctx.vocab_parallel = vocab_parallel
@@ -271,15 +272,17 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        if ctx.empty:
-            hidden, weight, bias = ctx.saved_tensors
+        opts: FusedOptions = ctx.opts
+        if not opts.return_entropy:
+            grad_entropy = None
+        if ctx.empty or (grad_logp is None and grad_entropy is None):
+            # No token, or neither output used (the same on every rank): zero gradients where
+            # asked, no collective.
+            hidden, weight, bias = ctx.saved_tensors[:3]
             zero = lambda x, i: torch.zeros_like(x) if x is not None and ctx.needs_input_grad[i] else None  # noqa: E731
             return zero(hidden, 0), zero(weight, 1), zero(bias, 2), None, None, None, None
         hidden, weight, bias, targets, local, lse, *rest = ctx.saved_tensors
         mean_z = rest[0] if rest else None
-        opts: FusedOptions = ctx.opts
-        if not opts.return_entropy:
-            grad_entropy = None
         valid = targets != opts.ignore_index
         grad_logp, grad_entropy = _zero_ignored(grad_logp, valid), _zero_ignored(grad_entropy, valid)
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
