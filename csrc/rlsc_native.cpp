@@ -66,29 +66,31 @@ RLSC_INLINE void forward_rows(scalar_t* buf, int64_t V, const int64_t* targets, 
     for (int64_t v = 0; v < V; ++v) raw_max = row[v] > raw_max ? row[v] : raw_max;
     const scalar_t m = raw_max * inv_t;  // max of z = raw / T, T > 0
     const scalar_t z_target = row[targets[i]] * inv_t - m;
-    scalar_t s = 0, a = 0;
+    // Sums in double: a float32 running sum over tens of thousands of entries drifts by ~1e-6
+    // relative, a bias common to the whole row that would not cancel in dH.
+    double s = 0, a = 0;
     if (want_mean_z) {
 #pragma omp simd reduction(+ : s, a)
       for (int64_t v = 0; v < V; ++v) {
         const scalar_t zs = row[v] * inv_t - m;
         const scalar_t e = exp_nonpositive(zs);
         row[v] = e;
-        s += e;
-        a += e * zs;
+        s += static_cast<double>(e);
+        a += static_cast<double>(e * zs);
       }
     } else {
 #pragma omp simd reduction(+ : s)
       for (int64_t v = 0; v < V; ++v) {
         const scalar_t e = exp_nonpositive(row[v] * inv_t - m);
         row[v] = e;
-        s += e;
+        s += static_cast<double>(e);
       }
     }
-    const scalar_t log_s = std::log(s);
-    lse[i] = m + log_s;
-    logp[i] = z_target - log_s;
-    sumexp[i] = s;
-    if (want_mean_z) mean_z[i] = m + a / s;
+    const double log_s = std::log(s);
+    lse[i] = static_cast<scalar_t>(m + log_s);
+    logp[i] = static_cast<scalar_t>(z_target - log_s);
+    sumexp[i] = static_cast<scalar_t>(s);
+    if (want_mean_z) mean_z[i] = static_cast<scalar_t>(m + a / s);
   }
 }
 

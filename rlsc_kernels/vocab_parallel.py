@@ -220,6 +220,26 @@ class _ReferenceSlice:
         return dh, dw, db
 
 
+_DOUBLE_BACKWARD = (b"rlsc_kernels: the vocab-parallel op's backward is not differentiable (double backward, "
+                    b"create_graph=True through it)")
+
+
+def _not_differentiable(grads):
+    """The gradients, behind a node that raises if anything differentiates them (create_graph=True),
+    as in autograd.LinearLogprobsFunction: also when only the saved inputs require grad."""
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not torch.is_grad_enabled() or not present:
+        return grads
+    from torch._C import _functions
+
+    wrapped = _functions.DelayedError(_DOUBLE_BACKWARD, len(present))(*[grads[i].detach().requires_grad_() for i in present])
+    wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+    out = list(grads)
+    for i, g in zip(present, wrapped):
+        out[i] = g
+    return tuple(out)
+
+
 def _zero_ignored(x, valid):
     return None if x is None else torch.where(valid, x, x.new_zeros(()))
 
@@ -272,6 +292,12 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
+        with torch.no_grad():
+            grads = VocabParallelLogprobsFunction._gradients(ctx, grad_logp, grad_entropy)
+        return _not_differentiable(grads)
+
+    @staticmethod
+    def _gradients(ctx, grad_logp, grad_entropy):
         opts: FusedOptions = ctx.opts
         if not opts.return_entropy:
             grad_entropy = None

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import rlsc_kernels as rk
+from rlsc_kernels.backends import native_available
 
 from .oracle import TOL, small_blocks
 from .vocab_parallel_worker import run_case
@@ -86,6 +87,9 @@ def _cases(world):
                        options=small_blocks("fused")),
         _logprobs_case("no-entropy-fp32", 7, return_entropy=False, options={"check_values": False}),
     ]
+    if native_available():  # the native backend's two sweeps; "auto" picks it on CPU
+        cases.append(_logprobs_case("native-fp32-bias-T0.8", 12, backend="native", temperature=0.8))
+        cases.append(dict(_rlsc_case("rlsc-auto-backend", 31, "rlsc", "sum"), backend="auto"))
     # An ignore_index that is also a vocabulary id (here: a local id of every slice).
     case = _logprobs_case("ignore-index-is-a-vocab-id", 8, options={"ignore_index": 5})
     y = case["inputs"]["targets"]
@@ -118,11 +122,17 @@ def _cases(world):
     top_start = max(s for s, _ in shards)
     nan["inputs"]["weight"][top_start + 3, 7] = float("nan")
     nan["shards"] = shards
-    return cases + [bad_target, gap, nan]
+    single_pass = _rlsc_case("single-pass-refused", 43, "rlsc", "mean")
+    single_pass["options"] = {"path": "single-pass"}
+    double = dict(_logprobs_case("double-backward", 44), op="double-backward")
+    for case in (single_pass, double):
+        case["shards"] = shards
+    return cases + [bad_target, gap, nan, single_pass, double]
 
 
 CASE_NAMES = [c["name"] for c in _cases(2)]
-OK_CASES = [n for n in CASE_NAMES if not n.startswith(("bad-", "nan-"))]
+BAD_CASES = ("bad-target", "bad-layout", "nan-in-one-slice", "single-pass-refused", "double-backward")
+OK_CASES = [n for n in CASE_NAMES if n not in BAD_CASES]
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +233,8 @@ def test_bytes_all_reduced_per_token(world_runs, world):
     ("bad-target", f"targets holds ids outside [0, {V})"),
     ("bad-layout", "must tile [0, V) without gaps or overlaps"),
     ("nan-in-one-slice", "weight contains NaN or inf"),
+    ("single-pass-refused", "path='single-pass' does not split the vocabulary"),
+    ("double-backward", "backward is not differentiable"),
 ])
 def test_bad_input_raises_the_same_error_on_every_rank(world_runs, world, name, message):
     _, results = world_runs(world)

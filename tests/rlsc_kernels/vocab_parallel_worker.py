@@ -47,6 +47,11 @@ def run_case(case, *, dtype=None, backend=None, vocab_parallel=None):
     if vocab_parallel is not None:
         kw["vocab_parallel"] = vocab_parallel
     backend = backend or case["backend"]
+    if case["op"] == "double-backward":
+        logp = rk.linear_logprobs(hh, ww, x["targets"], bias=bb, backend=backend, **kw)
+        (dh,) = torch.autograd.grad(logp.square().sum(), hh, create_graph=True)
+        dh.sum().backward()
+        raise AssertionError("double backward did not raise")
     if case["op"] == "logprobs":
         return_entropy = case.get("return_entropy", True)
         res = rk.linear_logprobs(hh, ww, x["targets"], bias=bb, temperature=case["temperature"],

@@ -1,0 +1,269 @@
+"""linear_rlsc_loss's single-pass path against the float64 oracle, and against its two-sweep path:
+every weighting and reduction, ignored tokens, bias, temperature, entropy, several chunks,
+unsorted sequence ids, empty sequences, the accepted dtypes, gradients through the loss and
+through the per-token / per-sequence outputs, and what path="single-pass" refuses."""
+import math
+
+import pytest
+import torch
+
+import rlsc_kernels as rk
+from rlsc_kernels import single_pass
+from rlsc_kernels.backends import native
+
+from .oracle import TOL
+
+BACKENDS = ["torch", pytest.param("native", marks=pytest.mark.skipif(not native.available(), reason="native extension not built"))]
+PATHS = ["single-pass", "two-sweep"]
+WEIGHTINGS = ["rlsc", "rlsc-l1", "entropy", "length", "tensor"]
+
+
+def packed_batch(lengths, D=24, V=203, *, dtype=torch.float32, seed=0, scale=3.0, ignore_frac=0.2, shuffle=True):
+    """Packed tokens of sequences of the given lengths, ids shuffled (unsorted) if asked."""
+    gen = torch.Generator().manual_seed(seed)
+    N = sum(lengths)
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    if shuffle:
+        seq = seq[torch.randperm(N, generator=gen)]
+    hidden = torch.randn(N, D, generator=gen, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(V, D, generator=gen, dtype=torch.float64) * scale / D**0.5).to(dtype)
+    bias = (torch.randn(V, generator=gen, dtype=torch.float64) * 0.3).to(dtype)
+    targets = torch.randint(0, V, (N,), generator=gen)
+    targets[torch.rand(N, generator=gen) < ignore_frac] = -100
+    return hidden, weight, bias, targets, seq
+
+
+def oracle(hidden, weight, bias, targets, seq, S, *, temperature, alpha, weighting, reduction, extra=None):
+    """Algorithm 1 over packed tokens in float64, with autograd: returns the outputs and the
+    gradients of loss + extra(outputs) (extra: the same extra terms the test adds)."""
+    h = hidden.to(torch.float64, copy=True).requires_grad_()
+    W = weight.to(torch.float64, copy=True).requires_grad_()
+    b = bias.to(torch.float64, copy=True).requires_grad_() if bias is not None else None
+    z = (h @ W.T + (b if b is not None else 0)) / temperature
+    logp_all = torch.log_softmax(z, dim=-1)
+    valid = targets != -100
+    tok = torch.where(valid, logp_all.gather(1, targets.clamp(min=0)[:, None]).squeeze(1), torch.zeros(()).double())
+    ent = torch.where(valid, -(logp_all.exp() * logp_all).sum(1), torch.zeros(()).double())
+    L = torch.zeros(S, dtype=torch.float64).index_add(0, seq, tok)
+    n = torch.zeros(S, dtype=torch.float64).index_add(0, seq, valid.double())
+    Ld = L.detach().clamp(max=0)
+    if isinstance(weighting, torch.Tensor):
+        w = weighting.double()
+    else:
+        w = {"rlsc": Ld.exp() + alpha, "rlsc-l1": Ld.exp(), "entropy": 1 + Ld,
+             "length": (Ld / n.clamp(min=1)).exp() + alpha}[weighting]
+    w = w.float().double()  # the op's weights are float32 by contract
+    loss = -(w * L).sum() / (max(S, 1) if reduction == "mean" else 1)
+    total = loss + (extra(tok, L, ent) if extra is not None else 0)
+    total.backward()
+    out = {"loss": loss.detach(), "seq_logp": L.detach(), "seq_weight": w, "token_logp": tok.detach(),
+           "token_entropy": ent.detach(), "dhidden": h.grad, "dweight": W.grad}
+    if b is not None:
+        out["dbias"] = b.grad
+    return out
+
+
+def run_op(hidden, weight, bias, targets, seq, *, extra=None, **kw):
+    h = hidden.clone().requires_grad_()
+    W = weight.clone().requires_grad_()
+    b = bias.clone().requires_grad_() if bias is not None else None
+    out = rk.linear_rlsc_loss(h, W, targets, seq_index=seq, bias=b, **kw)
+    ent = out.token_entropy if out.token_entropy is not None else torch.zeros_like(out.token_logp)
+    total = out.loss + (extra(out.token_logp, out.seq_logp, ent) if extra is not None else 0)
+    total.backward()
+    res = {"loss": out.loss, "seq_logp": out.seq_logp, "seq_weight": out.seq_weight, "token_logp": out.token_logp,
+           "dhidden": h.grad, "dweight": W.grad}
+    if out.token_entropy is not None:
+        res["token_entropy"] = out.token_entropy
+    if b is not None:
+        res["dbias"] = b.grad
+    return {k: v.detach().double() for k, v in res.items()}
+
+
+def assert_close(got, want, rel, label=""):
+    for name, g in got.items():
+        w = want[name]
+        scale = max(w.abs().max().item(), 1e-30)
+        err = (g - w).abs().max().item()
+        assert err <= rel * scale + 1e-12, f"{label} {name}: max error {err:.3e} > {rel:.1e} x {scale:.3e}"
+
+
+# Small buffers so that one call spans several chunks: V = 203 fp32 logits are 812 bytes a token.
+SEVERAL_CHUNKS = 812 * 20
+LENGTHS = [7, 13, 1, 19, 9, 4, 17]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_outputs_and_grads_match_float64_oracle(backend, path, weighting, reduction):
+    seed = (WEIGHTINGS.index(weighting) * 2 + (reduction == "sum")) * 7 + PATHS.index(path)
+    hidden, weight, bias, targets, seq = packed_batch(LENGTHS, seed=seed)
+    S = len(LENGTHS)
+    w_ext = torch.rand(S, generator=torch.Generator().manual_seed(seed)) + 0.5 if weighting == "tensor" else None
+    wt = w_ext if w_ext is not None else weighting
+    kw = dict(temperature=0.7, alpha=0.1, reduction=reduction)
+    exact = oracle(hidden, weight, bias, targets, seq, S, weighting=wt, **kw)
+    got = run_op(hidden, weight, bias, targets, seq, weighting=wt, backend=backend, path=path,
+                 buffer_bytes=SEVERAL_CHUNKS, **kw)
+    assert_close(got, exact, 2e-5, f"{backend}/{path}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
+def test_entropy_and_extra_gradients_through_token_and_sequence_outputs(backend, path):
+    """A caller differentiating token_logp, seq_logp and token_entropy as well as the loss."""
+    hidden, weight, bias, targets, seq = packed_batch(LENGTHS, seed=11)
+    S = len(LENGTHS)
+    gen = torch.Generator().manual_seed(3)
+    a, c, e = torch.randn(S, generator=gen), torch.randn(len(seq), generator=gen), torch.randn(len(seq), generator=gen)
+
+    def extra(tok, L, ent):
+        return (a.to(L.dtype) * L).sum() + (c.to(tok.dtype) * tok).sum() + 0.5 * (e.to(ent.dtype) * ent).sum()
+
+    kw = dict(temperature=0.5, alpha=0.1, weighting="rlsc", reduction="mean")
+    exact = oracle(hidden, weight, bias, targets, seq, S, extra=extra, **kw)
+    got = run_op(hidden, weight, bias, targets, seq, extra=extra, backend=backend, path=path, return_entropy=True,
+                 buffer_bytes=SEVERAL_CHUNKS, **kw)
+    assert set(got) == set(exact)
+    assert_close(got, exact, 2e-5, f"{backend}/{path}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_single_pass_matches_oracle_to_rounding(backend):
+    hidden, weight, bias, targets, seq = packed_batch(LENGTHS, dtype=torch.float64, seed=5)
+    kw = dict(temperature=0.6, alpha=0.1, weighting="length", reduction="mean")
+    exact = oracle(hidden, weight, bias, targets, seq, len(LENGTHS), **kw)
+    got = run_op(hidden, weight, bias, targets, seq, backend=backend, path="single-pass", buffer_bytes=1624 * 20, **kw)
+    assert_close(got, exact, 1e-11, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_same_dtype_torch_error(backend, dtype):
+    """16-bit inputs: the single pass's error against float64 is no worse than the naive
+    same-dtype PyTorch computation's (backend="reference") plus half an output ulp."""
+    hidden, weight, bias, targets, seq = packed_batch(LENGTHS, dtype=dtype, seed=8, scale=12.0)
+    kw = dict(temperature=0.5, alpha=0.1, weighting="rlsc", reduction="sum")
+    exact = oracle(hidden, weight, bias, targets, seq, len(LENGTHS), **kw)
+    got = run_op(hidden, weight, bias, targets, seq, backend=backend, path="single-pass", buffer_bytes=SEVERAL_CHUNKS, **kw)
+    same = run_op(hidden, weight, bias, targets, seq, backend="reference", **kw)
+    for name in got:
+        scale = exact[name].abs().max().item()
+        err = (got[name] - exact[name]).abs().max().item()
+        bound = (same[name] - exact[name]).abs().max().item() + TOL[dtype] * scale
+        assert err <= bound, f"{name}: {err:.3e} > {bound:.3e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_result_does_not_depend_on_chunking(backend):
+    hidden, weight, bias, targets, seq = packed_batch(LENGTHS, seed=2)
+    kw = dict(temperature=0.7, weighting="rlsc", reduction="mean", backend=backend, path="single-pass")
+    one = run_op(hidden, weight, bias, targets, seq, **kw)  # default budget: one chunk
+    for budget in (812 * 19, 812 * 25, 812 * 40):
+        assert_close(run_op(hidden, weight, bias, targets, seq, buffer_bytes=budget, **kw), one, 2e-6, str(budget))
+
+
+def test_chunk_plan_holds_whole_sequences_within_budget():
+    counts = [7, 13, 0, 1, 19, 9, 0, 4, 17]
+    chunks = single_pass.plan_chunks(counts, 20)
+    starts = [sum(counts[:s]) for s in range(len(counts) + 1)]
+    assert chunks[0][0] == 0 and chunks[0][2] == 0 and chunks[-1][1] == sum(counts) and chunks[-1][3] == len(counts)
+    for (t0, t1, s0, s1), nxt in zip(chunks, chunks[1:] + [None]):
+        assert (t0, t1) == (starts[s0], starts[s1]) and 0 < t1 - t0 <= 20
+        if nxt is not None:
+            assert (nxt[0], nxt[2]) == (t1, s1)
+            assert t1 - t0 + counts[s1] > 20  # greedy: the next sequence did not fit
+    assert single_pass.plan_chunks(counts, 18) is None  # the 19-token sequence cannot be split
+    assert single_pass.plan_chunks([0, 0], 5) == [(0, 0, 0, 2)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
+def test_empty_sequences_contribute_nothing(backend, path):
+    """Sequence ids no token carries (1, 4) and one whose tokens are all ignored (2)."""
+    hidden, weight, bias, targets, _ = packed_batch([5, 6, 3, 8], seed=4, ignore_frac=0.0)
+    seq = torch.tensor([0] * 5 + [3] * 6 + [2] * 3 + [5] * 8)
+    targets[5 + 6:5 + 6 + 3] = -100
+    S = 6
+    kw = dict(temperature=0.7, alpha=0.1, weighting="length", reduction="mean")
+    exact = oracle(hidden, weight, bias, targets, seq, S, **kw)
+    got = run_op(hidden, weight, bias, targets, seq, backend=backend, path=path, check_values=False,
+                 buffer_bytes=812 * 9, **kw)
+    assert_close(got, exact, 2e-5, f"{backend}/{path}")
+    assert got["seq_logp"][[1, 2, 4]].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_form_single_pass_equals_two_sweep(backend):
+    gen = torch.Generator().manual_seed(9)
+    B, T, D, V = 3, 21, 16, 301
+    hidden = torch.randn(B, T, D, generator=gen)
+    weight = torch.randn(V, D, generator=gen) * 0.6
+    targets = torch.randint(0, V, (B, T), generator=gen)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        mask[b, 2 + b:T - 4 * b] = True
+    outs = []
+    for path in PATHS:
+        h = hidden.clone().requires_grad_()
+        W = weight.clone().requires_grad_()
+        out = rk.linear_rlsc_loss(h, W, targets, completion_mask=mask, backend=backend, path=path,
+                                  buffer_bytes=V * 4 * 20)
+        out.loss.backward()
+        outs.append({"loss": out.loss, "seq_logp": out.seq_logp, "token_logp": out.token_logp,
+                     "dhidden": h.grad, "dweight": W.grad})
+        assert (h.grad[~mask] == 0).all()
+    assert_close({k: v.detach().double() for k, v in outs[0].items()},
+                 {k: v.detach().double() for k, v in outs[1].items()}, 2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_head_and_no_grad(backend):
+    hidden, weight, bias, targets, seq = packed_batch(LENGTHS, seed=6)
+    h = hidden.clone().requires_grad_()
+    out = rk.linear_rlsc_loss(h, weight, targets, seq_index=seq, bias=bias, backend=backend, path="single-pass")
+    out.loss.backward()
+    exact = oracle(hidden, weight, bias, targets, seq, len(LENGTHS), temperature=0.5, alpha=0.1, weighting="rlsc",
+                   reduction="mean")
+    assert (h.grad.double() - exact["dhidden"]).abs().max() <= 2e-5 * exact["dhidden"].abs().max()
+    with torch.no_grad():
+        out2 = rk.linear_rlsc_loss(h, weight, targets, seq_index=seq, bias=bias, backend=backend, path="single-pass")
+    assert not out2.loss.requires_grad
+    assert math.isclose(out2.loss.item(), exact["loss"].item(), rel_tol=1e-5)
+
+
+def test_auto_path_falls_back_to_two_sweep_for_a_sequence_over_the_budget():
+    hidden, weight, bias, targets, seq = packed_batch([5, 30, 4], seed=1)
+    kw = dict(temperature=0.7, alpha=0.1, weighting="rlsc", reduction="mean")
+    exact = oracle(hidden, weight, bias, targets, seq, 3, **kw)
+    got = run_op(hidden, weight, bias, targets, seq, backend="torch", buffer_bytes=812 * 20, **kw)
+    assert_close(got, exact, 2e-5)
+    with pytest.raises(ValueError, match="path='single-pass'.*30 tokens.*buffer_bytes"):
+        run_op(hidden, weight, bias, targets, seq, backend="torch", path="single-pass", buffer_bytes=812 * 20, **kw)
+
+
+def test_single_pass_refusals_name_the_reason():
+    hidden, weight, bias, targets, seq = packed_batch([5, 6], seed=1)
+    with pytest.raises(ValueError, match="path='single-pass'.*reference"):
+        rk.linear_rlsc_loss(hidden, weight, targets, seq_index=seq, backend="reference", path="single-pass")
+    with pytest.raises(ValueError, match="path must be one of"):
+        rk.linear_rlsc_loss(hidden, weight, targets, seq_index=seq, backend="torch", path="fast")
+    with pytest.raises(ValueError, match=r"weighting tensor must have shape \[2\]"):
+        rk.linear_rlsc_loss(hidden, weight, targets, seq_index=seq, backend="torch", path="single-pass",
+                            weighting=torch.ones(3))
+
+
+def test_weigh_slices_external_weights_by_position():
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    weigh = single_pass.Weigh(w, 0.1, "mean", 4)
+    L = torch.zeros(2)
+    n = torch.ones(2, dtype=torch.int64)
+    assert weigh(L, n)[0].tolist() == [1.0, 2.0]
+    sw, coef = weigh(L, n)
+    assert sw.tolist() == [3.0, 4.0] and coef.tolist() == [-0.75, -1.0]
+    assert weigh(L[:1], n[:1], s0=1)[0].tolist() == [2.0]
+    assert weigh(L, n)[0].tolist() == [3.0, 4.0]  # continues after the s0 = 1 call
+    with pytest.raises(RuntimeError, match="outside"):
+        weigh(L, n)
