@@ -14,7 +14,14 @@ backend's ordinary forward sweep on its slice and the per-token statistics are m
 The backward runs the backend's backward sweep on the slice with the GLOBAL lse and mean_z and
 the targets remapped to local ids (a target outside the slice matches no local column but its
 token still gets the softmax part of the gradient). dweight and dbias of the slice stay local;
-each rank's partial dhidden (fp32) is summed with one all-reduce.
+each rank's partial dhidden (fp32) is summed with one all-reduce, so every rank gets the whole
+dhidden (the gradient of the one loss every rank computed, not a sum over ranks).
+
+Any backend with the two-sweep interface serves (torch, native, Triton); "reference" materialises
+the slice's [N, stop - start] logits. The RLSC loss's single pass does not split the vocabulary:
+with vocab_parallel, linear_rlsc_loss takes the two sweeps. An empty batch makes no collective.
+With check_values=False the op makes no device-to-host sync (the collectives are stream-ordered
+on NCCL); tested on gloo (CPU) only.
 
 Bytes all-reduced per token, with statistics in float32 (float64 for float64 inputs, twice these):
     forward:  4 (MAX of lse) + 8 (SUM of sum-exp and target logit) = 12 bytes,
