@@ -45,6 +45,10 @@ loss = sum_t w_{s(t)} * nll_t / S is differentiated once (one forward, one backw
 - ours: rlsc-triton (filter_eps="auto", path="auto"), rlsc-triton-exact (filter_eps=None),
   rlsc-triton-single-pass / rlsc-triton-two-sweep (path forced), rlsc-torch (torch backend).
 - matmul-floor: one GEMM hidden @ W^T of the logits' shape (logprobs_fwd only): the floor.
+- CPU rows of ours: rlsc-native (backend="native": the C++ single pass), rlsc-single-pass (torch
+  backend, path="single-pass"), rlsc-torch-two-sweep (torch backend, path="two-sweep", the CPU
+  default before the single pass); matmul-floor-3 (rlsc_fwd_bwd only): the single pass's three
+  GEMMs alone, the floor of an exact fp32 single pass.
 
 Every row records `code_path`: which implementation path the peer (or ours) actually took.
 """
@@ -363,6 +367,38 @@ def rk_fwd_bwd(inp: HeadInputs, hidden, weight, backend: str, filter_eps="auto",
     return _grads(out.loss, hidden, weight)
 
 
+def three_gemms_fwd_bwd(inp: HeadInputs, hidden, weight):
+    """The floor of an exact single pass: its three GEMMs alone (logits z = h W^T, dH = z W,
+    dW += z^T h) over the chunks of whole sequences the native backend plans at its default
+    budget, into reused buffers. Returns (0, dH, dW): the timing floor, not a loss."""
+    from rlsc_kernels.backends import native
+    from rlsc_kernels.single_pass import budget_rows, plan_chunks
+
+    V, D = weight.shape
+    counts = torch.bincount(inp.seq_index, minlength=inp.n_seqs).tolist()
+    chunks = plan_chunks(counts, budget_rows(V, hidden.dtype, native.BUFFER_BYTES))
+    with torch.no_grad():
+        dH = torch.empty_like(hidden)
+        dW = torch.zeros_like(weight)
+        buf = torch.empty(max(t1 - t0 for t0, t1, _, _ in chunks), V, dtype=hidden.dtype, device=hidden.device)
+        for t0, t1, _, _ in chunks:
+            h, z = hidden[t0:t1], buf[: t1 - t0]
+            torch.mm(h, weight.T, out=z)
+            torch.mm(z, weight, out=dH[t0:t1])
+            dW.addmm_(z.T, h)
+    return torch.zeros((), device=hidden.device), dH, dW
+
+
+def _native_check():
+    why = _RK()
+    if why is None:
+        from rlsc_kernels.backends import native
+
+        if not native.available():
+            why = f"native extension not built: {native.unavailable_reason()}"
+    return why
+
+
 def _rk_path(backend: str, filter_eps, path: str = "auto"):
     def describe(inp: HeadInputs) -> str:
         taken = _rk_paths.get((backend, path))
@@ -467,13 +503,23 @@ IMPLS = {
         Impl("torch-linear-ce", _single_nll(_linear_ce_nll), lambda inp, h, W: _nll_one_pass(_linear_ce_nll(inp), inp, h, W),
              check=_has_linear_ce, code_path=_fixed("F.linear_cross_entropy(reduction='none', chunked options), one pass")),
         Impl("matmul-floor", lambda inp: inp.hidden @ inp.weight.T, None, code_path=_fixed("one GEMM hidden @ W.T")),
+        Impl("rlsc-native", lambda inp: rk_logprobs(inp, "native", None),
+             lambda inp, h, W: rk_fwd_bwd(inp, h, W, "native", None), check=_native_check,
+             code_path=_rk_path("native", None)),
+        Impl("rlsc-single-pass", None, lambda inp, h, W: rk_fwd_bwd(inp, h, W, "torch", None, "single-pass"),
+             check=_RK, code_path=_rk_path("torch", None, "single-pass")),
+        Impl("rlsc-torch-two-sweep", None, lambda inp, h, W: rk_fwd_bwd(inp, h, W, "torch", None, "two-sweep"),
+             check=_RK, code_path=_rk_path("torch", None, "two-sweep")),
+        Impl("matmul-floor-3", None, three_gemms_fwd_bwd, check=_RK,
+             code_path=_fixed("the single pass's three GEMMs alone, native's default chunks")),
     ]
 }
 
 #: The impls whose rows matter most (they come first in the comparison's order).
 CORE_IMPLS = ("rlsc-triton", "matmul-floor", "cce", "trl", "liger-scaled-ce", "liger", "torch-naive")
 EXTRA_IMPLS = ("rlsc-triton-single-pass", "rlsc-triton-two-sweep", "rlsc-triton-exact", "torch-chunked",
-               "torch-linear-ce", "rlsc-torch", "torch-compile")
+               "torch-linear-ce", "rlsc-torch", "torch-compile", "rlsc-native", "rlsc-single-pass",
+               "rlsc-torch-two-sweep", "matmul-floor-3")
 #: Impls whose warm-up (compilation per shape) costs tens of seconds: they run after all the others.
 LATE_IMPLS = ("torch-compile",)
 

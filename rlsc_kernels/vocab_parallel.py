@@ -88,6 +88,8 @@ def check_vocab_parallel(vocab_parallel, weight: torch.Tensor, bias: Optional[to
         raise ValueError(f"bias must hold this rank's {vocab_parallel.size} entries [start, stop), got {bias.shape[0]}")
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("vocab_parallel needs torch.distributed initialised (torch.distributed.init_process_group)")
+    if dist.get_rank(vocab_parallel.group) < 0:
+        raise ValueError("this process is not a member of vocab_parallel.group")
 
 
 def check_values(hidden, weight, bias, targets, ignore_index: int, vocab_parallel: VocabParallel, extra=None) -> None:

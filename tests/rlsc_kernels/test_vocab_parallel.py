@@ -99,7 +99,7 @@ def _cases(world):
     cases.append(case)
     for i, weighting in enumerate(["rlsc", "rlsc-l1", "entropy", "length", "tensor"]):
         cases.append(_rlsc_case(f"rlsc-{weighting}", 20 + i, weighting, ["mean", "sum"][i % 2]))
-    cases.append(_rlsc_case("rlsc-padded-form", 30, "rlsc", "mean", padded=True))
+    cases.append(dict(_rlsc_case("rlsc-padded-form-module", 30, "rlsc", "mean", padded=True), module=True))
     cases[1]["inputs"]["targets"] = cases[1]["inputs"]["targets"].int()
     empty = _logprobs_case("empty-batch", 9)
     for k in ("hidden", "targets", "grad_logp", "grad_entropy"):

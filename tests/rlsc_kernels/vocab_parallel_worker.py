@@ -65,10 +65,16 @@ def run_case(case, *, dtype=None, backend=None, vocab_parallel=None):
         loss.backward()
     else:
         weighting = x["weighting"] if "weighting" in x else case["weighting"]
-        res = rk.linear_rlsc_loss(hh, ww, x["targets"], completion_mask=x.get("completion_mask"),
-                                  seq_index=x.get("seq_index"), bias=bb, temperature=case["temperature"],
-                                  weighting=weighting, reduction=case["reduction"], backend=backend,
-                                  return_entropy=True, **kw)
+        if case.get("module"):  # the nn.Module wrapper, vocab_parallel among its options
+            head = rk.LinearRLSCLoss(temperature=case["temperature"], weighting=weighting, reduction=case["reduction"],
+                                     backend=backend, return_entropy=True, **kw)
+            res = head(hh, ww, x["targets"], completion_mask=x.get("completion_mask"), seq_index=x.get("seq_index"),
+                       bias=bb)
+        else:
+            res = rk.linear_rlsc_loss(hh, ww, x["targets"], completion_mask=x.get("completion_mask"),
+                                      seq_index=x.get("seq_index"), bias=bb, temperature=case["temperature"],
+                                      weighting=weighting, reduction=case["reduction"], backend=backend,
+                                      return_entropy=True, **kw)
         res.loss.backward()
         out = {"loss": res.loss, "seq_logp": res.seq_logp, "seq_weight": res.seq_weight,
                "token_logp": res.token_logp, "token_entropy": res.token_entropy}
