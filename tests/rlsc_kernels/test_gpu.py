@@ -122,3 +122,104 @@ def test_int64_offsets_when_v_times_d_exceeds_2_31():
     valid = (y != -100).double()[:, None]
     want = ((onehot - p * valid).T @ h.double())
     assert (rows - want).abs().max() <= 2e-2 * want.abs().max() + 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# The single-pass RLSC loss (backends/triton_single_pass.py) compiled, in real bf16: cuBLAS GEMMs
+# with fp32 output, the row kernels at the shipped block sizes, 16-bit gradients written in place.
+
+
+def _single_pass_case(N, D, V, S, dtype, *, bias, seed, logit_scale=1.0, max_rows=None, weighting="rlsc",
+                      reduction="mean", entropy=True, T=0.5):
+    from .test_triton_single_pass import _draw, _oracle, _single_pass
+
+    h, w, b, y, seq = _draw(N, D, V, S, dtype, bias=bias, seed=seed, logit_scale=logit_scale)
+    kw = dict(T=T, weighting=weighting, alpha=0.1, reduction=reduction, entropy=entropy)
+    exact = _oracle(h.double(), w.double(), None if b is None else b.double(), y, seq, S, **kw)
+    cuda = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    h, w, b, y, seq, weighting = (cuda(t) for t in (h, w, b, y, seq, weighting))
+    kw["weighting"] = weighting
+    same = _oracle(h, w, b, y, seq, S, **kw)
+    from rlsc_kernels.backends.triton_single_pass import SHIPPED_CONFIGS
+
+    fast, res, chunks = _single_pass(h, w, b, y, seq, S, max_rows=max_rows or N, configs=SHIPPED_CONFIGS, **kw)
+    return fast, same, exact, res, chunks
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape,bias", [((1000, 576, 5003, 9), False), ((333, 200, 2049, 5), True)])
+def test_single_pass_on_gpu_matches_float64_oracle(dtype, shape, bias):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    N, D, V, S = shape
+    fast, same, exact, res, chunks = _single_pass_case(N, D, V, S, dtype, bias=bias, seed=0, max_rows=N // 3)
+    assert len(chunks) >= 3
+    assert_within_oracle(fast, same, exact, dtype, label=f"single pass gpu {dtype} {shape}")
+
+
+@pytest.mark.parametrize("weighting", ["rlsc-l1", "entropy", "length", "external"])
+def test_single_pass_every_weighting_on_gpu(weighting):
+    if weighting == "external":
+        weighting = torch.linspace(-1.0, 2.0, 6)
+    fast, same, exact, _, _ = _single_pass_case(700, 256, 3001, 6, torch.bfloat16, bias=True, seed=1, max_rows=300,
+                                                weighting=weighting, reduction="sum")
+    assert_within_oracle(fast, same, exact, torch.bfloat16, label=f"single pass {weighting}")
+
+
+def test_single_pass_large_logits_no_worse_than_two_sweep_exact_on_gpu():
+    """Logits of magnitude 20-40 in bf16: the fp32 logits block keeps the single pass at least as
+    accurate as the two-sweep exact mode (whose tiles are fp32 accumulators)."""
+    fast, _, exact, _, _ = _single_pass_case(1024, 512, 8191, 4, torch.bfloat16, bias=False, seed=2,
+                                             logit_scale=12.0, entropy=False, max_rows=512)
+    from .test_triton_single_pass import _draw
+
+    h, w, _, y, seq = (t.cuda() if t is not None else None for t in _draw(1024, 512, 8191, 4, torch.bfloat16,
+                                                                            bias=False, seed=2, logit_scale=12.0))
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    logp = rk.linear_logprobs(hh, ww, y, temperature=0.5, backend="triton", filter_eps=None)
+    seq_logp = torch.zeros(4, device="cuda").index_add(0, seq, logp)
+    n_tok = torch.bincount(seq[y != -100], minlength=4)
+    loss = -(rk.rlsc_weights(seq_logp, n_tok, "rlsc", 0.1) * seq_logp).sum() / 4
+    loss.backward()
+    two = {"loss": loss, "token_logp": logp, "seq_logp": seq_logp, "dhidden": hh.grad, "dweight": ww.grad}
+    for name, ref in two.items():
+        scale = exact[name].abs().max().item()
+        err_one = (fast[name] - exact[name]).abs().max().item()
+        err_two = (ref.detach().double().reshape(-1).cpu() - exact[name]).abs().max().item()
+        print(f"{name}: single pass {err_one:.3e}, two-sweep exact {err_two:.3e} (scale {scale:.3e})")
+        assert err_one <= err_two + TOL[torch.bfloat16] * scale, name
+
+
+def test_single_pass_dweight_accumulates_in_fp32_over_many_chunks():
+    """64 sequences in 16+ chunks: rounding dW to bf16 after each chunk would put its error well above
+    a single bf16 rounding of the exact result; fp32 accumulation stays below it."""
+    fast, same, exact, res, chunks = _single_pass_case(64 * 40, 128, 4099, 64, torch.bfloat16, bias=False, seed=3,
+                                                       max_rows=40, entropy=False)
+    assert len(chunks) >= 16 and res.dweight.dtype == torch.float32
+    err = (fast["dweight"] - exact["dweight"]).abs().max().item()
+    err_bf16 = (same["dweight"] - exact["dweight"]).abs().max().item()
+    print(f"dweight error: fp32-accumulated {err:.3e}, torch bf16 {err_bf16:.3e}")
+    assert err <= err_bf16
+
+
+def test_single_pass_int64_offsets_when_chunk_rows_times_v_exceed_2_31():
+    """One chunk of 15400 tokens x V 140000 (2.16e9 logits, an 8.6 GB fp32 block)."""
+    from rlsc_kernels.backends.triton_single_pass import rlsc_single_pass
+    from rlsc_kernels.options import FusedOptions
+    from rlsc_kernels.single_pass import Weigh
+
+    N, D, V = 15400, 64, 140000
+    h, w, _, y = _inputs(N, D, V, torch.bfloat16, bias=False)
+    y[-5:] = V - 1
+    seq = torch.zeros(N, dtype=torch.int64, device="cuda")
+    res = rlsc_single_pass(h, w, None, y, seq, [(0, N, 0, 1)], Weigh("rlsc", 0.1, "sum", 1), FusedOptions(temperature=1.0),
+                           (True, False, False))
+    tail = rk.linear_logprobs(h[-64:].double(), w.double(), y[-64:], backend="reference")
+    assert torch.allclose(res.token_logp[-64:].double(), tail, rtol=1e-3, atol=2e-3)
+    # the gradient of the last rows (written at byte offsets past 2^31 of the in-place block)
+    with torch.no_grad():
+        z = h[-64:].double() @ w.double().T
+        p = torch.softmax(z, -1)
+        onehot = torch.nn.functional.one_hot(y[-64:].clamp(min=0), V).double() * (y[-64:] != -100).double()[:, None]
+        g = -rk.rlsc_weights(res.seq_logp, torch.tensor([int((y != -100).sum())], device="cuda"), "rlsc", 0.1).double()
+        want = (g * (onehot - p) * (y[-64:] != -100).double()[:, None]) @ w.double()
+    assert (res.dhidden[-64:].double() - want).abs().max() <= 2e-2 * want.abs().max() + 1e-6

@@ -51,8 +51,8 @@ def _oracle(h, w, b, y, seq, S, *, T, weighting, alpha, reduction, entropy):
     bb = b.detach().clone().requires_grad_() if b is not None else None
     opts = FusedOptions(temperature=T, return_entropy=entropy)
     logp, ent = reference_logprobs(hh, ww, bb, y, opts)
-    seq_logp = torch.zeros(S, dtype=logp.dtype).index_add(0, seq, logp)
-    n_tokens = torch.zeros(S, dtype=torch.int64).index_add_(0, seq, (y != -100).long())
+    seq_logp = torch.zeros(S, dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)
+    n_tokens = torch.zeros(S, dtype=torch.int64, device=logp.device).index_add_(0, seq, (y != -100).long())
     wts = rlsc_weights(seq_logp, n_tokens, weighting, alpha)
     loss = -(wts.to(seq_logp.dtype) * seq_logp).sum() * (1.0 / S if reduction == "mean" else 1.0)
     loss.backward()
@@ -61,7 +61,7 @@ def _oracle(h, w, b, y, seq, S, *, T, weighting, alpha, reduction, entropy):
         out["token_entropy"] = ent
     if bb is not None:
         out["dbias"] = bb.grad
-    return {k: v.detach().double().reshape(-1) for k, v in out.items()}
+    return {k: v.detach().double().reshape(-1).cpu() for k, v in out.items()}
 
 
 def _single_pass(h, w, b, y, seq, S, *, T, weighting, alpha, reduction, entropy, max_rows, configs=None,
@@ -80,7 +80,7 @@ def _single_pass(h, w, b, y, seq, S, *, T, weighting, alpha, reduction, entropy,
         out["token_entropy"] = res.token_entropy
     if b is not None:
         out["dbias"] = res.dbias
-    return {k: v.detach().double().reshape(-1) for k, v in out.items() if v is not None}, res, chunks
+    return {k: v.detach().double().reshape(-1).cpu() for k, v in out.items() if v is not None}, res, chunks
 
 
 def _check(dtype, N, D, V, S, *, T=0.5, weighting="rlsc", alpha=0.1, reduction="mean", entropy=True, bias=True,
