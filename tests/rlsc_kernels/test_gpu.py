@@ -223,3 +223,26 @@ def test_single_pass_int64_offsets_when_chunk_rows_times_v_exceed_2_31():
         g = -rk.rlsc_weights(res.seq_logp, torch.tensor([int((y != -100).sum())], device="cuda"), "rlsc", 0.1).double()
         want = (g * (onehot - p) * (y[-64:] != -100).double()[:, None]) @ w.double()
     assert (res.dhidden[-64:].double() - want).abs().max() <= 2e-2 * want.abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("variant", ["sliced", "sliced-sparse", "fused"])
+def test_no_device_to_host_sync_with_value_checks_off(variant):
+    """check_values=False, the packed form with num_sequences, the two sweeps: forward and
+    backward run under torch.cuda.set_sync_debug_mode("error"), which raises on any sync."""
+    h, w, b, y = _inputs(700, 256, 3001, torch.bfloat16)
+    seq = torch.arange(700, device="cuda") // 50
+    hh, ww, bb = (t.detach().clone().requires_grad_() for t in (h, w, b))
+    options = dict(backward=variant.split("-")[0], grad_matmul="triton" if variant.endswith("sparse") else "library")
+    rk.linear_rlsc_loss(hh, ww, y, seq_index=seq, num_sequences=14, bias=bb, backend="triton", check_values=False,
+                        path="two-sweep", **options).loss.backward()  # warm-up: compile outside the guard
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = rk.linear_rlsc_loss(hh, ww, y, seq_index=seq, num_sequences=14, bias=bb, backend="triton",
+                                  check_values=False, path="two-sweep", return_entropy=True, **options)
+        out.loss.backward()
+        logp = rk.linear_logprobs(hh, ww, y, bias=bb, backend="triton", check_values=False, **options)
+        logp.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.loss).item() and torch.isfinite(ww.grad).all().item()
