@@ -168,7 +168,7 @@ def linear_logprobs(
             hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
             return_entropy=return_entropy, filter_eps=filter_eps, backend=backend, softcap=softcap,
             backward=backward, grad_matmul=grad_matmul, buffer_bytes=buffer_bytes, check_values=check_values,
-            block_configs=block_configs,
+            block_configs=block_configs, vocab_parallel=vocab_parallel,
         )
     hidden, weight, bias, autocast_off = _autocast_inputs(hidden, weight, bias)
     check_head(hidden, weight, bias, targets, ignore_index)
@@ -364,6 +364,7 @@ def linear_rlsc_loss(
             ignore_index=ignore_index, filter_eps=filter_eps, backend=backend, return_entropy=return_entropy,
             softcap=softcap, num_sequences=num_sequences, backward=backward, grad_matmul=grad_matmul,
             buffer_bytes=buffer_bytes, check_values=check_values, block_configs=block_configs,
+            vocab_parallel=vocab_parallel,
         )
     hidden, weight, bias, autocast_off = _autocast_inputs(hidden, weight, bias)
     check_head(hidden, weight, bias, targets, ignore_index)

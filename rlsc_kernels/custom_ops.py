@@ -172,12 +172,20 @@ def fused_logprobs(hidden2d, weight, bias, targets1d, opts: FusedOptions, backen
 # ---- the public ops while Dynamo traces them (called from api.py) --------------------------------
 
 
+def _refuse_vocab_parallel(vocab_parallel):
+    if vocab_parallel is not None:
+        raise NotImplementedError("vocab_parallel is not supported under torch.compile (its collectives are not "
+                                  "custom ops); call the op outside the compiled region")
+
+
 def traced_linear_logprobs(hidden, weight, targets, *, bias, temperature, ignore_index, return_entropy, filter_eps,
-                           backend, softcap, backward, grad_matmul, buffer_bytes, check_values, block_configs):
+                           backend, softcap, backward, grad_matmul, buffer_bytes, check_values, block_configs,
+                           vocab_parallel=None):
     from . import api
     from .reference import reference_logprobs
     from .validation import check_backend, check_head
 
+    _refuse_vocab_parallel(vocab_parallel)
     hidden, weight, bias, autocast_off = api._autocast_inputs(hidden, weight, bias)
     check_head(hidden, weight, bias, targets, ignore_index)
     check_backend(backend)
@@ -195,9 +203,12 @@ def traced_linear_logprobs(hidden, weight, targets, *, bias, temperature, ignore
 
 def traced_linear_rlsc_loss(hidden, weight, targets, *, completion_mask, seq_index, bias, temperature, alpha,
                             weighting, reduction, ignore_index, filter_eps, backend, return_entropy, softcap,
-                            num_sequences, backward, grad_matmul, buffer_bytes, check_values, block_configs):
+                            num_sequences, backward, grad_matmul, buffer_bytes, check_values, block_configs,
+                            vocab_parallel=None):
     from . import api
     from .weighting import rlsc_weights
+
+    _refuse_vocab_parallel(vocab_parallel)
 
     if reduction not in api.REDUCTIONS:
         raise ValueError(f"reduction must be one of {api.REDUCTIONS}, got {reduction!r}")

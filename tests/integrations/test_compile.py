@@ -121,3 +121,12 @@ def test_compiled_op_still_checks_values():
     compiled = torch.compile(lambda h, w, y: rk.linear_logprobs(h, w, y).sum(), backend="aot_eager", fullgraph=True)
     with pytest.raises(Exception, match="targets"):
         compiled(h, w, y)
+
+
+def test_vocab_parallel_is_refused_under_compile():
+    h, w, b, y = _inputs(6)
+    split = rk.VocabParallel(0, w.shape[0], None)
+    compiled = torch.compile(lambda h, w, y: rk.linear_logprobs(h, w, y, vocab_parallel=split).sum(),
+                             backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="vocab_parallel is not supported under torch.compile"):
+        compiled(h, w, y)
