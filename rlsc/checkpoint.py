@@ -38,8 +38,9 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 def save_checkpoint(output_dir: str | Path, *, model, optimizer, step: int, config: dict) -> Path:
     path = checkpoint_path(output_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"step": step, "model": trainable_state(model), "optimizer": optimizer.state_dict(),
-               "rng": rng_state(), "config": config, "format": 1}
+    payload = {"step": step, "model": trainable_state(model), "rng": rng_state(), "config": config, "format": 1}
+    if optimizer is not None:  # None: weights and RNG only (a third of the size under AdamW)
+        payload["optimizer"] = optimizer.state_dict()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
@@ -79,6 +80,7 @@ def restore(payload: dict, *, model, optimizer) -> int:
     with torch.no_grad():
         for name, value in payload["model"].items():
             params[name].copy_(value)
-    optimizer.load_state_dict(payload["optimizer"])
+    if "optimizer" in payload:
+        optimizer.load_state_dict(payload["optimizer"])
     set_rng_state(payload["rng"])
     return int(payload["step"])

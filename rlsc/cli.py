@@ -1,7 +1,8 @@
 """Command line: `rlsc train | eval | demo` (also `python -m rlsc ...`).
 
-Every config field is a flag (`num_prompts` -> `--num-prompts`, booleans get `--x/--no-x`);
-`--config FILE.yaml` holds the same fields, and flags given on the command line override it.
+Every config field a subcommand uses is a flag (`num_prompts` -> `--num-prompts`, booleans get
+`--x/--no-x`); `--config FILE.yaml` holds the same fields, and flags given on the command line
+override it. Every value is checked before the model loads or any file is written.
 """
 from __future__ import annotations
 
@@ -12,40 +13,71 @@ import os
 import sys
 from pathlib import Path
 
-from .config import RLSCConfig, load_yaml_overrides
+from .config import RESUME_MODES, RLSCConfig, load_yaml_overrides
+
+DESCRIPTIONS = {
+    "train": "RLSC training: sample, mask, score, weigh, step.",
+    "eval": "Greedy accuracy, pass@1, pass@k and maj@k per dataset (--prompts may list several, comma-separated). "
+            "Writes files only when --output-dir is given.",
+    "demo": "Eval before, RLSC training, eval after, on the embedded model (CPU, about 10 minutes).",
+}
+EXAMPLES = {
+    "train": "example:\n  rlsc train --model Qwen/Qwen2.5-Math-1.5B --prompts data/aime24.jsonl --steps 10 --output-dir runs/x\n"
+             "  rlsc train --output-dir runs/x --resume          # continue that run from its checkpoint",
+    "eval": "example:\n  rlsc eval --model runs/x/final --prompts data/gsm8k.jsonl,data/math500.jsonl --k 16 --output-dir runs/x/eval",
+    "demo": "example:\n  rlsc demo                       # about 10 minutes on 2 CPU cores, results in runs/demo\n"
+            "  rlsc demo --steps 5 --output-dir runs/demo5",
+}
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def base_config(command: str) -> RLSCConfig:
+    """The defaults each subcommand starts from (shown by its --help)."""
+    if command == "demo":
+        from .demo import demo_config
+
+        return demo_config()
+    if command == "eval":
+        return RLSCConfig(output_dir="")
+    return RLSCConfig()
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
                         help="YAML file with config fields; flags given here override it")
     docs = RLSCConfig.field_docs()
+    base = base_config(command)
     for f in dataclasses.fields(RLSCConfig):
+        if command not in f.metadata["commands"]:
+            continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        help_text = f"{docs[f.name]} (default: {default!r})"
-        if isinstance(default, bool):
+        default = getattr(base, f.name)
+        shown = "none (no files)" if (command == "eval" and f.name == "output_dir") else repr(default)
+        help_text = f"{docs[f.name]} (default: {shown})".replace("%", "%%")
+        if f.name == "resume":
+            parser.add_argument(flag, nargs="?", const="yes", choices=RESUME_MODES, default=argparse.SUPPRESS,
+                                help=help_text + "; --resume alone means yes")
+        elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag, type=type(default), default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+            parser.add_argument(flag, type=str, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlsc", allow_abbrev=False, description="RLSC (self-confidence) fine-tuning through the fused op of rlsc_kernels.")
+    parser = argparse.ArgumentParser(prog="rlsc", allow_abbrev=False,
+                                     description="RLSC (self-confidence) fine-tuning through the fused op of rlsc_kernels.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo}")
-    for name, help_text in (
-        ("train", "RLSC training: sample, mask, score, weigh, step"),
-        ("eval", "greedy accuracy, pass@1, pass@k and maj@k per dataset (--prompts may list several, comma-separated)"),
-        ("demo", "eval before, RLSC training, eval after, on the embedded model (CPU, minutes)"),
-    ):
-        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
-        _add_config_flags(p)
+    for name, text in DESCRIPTIONS.items():
+        p = sub.add_parser(name, help=text, description=text, epilog=EXAMPLES[name], allow_abbrev=False,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_config_flags(p, name)
     return parser
 
 
 def config_from_args(args: argparse.Namespace, base: RLSCConfig | None = None) -> RLSCConfig:
-    """defaults (or `base`) < YAML file < flags given on the command line."""
+    """defaults of the subcommand (or `base`) < YAML file < flags given on the command line.
+    Types are converted (and reported by flag name) by RLSCConfig.updated."""
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    cfg = base or RLSCConfig()
+    cfg = base or base_config(args.command)
     if "config" in vars(args):
         cfg = cfg.updated(load_yaml_overrides(args.config))
     return cfg.updated(given)
@@ -61,8 +93,10 @@ def run_train(cfg: RLSCConfig) -> int:
 
 def run_eval(cfg: RLSCConfig) -> int:
     from .evaluate import evaluate_sources, format_table
+    from .models import check_model_spec
     from .train import load
 
+    check_model_spec(cfg.model)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
     loaded = load(cfg)
     temperature = cfg.eval_temperature if cfg.eval_temperature >= 0 else cfg.temperature
@@ -89,14 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        cfg = config_from_args(args).validate(args.command)
         if args.command == "demo":
-            from .demo import demo_config
-
-            cfg = config_from_args(args, base=demo_config())
             return run_demo(cfg)
-        cfg = config_from_args(args)
-        if args.command == "eval" and "output_dir" not in vars(args):
-            cfg = dataclasses.replace(cfg, output_dir="")
         return run_train(cfg) if args.command == "train" else run_eval(cfg)
     except (ValueError, FileNotFoundError, ImportError, NotImplementedError, RuntimeError) as exc:
         if os.environ.get("RLSC_DEBUG"):

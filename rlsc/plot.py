@@ -18,7 +18,16 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i + 1 < len(lines):
+                raise ValueError(f"{path}:{i + 1}: not valid JSON") from None
+            # a last line torn by a process killed mid-write: that step was not checkpointed anyway
+    return rows
 
 
 def plot_training_curves(metrics_path: str | Path, out_path: str | Path, title: str = "RLSC training") -> Path | None:

@@ -5,6 +5,7 @@ The step itself lives in step.py and reads like Algorithm 1; everything here sit
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import resource
@@ -15,13 +16,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, remove_stale_temporaries, restore, save_checkpoint
-from .config import RLSCConfig
+from .checkpoint import checkpoint_path, load_checkpoint, remove_stale_temporaries, restore, save_checkpoint
+from .config import RLSCConfig, parse_filter_eps
 from .data import Problem, default_template, load_problems
-from .models import (apply_lora, enable_activation_checkpointing, load_model, load_tokenizer, resolve_device,
-                     resolve_precision)
+from .models import (apply_lora, check_model_spec, enable_activation_checkpointing, load_model, load_tokenizer,
+                     resolve_device, resolve_precision)
 from .plot import plot_training_curves, read_metrics
-from .step import LossOptions, rlsc_step
+from .sampling import chat_prompt
+from .step import LossOptions, check_head_matches_forward, rlsc_step
 
 METRICS = "metrics.jsonl"
 
@@ -72,14 +74,8 @@ def build_optimizer(model, cfg: RLSCConfig) -> torch.optim.Optimizer:
 
 
 def loss_options(cfg: RLSCConfig, loaded: Loaded) -> LossOptions:
-    if cfg.filter_eps in ("exact", "none", "None", ""):
-        filter_eps = None
-    elif cfg.filter_eps == "auto":
-        filter_eps = "auto"
-    else:
-        filter_eps = float(cfg.filter_eps)
     return LossOptions(temperature=cfg.temperature, alpha=cfg.alpha, weighting=cfg.weighting,
-                       filter_eps=filter_eps, backend=cfg.backend, micro_batch_size=cfg.micro_batch_size,
+                       filter_eps=parse_filter_eps(cfg.filter_eps), backend=cfg.backend, micro_batch_size=cfg.micro_batch_size,
                        max_grad_norm=cfg.max_grad_norm, autocast_dtype=loaded.autocast_dtype)
 
 
@@ -107,18 +103,31 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     """Keeps the metric rows of finished, checkpointed steps only (a crash may have logged more)."""
     rows = [r for r in read_metrics(path) if r["step"] <= last_step]
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.write_text("".join(_json_line(r) for r in rows))
     os.replace(tmp, path)
 
 
+class NonFiniteSteps(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient."""
+
+
 def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> dict:
-    """Runs cfg.steps RLSC steps (resuming if asked) and returns a summary dict."""
+    """Runs cfg.steps RLSC steps (resuming if asked) and returns a summary dict.
+
+    Everything that can be checked without the model (values, prompts, the model spec, the
+    checkpoint --resume asks for) is checked before the model loads or a file is written. A
+    process killed at any moment loses at most the step in flight: checkpoints are atomic, and
+    on resume the metrics are cut back to the checkpointed step."""
+    cfg.validate("train")
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out_dir)
-    metrics_path = out_dir / METRICS
     problems = load_problems(cfg.prompts, split=cfg.split or "train", limit=cfg.max_prompts)
     template = cfg.prompt_template or default_template(cfg.prompts)
+    has_checkpoint = checkpoint_path(out_dir).is_file()
+    if cfg.resume == "yes" and not has_checkpoint:
+        raise FileNotFoundError(f"--resume: there is no checkpoint in {out_dir} (use --resume auto to start "
+                                "afresh when there is none)")
+    if loaded is None:
+        check_model_spec(cfg.model)
     log(f"training on {cfg.prompts}: {len(problems)} questions, {cfg.num_prompts} x {cfg.num_samples} samples per step")
 
     torch.manual_seed(cfg.seed)
@@ -126,20 +135,35 @@ def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> d
     loaded = loaded or load(cfg, log)
     prepare_for_training(loaded, cfg, log)
     model, tokenizer = loaded.model, loaded.tokenizer
+    check_head_matches_forward(model, _probe_ids(tokenizer, problems[0], template, loaded.device),
+                               loaded.autocast_dtype)
     optimizer = build_optimizer(model, cfg)
     opts = loss_options(cfg, loaded)
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)
+    metrics_path = out_dir / METRICS
     start = 0
-    payload = load_checkpoint(out_dir) if cfg.resume else None
+    payload = load_checkpoint(out_dir) if cfg.resume != "no" else None
     if payload is not None:
         start = restore(payload, model=model, optimizer=optimizer)
         _truncate_metrics(metrics_path, start)
-        log(f"resumed from {out_dir / 'checkpoint.pt'} at step {start}")
+        log(f"resumed from {out_dir / 'checkpoint.pt'} at step {start}"
+            + ("" if "optimizer" in payload else " (no optimizer state in it: AdamW's moments restart)"))
     else:
-        if cfg.resume:
-            log(f"--resume: no checkpoint in {out_dir}, starting from step 0")
+        if cfg.resume == "auto":
+            log(f"--resume auto: no checkpoint in {out_dir}, starting from step 0")
+        elif has_checkpoint:
+            log(f"starting afresh: the checkpoint in {out_dir} will be overwritten (pass --resume to continue it)")
         metrics_path.write_text("")
     (out_dir / "config.json").write_text(cfg.to_json())
+    history = read_metrics(metrics_path)
+    skipped_total = sum(bool(r.get("skipped")) for r in history)
+    skipped_in_a_row = 0
+    for r in reversed(history):
+        if not r.get("skipped"):
+            break
+        skipped_in_a_row += 1
 
     for step in range(start, cfg.steps):
         if loaded.device.type == "cuda":
@@ -147,9 +171,13 @@ def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> d
         batch = prompts_for_step(problems, step, cfg.num_prompts, cfg.seed)
         stats, gen_s, train_s = rlsc_step(model, tokenizer, optimizer, batch, template=template,
                                           num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, opts=opts)
+        skipped_total += stats.skipped
+        skipped_in_a_row = skipped_in_a_row + 1 if stats.skipped else 0
         row = {
             "step": step + 1,
             "loss": stats.loss,
+            "skipped": stats.skipped,
+            "skipped_steps": skipped_total,
             "mean_seq_logp": float(stats.seq_logp.mean()),
             "min_seq_logp": float(stats.seq_logp.min()),
             "max_seq_logp": float(stats.seq_logp.max()),
@@ -168,14 +196,20 @@ def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> d
             "questions": [p.id for p in batch],
         }
         with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(_json_line(row))
         log(f"step {step + 1}/{cfg.steps}: loss {row['loss']:.4g}  mean log p {row['mean_seq_logp']:.2f}  "
             f"mean w {row['mean_weight']:.3f}  underflow {row['frac_weight_underflow']:.2f}  "
             f"tokens {row['mean_completion_tokens']:.1f}  entropy {row['mean_token_entropy']:.3f}  "
-            f"gen {gen_s:.1f}s train {train_s:.1f}s")
+            f"gen {gen_s:.1f}s train {train_s:.1f}s" + ("  SKIPPED (non-finite loss or gradient)" if stats.skipped else ""))
+        if skipped_in_a_row >= cfg.max_consecutive_skips:
+            raise NonFiniteSteps(
+                f"{skipped_in_a_row} steps in a row (up to step {step + 1}) had a non-finite loss or gradient and were "
+                f"skipped; stopping. The weights are those of the last applied step. Try a lower --lr, --max-grad-norm, "
+                f"or --precision fp32 (--max-consecutive-skips sets how many skips in a row are tolerated)")
         last = step + 1 == cfg.steps
         if last or (cfg.checkpoint_every > 0 and (step + 1) % cfg.checkpoint_every == 0):
-            save_checkpoint(out_dir, model=model, optimizer=optimizer, step=step + 1, config=cfg.to_dict())
+            save_checkpoint(out_dir, model=model, optimizer=optimizer if cfg.save_optimizer_state else None,
+                            step=step + 1, config=cfg.to_dict())
 
     plot = plot_training_curves(metrics_path, out_dir / "training_curves.png", title=f"RLSC on {cfg.prompts}")
     final_dir = None
@@ -184,6 +218,19 @@ def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> d
         log(f"saved the trained model to {final_dir}")
     return {"metrics": str(metrics_path), "plot": str(plot) if plot else None,
             "final_model": str(final_dir) if final_dir else None, "steps": cfg.steps}
+
+
+def _probe_ids(tokenizer, problem: Problem, template: str, device) -> torch.Tensor:
+    """The last 32 tokens of a real prompt [1, <=32]: input of the head-versus-forward check."""
+    text = chat_prompt(tokenizer, problem.question, template)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, -32:]
+    return ids.to(device)
+
+
+def _json_line(row: dict) -> str:
+    """One metrics row; non-finite floats (a skipped step's loss) as null, so the file stays JSON."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    return json.dumps(clean) + "\n"
 
 
 def save_final(model, tokenizer, path: Path) -> Path:

@@ -22,7 +22,7 @@ def test_train_accepts_exactly_the_documented_flags():
     cfg = config_from_args(args)
     assert (cfg.model, cfg.prompts, cfg.num_prompts, cfg.num_samples, cfg.max_new_tokens) == ("m", "p.jsonl", 4, 16, 3072)
     assert (cfg.temperature, cfg.alpha, cfg.weighting, cfg.steps, cfg.lr) == (0.5, 0.1, "rlsc", 10, 1e-5)
-    assert cfg.output_dir == "d" and cfg.resume is True
+    assert cfg.output_dir == "d" and cfg.resume == "yes"
 
 
 def test_eval_and_demo_flags():
@@ -49,8 +49,8 @@ def test_every_config_field_has_a_default_and_a_doc():
 
 @pytest.mark.parametrize("yaml_text, message", [
     ("stpes: 3\n", "unknown config field 'stpes'"),
-    ("steps: many\n", "config field 'steps' expects int"),
-    ("resume: maybe\n", "config field 'resume' expects true/false"),
+    ("steps: many\n", "config field 'steps' (--steps) expects an integer, got 'many'"),
+    ("resume: maybe\n", "--resume expects one of no, yes, auto, got 'maybe'"),
     ("- 1\n- 2\n", "expected a mapping"),
 ])
 def test_bad_yaml_config_errors(tmp_path, yaml_text, message, capsys):
@@ -76,14 +76,84 @@ def test_unknown_model_is_a_clear_error(capsys, tmp_path):
 
 
 def test_unknown_hub_id_is_a_clear_error(capsys, monkeypatch):
-    import transformers
+    class RepositoryNotFoundError(Exception):
+        pass
 
-    def not_on_the_hub(name, **kw):  # what the hub answers for an unknown id, without the network round trip
-        raise OSError(f"{name} is not a local folder and is not a valid model identifier")
+    def not_on_the_hub(repo_id, timeout=None):  # what the hub answers for an unknown id, without the network
+        raise RepositoryNotFoundError(repo_id)
 
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", not_on_the_hub)
+    import huggingface_hub
+
+    models._hub_status.cache_clear()
+    monkeypatch.setattr(huggingface_hub, "model_info", not_on_the_hub)
     assert main(["eval", "--model", "no-such-org/no-such-model-xyz", "--prompts", "builtin:demo"]) == 2
-    assert "could not load model 'no-such-org/no-such-model-xyz'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no such local directory, and no such model on the Hugging Face Hub" in err and len(err.splitlines()) == 1
+    models._hub_status.cache_clear()
+
+
+def test_unreachable_hub_fails_in_one_line_without_retries(capsys, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def unreachable(repo_id, timeout=None):
+        calls.append(timeout)
+        raise ConnectionError("Name or service not known")
+
+    models._hub_status.cache_clear()
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    assert main(["train", "--model", "some-org/some-model", "--prompts", "builtin:demo", "--output-dir", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "the Hugging Face Hub cannot be reached" in err and len(err.splitlines()) == 1
+    assert calls == [models.HUB_TIMEOUT_S]  # one request with a short timeout, no retry loop
+    models._hub_status.cache_clear()
+
+
+def test_mistyped_local_directory_says_it_does_not_exist(capsys, tmp_path):
+    for spec in (str(tmp_path / "no-such-dir"), "./runs/typo/final", "runs/typo/final"):
+        assert main(["eval", "--model", spec, "--prompts", "builtin:demo"]) == 2
+        assert f"model directory {spec!r} does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", "--model", str(tmp_path / "empty"), "--prompts", "builtin:demo"]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--weighting", "foo"], "--weighting expects one of rlsc, rlsc-l1, entropy, length, group, got 'foo'"),
+    (["train", "--filter-eps", "banana"], "--filter-eps expects 'auto', 'exact' or a positive number, got 'banana'"),
+    (["train", "--steps", "0"], "--steps expects an integer >= 1, got 0"),
+    (["train", "--steps", "x"], "(--steps) expects an integer, got 'x'"),
+    (["train", "--backend", "cuda"], "--backend expects one of auto, triton, torch"),
+    (["train", "--temperature", "0"], "--temperature expects a positive number"),
+    (["train", "--precision", "fp16"], "--precision expects one of"),
+    (["demo", "--num-samples", "0"], "--num-samples expects an integer >= 1"),
+    (["eval", "--k", "-1"], "--k expects an integer >= 0"),
+])
+def test_every_flag_value_is_checked_before_anything_loads_or_is_written(argv, message, capsys, tmp_path, monkeypatch):
+    import rlsc.train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(rlsc.train, "load", lambda *a, **k: pytest.fail("the model must not load"))
+    assert main(argv + ["--output-dir", str(tmp_path / "out")] if argv[0] != "eval" else argv) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no config.json / metrics.jsonl left behind
+
+
+def test_each_subcommand_help_shows_its_own_flags_real_defaults_and_an_example(capsys):
+    def help_of(cmd):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    demo, train, ev = help_of("demo"), help_of("train"), help_of("eval")
+    assert "(default: 48)" in demo and "(default: 'runs/demo')" in demo and "3072" not in demo
+    assert "(default: 3072)" in train and "(default: 'runs/rlsc')" in train
+    for flag in ("--lr", "--resume", "--steps", "--weighting", "--num-samples"):
+        assert flag + " " not in ev, flag
+    assert "--k " in ev and "none (no files)" in ev and "--k " not in train
+    assert "torch" in train.split("--backend BACKEND Backend", 1)[1][:200]
+    assert all("example:" in text for text in (demo, train, ev))
 
 
 def test_missing_embedded_or_gguf_package_is_a_clear_error(monkeypatch, tmp_path):

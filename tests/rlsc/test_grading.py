@@ -62,3 +62,19 @@ def test_summarise_reports_greedy_pass_and_maj():
     assert s["pass@4"] == 1.0
     assert s["pass@2"] == pytest.approx((pass_at_k(4, 1, 2) + pass_at_k(4, 3, 2)) / 2)
     assert s["maj@4"] == 0.5
+
+
+def test_numerically_equal_answers_are_one_vote():
+    from rlsc.grading import answer_keys
+
+    texts = ["\\boxed{12}", "\\boxed{12.0}", "\\boxed{13}", "\\boxed{\\frac{1}{2}}", "\\boxed{0.5}", "\\boxed{1/2}",
+             "no answer here at all", "\\boxed{13}"]
+    keys = answer_keys([extract_answer(t) for t in texts])
+    assert keys[0] == keys[1] and keys[3] == keys[4] == keys[5] and keys[2] == keys[7]
+    assert len({k for k in keys if k is not None}) == 3
+    correct = [t.endswith("{12}") or t.endswith("{12.0}") for t in texts]
+    assert not majority_correct(keys, correct)               # 1/2 has three votes
+    keys2 = answer_keys([extract_answer(t) for t in ("\\boxed{12}", "\\boxed{12.0}", "\\boxed{13}")])
+    assert majority_correct(keys2, [True, True, False])      # two equal answers outvote one
+    keys3 = answer_keys([extract_answer(t) for t in ("\\boxed{13}", "\\boxed{12}", "\\boxed{12.0}")])
+    assert majority_correct(keys3, [False, True, True])      # as strings, 13 would have won the tie

@@ -75,10 +75,49 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model_dir, tiny_prompts, tmp_
     assert _rows(tmp_path / "full" / "metrics.jsonl") == _rows(tmp_path / "cut" / "metrics.jsonl")
 
 
-def test_resume_without_checkpoint_starts_from_scratch(tiny_model_dir, tiny_prompts, tmp_path):
-    cfg = tiny_config(tiny_model_dir, tiny_prompts, tmp_path / "r", steps=1, resume=True)
+def test_resume_auto_without_checkpoint_starts_from_scratch(tiny_model_dir, tiny_prompts, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tiny_prompts, tmp_path / "r", steps=1, resume="auto")
     train(cfg, log=lambda m: None)
     assert ckpt.load_checkpoint(tmp_path / "r")["step"] == 1
+
+
+def test_resume_without_checkpoint_is_an_error_before_anything_is_loaded_or_written(tiny_prompts, tmp_path):
+    cfg = tiny_config(tmp_path / "no-model-needed", tiny_prompts, tmp_path / "r", resume="yes")
+    with pytest.raises(FileNotFoundError, match="--resume: there is no checkpoint in .*--resume auto"):
+        train(cfg, log=lambda m: None)
+    assert not (tmp_path / "r").exists()
+
+
+def test_consecutive_non_finite_steps_stop_the_run_and_are_counted(tiny_model_dir, tiny_prompts, tmp_path, monkeypatch):
+    real_step = train_mod.rlsc_step
+
+    def poisoned_step(*args, **kwargs):  # steps 2, 3, 4 have a non-finite gradient
+        stats, g, t = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) >= 2:
+            stats.skipped, stats.loss = True, float("nan")
+        return stats, g, t
+
+    calls = []
+    monkeypatch.setattr(train_mod, "rlsc_step", poisoned_step)
+    cfg = tiny_config(tiny_model_dir, tiny_prompts, tmp_path / "nan", steps=6, max_consecutive_skips=3)
+    with pytest.raises(train_mod.NonFiniteSteps, match=r"3 steps in a row \(up to step 4\)"):
+        train(cfg, log=lambda m: None)
+    rows = [json.loads(line) for line in open(tmp_path / "nan" / "metrics.jsonl")]
+    assert [r["skipped"] for r in rows] == [False, True, True, True]
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 2, 3] and rows[-1]["loss"] is None
+
+
+def test_checkpoint_without_optimizer_state_is_smaller_and_resumes(tiny_model_dir, tiny_prompts, tmp_path):
+    full = tiny_config(tiny_model_dir, tiny_prompts, tmp_path / "a", steps=1)
+    lean = tiny_config(tiny_model_dir, tiny_prompts, tmp_path / "b", steps=1, save_optimizer_state=False)
+    train(full, log=lambda m: None)
+    train(lean, log=lambda m: None)
+    size = lambda d: (d / "checkpoint.pt").stat().st_size  # noqa: E731
+    assert size(tmp_path / "b") < 0.5 * size(tmp_path / "a")
+    assert "optimizer" not in ckpt.load_checkpoint(tmp_path / "b")
+    train(lean.updated({"steps": 2, "resume": "yes"}), log=lambda m: None)
+    assert ckpt.load_checkpoint(tmp_path / "b")["step"] == 2
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
