@@ -43,7 +43,9 @@ loss = sum_t w_{s(t)} * nll_t / S is differentiated once (one forward, one backw
   autograd.Function that saves only lse and recomputes each chunk's logits in backward), eager /
   with each chunk's forward and backward compiled by torch.compile.
 - ours: rlsc-triton (filter_eps="auto", path="auto"), rlsc-triton-exact (filter_eps=None),
-  rlsc-triton-single-pass / rlsc-triton-two-sweep (path forced), rlsc-torch (torch backend).
+  rlsc-triton-single-pass / rlsc-triton-two-sweep (path forced), rlsc-triton-filtered (two-sweep,
+  block-sparse Triton matmuls, filter_eps = 2^-12: the filter where it skips work), rlsc-torch
+  (torch backend).
 - matmul-floor: one GEMM hidden @ W^T of the logits' shape (logprobs_fwd only): the floor.
 - CPU rows of ours: rlsc-native (backend="native": the C++ single pass), rlsc-single-pass (torch
   backend, path="single-pass"), rlsc-torch-two-sweep (torch backend, path="two-sweep", the CPU
@@ -359,8 +361,9 @@ def rk_logprobs(inp: HeadInputs, backend: str, filter_eps="auto"):
 _rk_paths = {}  # (backend, path) -> the path the last call reported taking
 
 
-def rk_fwd_bwd(inp: HeadInputs, hidden, weight, backend: str, filter_eps="auto", path: str = "auto"):
+def rk_fwd_bwd(inp: HeadInputs, hidden, weight, backend: str, filter_eps="auto", path: str = "auto", **options):
     extra = {} if path == "auto" else {"path": path}  # versions without the keyword serve "auto" only
+    extra.update(options)
     out = _rk().linear_rlsc_loss(hidden, weight, inp.targets, seq_index=inp.seq_index, temperature=inp.temperature,
                                  alpha=ALPHA, reduction="mean", filter_eps=filter_eps, backend=backend, **extra)
     _rk_paths[(backend, path)] = getattr(out, "path", None)
@@ -466,6 +469,8 @@ def _fixed(text: str):
 
 
 _RK = _importable("rlsc_kernels", "rlsc_kernels")
+#: the filter threshold of filter_eps="auto" where it filters (bf16 eps / 32)
+FILTER_EPS = 2.0**-7 / 32
 
 IMPLS = {
     i.name: i
@@ -482,6 +487,11 @@ IMPLS = {
         Impl("rlsc-triton-two-sweep", None,
              lambda inp, h, W: rk_fwd_bwd(inp, h, W, "triton", "auto", "two-sweep"), needs_cuda=True, check=_RK,
              code_path=_rk_path("triton", "auto", "two-sweep")),
+        # the gradient filter where it skips work (two-sweep backward, block-sparse Triton matmuls);
+        # rlsc-triton-exact is the same without it
+        Impl("rlsc-triton-filtered", None,
+             lambda inp, h, W: rk_fwd_bwd(inp, h, W, "triton", FILTER_EPS, "two-sweep", grad_matmul="triton"),
+             needs_cuda=True, check=_RK, code_path=_rk_path("triton", FILTER_EPS, "two-sweep")),
         Impl("rlsc-torch", lambda inp: rk_logprobs(inp, "torch", None),
              lambda inp, h, W: rk_fwd_bwd(inp, h, W, "torch", None), check=_RK, code_path=_rk_path("torch", None)),
         Impl("cce", _single_nll(_cce_nll), lambda inp, h, W: _nll_one_pass(_cce_nll(inp), inp, h, W), needs_cuda=True,
@@ -517,7 +527,8 @@ IMPLS = {
 
 #: The impls whose rows matter most (they come first in the comparison's order).
 CORE_IMPLS = ("rlsc-triton", "matmul-floor", "cce", "trl", "liger-scaled-ce", "liger", "torch-naive")
-EXTRA_IMPLS = ("rlsc-triton-single-pass", "rlsc-triton-two-sweep", "rlsc-triton-exact", "torch-chunked",
+EXTRA_IMPLS = ("rlsc-triton-single-pass", "rlsc-triton-two-sweep", "rlsc-triton-exact", "rlsc-triton-filtered",
+               "torch-chunked",
                "torch-linear-ce", "rlsc-torch", "torch-compile", "rlsc-native", "rlsc-single-pass",
                "rlsc-torch-two-sweep", "matmul-floor-3")
 #: Impls whose warm-up (compilation per shape) costs tens of seconds: they run after all the others.
