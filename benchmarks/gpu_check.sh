@@ -6,7 +6,8 @@
 #   A. headline (Qwen2.5-Math-7B head, 16 x 1024, bf16): ours on every path (auto, single pass,
 #      two sweeps, exact, filtered), one logits GEMM, CCE, TRL, Liger scaled CE, Liger GRPO, naive;
 #   B. 16 x 3072 on the same head: ours (auto / single pass / two sweeps), GEMM, CCE, TRL;
-#   C. the training step (naive vs fused), if time is left;
+#   C. the training step (naive vs fused), if time is left; then TRL's fused head vs ours through
+#      a random Qwen2.5-1.5B, 16 x 1024 (benchmarks/trl_head.py -> trl_head.{log,json});
 #   D. the rest of the default comparison (other heads and lengths), as time allows;
 # and the report. Everything lands in $OUT (setup.log tests.log compare.log compare.json
 # results.md results.png, train_step.{log,json} if C ran); a short summary is printed last.
@@ -101,6 +102,16 @@ if (( $(left) > 150 )); then
     T=$(cap 110 40)
     timeout -k 5 "$T" python3 -m benchmarks.train_step --out "$OUT/train_step.json" ${RLSC_TRAIN_ARGS:-} > "$OUT/train_step.log" 2>&1
     note "train step rc=$? (cap ${T}s): $(grep -c '"variant"' "$OUT/train_step.log") variants"
+fi
+
+# ---------------------------------------------------------------- 4b. TRL's fused head vs ours (issue 9)
+# GRPO-style scoring pass (forward + backward of per-token log-probs) through a random
+# Qwen2.5-1.5B, 16 x 1024 completion tokens: TRL's kernel, TRL's wrapper on our op, our head.
+if (( $(left) > 150 )); then
+    T=$(cap 120 40)
+    timeout -k 5 "$T" python3 -m benchmarks.trl_head --device cuda --shape qwen2.5-1.5b --target-ms 2000 \
+        --out "$OUT/trl_head.json" > "$OUT/trl_head.log" 2>&1
+    note "trl head rc=$? (cap ${T}s): $(grep -c '"impl"' "$OUT/trl_head.log") rows"
 fi
 
 # ---------------------------------------------------------------- 5. the rest of the comparison
