@@ -1,7 +1,7 @@
 """rlsc: a thin RLSC (self-confidence RL) trainer built on rlsc_kernels.
 
     rlsc train --model embedded --prompts builtin:demo --steps 10 --output-dir runs/x
-    rlsc eval  --model runs/x/final --prompts ../shared/data/gsm8k.jsonl --k 16
+    rlsc eval  --model runs/x/final --prompts data/gsm8k.jsonl --k 16
     rlsc demo  --output-dir runs/demo
 
 Modules: config (the one dataclass), data (prompt sources), models (loading), sampling

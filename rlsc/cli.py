@@ -73,6 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flags_markdown() -> str:
+    """The README's table of flags: which subcommands take each one, and each one's defaults."""
+    bases = {c: base_config(c) for c in ("train", "eval", "demo")}
+    docs = RLSCConfig.field_docs()
+    lines = ["| flag | train | eval | demo | meaning |", "|---|---|---|---|---|"]
+    for f in dataclasses.fields(RLSCConfig):
+        cells = []
+        for c, base in bases.items():
+            if c not in f.metadata["commands"]:
+                cells.append("")
+            elif c == "eval" and f.name == "output_dir":
+                cells.append("none")
+            else:
+                cells.append(f"`{getattr(base, f.name)!r}`")
+        meaning = docs[f.name].replace("|", "\\|")
+        lines.append(f"| `--{f.name.replace('_', '-')}` | " + " | ".join(cells) + f" | {meaning} |")
+    return "\n".join(lines)
+
+
 def config_from_args(args: argparse.Namespace, base: RLSCConfig | None = None) -> RLSCConfig:
     """defaults of the subcommand (or `base`) < YAML file < flags given on the command line.
     Types are converted (and reported by flag name) by RLSCConfig.updated."""

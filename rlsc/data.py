@@ -1,7 +1,7 @@
 """Prompt sources, all through one loader that normalises field names.
 
     load_problems("builtin:demo", split="train")           # generated here, no download
-    load_problems("../shared/data/gsm8k.jsonl")            # any JSONL file
+    load_problems("data/gsm8k.jsonl")                      # any JSONL file
     load_problems("openai/gsm8k:main", split="test")       # a Hugging Face dataset (needs `datasets`)
 
 Every source yields `Problem(id, question, answer, source)`: `answer` is the gold final answer as

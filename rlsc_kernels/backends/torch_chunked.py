@@ -4,7 +4,7 @@ It never holds more than one [token chunk x vocab slice] block of logits. It is 
 and the fallback where Triton is missing. All statistics and gradients are accumulated in
 float32 (float64 for float64 inputs); 16-bit weights are upcast one vocab slice at a time.
 
-Math (DESIGN.md section 2), for token t and vocab entry v:
+Math (docs/design.md §2), for token t and vocab entry v:
     z_tv = (W_v . h_t + b_v) / T,  lse_t = logsumexp_v z_tv,  logp_t = z_t,y_t - lse_t
     mean_z_t = sum_v p_tv z_tv,    entropy_t = lse_t - mean_z_t
     dz_tv = g_t ([v = y_t] - p_tv) - e_t p_tv (z_tv - mean_z_t)     (g = dL/dlogp, e = dL/dentropy)

@@ -97,7 +97,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _dot_flags(dtype: torch.dtype) -> Tuple[bool, str]:
-    """(DOT_UPCAST, DOT_PRECISION). The interpreter's bf16 tl.dot is wrong (DESIGN.md section 5),
+    """(DOT_UPCAST, DOT_PRECISION). The interpreter's bf16 tl.dot is wrong (docs/design.md §5),
     so interpreted bf16 runs upcast operands to fp32: an interpreter-only path, never on a GPU.
     fp32 inputs follow torch's own matmul setting: IEEE fp32 unless the caller allowed tf32."""
     interpreting = triton_interpreting()

@@ -70,7 +70,7 @@ def _args(model_dir, prompts, out):
     return ["--model", str(model_dir), "--prompts", str(prompts), "--num-prompts", "1", "--num-samples", "3",
             "--max-new-tokens", "6", "--steps", "4", "--lr", "1e-3", "--micro-batch-size", "2", "--device", "cpu",
             "--precision", "fp32", "--checkpoint-every", "1", "--no-save-final-model", "--seed", "3",
-            "--filter-eps", "exact", "--threads", "1", "--output-dir", str(out)]
+            "--filter-eps", "exact", "--backend", "torch", "--threads", "1", "--output-dir", str(out)]
 
 
 def _rows(path):
