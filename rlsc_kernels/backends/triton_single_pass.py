@@ -28,9 +28,12 @@ Memory (beyond inputs and outputs), for tokens n per chunk:
     summing biases training (TRL measured entropy drifting lower over a few dozen steps), so
     the sum is kept in fp32 (torch.addmm(..., out_dtype=torch.float32) on CUDA). The two-sweep
     "sliced" backward needs no such buffer (it slices the vocabulary and sums over all tokens
-    inside one GEMM), so for 16-bit weights this path holds 2 V D bytes more than it (1.09 GB
-    at the 7B head), and the returned dweight is that fp32 tensor: the autograd Function casts
-    it to the weight dtype when the backward runs. For fp32 weights the two are the same.
+    inside one GEMM). For 16-bit weights the sum is rounded once to the weight dtype at the end
+    of the forward (after the logits block is freed), so the peak holds the fp32 sum and its
+    16-bit copy together for a moment (3 V D bytes beyond the two-sweep path's 2 V D: 2.18 GB
+    more at the 7B head), and only the 16-bit dweight (2 V D bytes) is saved for the backward.
+    Returning the fp32 sum instead would keep 4 V D bytes alive until the backward and make the
+    backward's scaling by grad_output allocate another 4 V D. For fp32 weights nothing changes.
   - dH [N, D] fp32 and O(N) statistics.
 
 int64 offsets: the kernels index rows with int64 (n V can pass 2^31 for a large budget).
@@ -143,8 +146,9 @@ def rlsc_single_pass(hidden, weight, bias, targets, seq, chunks, weigh, opts: Fu
     hidden [N, D] bf16/fp16/fp32, weight [V, D] (same dtype), bias [V] or None, targets [N]
     int64, seq [N] int64 sorted; chunks [(t0, t1, s0, s1)]. Returns token_logp, token_entropy,
     lse, mean_z [N] fp32, seq_logp / seq_weight [S] fp32, dhidden [N, D] fp32, dweight [V, D]
-    fp32 (accumulated over the chunks in fp32), dbias [V] fp32: the gradients of the loss for
-    grad_output = 1. configs: {"stats": RowConfig, "grad": RowConfig} (tests: small blocks).
+    in the weight's dtype (accumulated over the chunks in fp32, rounded once at the end), dbias
+    [V] fp32: the gradients of the loss for grad_output = 1. configs: {"stats": RowConfig,
+    "grad": RowConfig} (tests: small blocks).
     """
     _check(hidden, weight, bias, targets, seq, chunks)
     configs = {**SHIPPED_CONFIGS, **(configs or {})}
@@ -222,4 +226,7 @@ def rlsc_single_pass(hidden, weight, bias, targets, seq, chunks, weigh, opts: Fu
             db += grad.sum(0, dtype=torch.float32)
     if dw is not None and first_dw:
         dw.zero_()  # no chunk had tokens
+    buf = logits = grad = None  # free the logits block before the 16-bit copy of dW exists
+    if dw is not None and weight.dtype != torch.float32:
+        dw = dw.to(weight.dtype)
     return SinglePassResult(token_logp, entropy, seq_logp, seq_weight, lse, mean_z, dh, dw, db)

@@ -191,14 +191,15 @@ def test_single_pass_large_logits_no_worse_than_two_sweep_exact_on_gpu():
 
 def test_single_pass_dweight_accumulates_in_fp32_over_many_chunks():
     """64 sequences in 16+ chunks: rounding dW to bf16 after each chunk would put its error well above
-    a single bf16 rounding of the exact result; fp32 accumulation stays below it."""
+    a single bf16 rounding of the exact result; fp32 accumulation (rounded once at the end) stays
+    within that, plus half a bf16 unit."""
     fast, same, exact, res, chunks = _single_pass_case(64 * 40, 128, 4099, 64, torch.bfloat16, bias=False, seed=3,
                                                        max_rows=40, entropy=False)
-    assert len(chunks) >= 16 and res.dweight.dtype == torch.float32
+    assert len(chunks) >= 16 and res.dweight.dtype == torch.bfloat16
     err = (fast["dweight"] - exact["dweight"]).abs().max().item()
     err_bf16 = (same["dweight"] - exact["dweight"]).abs().max().item()
     print(f"dweight error: fp32-accumulated {err:.3e}, torch bf16 {err_bf16:.3e}")
-    assert err <= err_bf16
+    assert err <= err_bf16 + TOL[torch.bfloat16] * exact["dweight"].abs().max().item()
 
 
 def test_single_pass_int64_offsets_when_chunk_rows_times_v_exceed_2_31():

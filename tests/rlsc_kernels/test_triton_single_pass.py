@@ -100,7 +100,7 @@ def test_single_pass_matches_float64_oracle_over_several_chunks(dtype):
     assert len(chunks) >= 3
     for name in ("token_logp", "lse", "seq_weight"):
         assert torch.isfinite(getattr(res, name)).all(), name
-    assert res.dweight.dtype == torch.float32 and res.dhidden.dtype == torch.float32
+    assert res.dweight.dtype == dtype and res.dhidden.dtype == torch.float32
 
 
 @pytest.mark.parametrize("weighting", ["rlsc", "rlsc-l1", "entropy", "length", "external"])
