@@ -9,7 +9,6 @@ from .api import LinearRLSCLoss, RLSCLossOutput, linear_logprobs, linear_rlsc_lo
 from .options import AUTO_FILTER_EPS, BlockConfigs, FusedOptions, KernelConfig
 from .vocab_parallel import VocabParallel
 from .weighting import WEIGHTINGS, rlsc_weights
-from . import custom_ops  # noqa: F401,E402  registers the torch.library ops torch.compile traces
 
 __all__ = [
     "linear_logprobs",

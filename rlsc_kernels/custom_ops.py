@@ -19,6 +19,9 @@ Inside the ops the code is eager and opaque to the compiler: the backend is reso
 run there with their one host sync unless check_values=False. The options travel as a JSON string
 (custom-op schemas take only primitive types; this keeps the schema fixed as FusedOptions grows).
 
+The module is imported by the first traced call (it imports torch._dynamo, which a plain
+``import rlsc_kernels`` should not pay for); import it yourself to have the ops registered up front.
+
 Differences from the eager route, all documented in the public docstrings:
   - linear_rlsc_loss scores every position of the padded form (unscored ones have the ignore
     target and cost a little compute) instead of gathering the scored ones first, and returns
