@@ -208,3 +208,58 @@ def test_shipped_block_sizes_in_the_interpreter():
     same = _oracle(h, w, b, y, seq, 2, **kw)
     fast, _, _ = _single_pass(h, w, b, y, seq, 2, max_rows=8, configs=SHIPPED_CONFIGS, **kw)
     assert_within_oracle(fast, same, exact, torch.float16, label="shipped configs")
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the public op: linear_rlsc_loss(backend="triton") dispatches to this backend.
+
+
+def _public(h, w, b, y, seq, S, dtype, *, path, extra_weight=0.0, **kw):
+    import rlsc_kernels as rk
+
+    hh = h.detach().clone().requires_grad_()
+    ww = w.detach().clone().requires_grad_()
+    bb = b.detach().clone().requires_grad_() if b is not None else None
+    backend = "reference" if dtype == torch.float64 else "triton"
+    out = rk.linear_rlsc_loss(hh, ww, y, seq_index=seq, bias=bb, backend=backend, path=path, filter_eps=None,
+                              return_entropy=True, **kw)
+    total = out.loss
+    if extra_weight:  # an upstream gradient on token_logp too (the Function's two-sweep backward)
+        total = total + extra_weight * (out.token_logp.double() * torch.linspace(-1, 1, out.token_logp.numel(),
+                                                                                  dtype=torch.float64)).sum()
+    total.backward()
+    res = {"loss": out.loss, "seq_logp": out.seq_logp, "token_logp": out.token_logp, "dhidden": hh.grad,
+           "dweight": ww.grad}
+    if bb is not None:
+        res["dbias"] = bb.grad
+    return {k: v.detach().double().reshape(-1) for k, v in res.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("extra_weight", [0.0, 0.5])
+def test_public_op_single_pass_on_triton_matches_float64(dtype, extra_weight):
+    """Unsorted sequence ids, several chunks (small buffer_bytes), bias, ignored tokens; with and
+    without an extra upstream gradient through token_logp."""
+    h, w, b, y, seq = _draw(45, 16, 150, 5, dtype, bias=True, seed=9)
+    perm = torch.randperm(45, generator=torch.Generator().manual_seed(1))
+    h, y, seq = h[perm], y[perm], seq[perm]
+    kw = dict(temperature=0.6, weighting="rlsc", reduction="mean", buffer_bytes=150 * 4 * 20)
+    exact = _public(h.double(), w.double(), b.double(), y, seq, 5, torch.float64, path="auto", extra_weight=extra_weight,
+                    **kw)
+    fast = _public(h, w, b, y, seq, 5, dtype, path="single-pass", extra_weight=extra_weight, **kw)
+    two = _public(h, w, b, y, seq, 5, dtype, path="two-sweep", extra_weight=extra_weight, **kw)
+    for name in exact:
+        scale = exact[name].abs().max().item()
+        err_one = (fast[name] - exact[name]).abs().max().item()
+        err_two = (two[name] - exact[name]).abs().max().item()
+        # no worse than the two-sweep path (same dtype, same kernels' interpreter) + tolerance
+        assert err_one <= err_two + TOL[dtype] * scale + 1e-12, f"{name}: {err_one:.3e} vs two-sweep {err_two:.3e}"
+
+
+def test_public_op_auto_path_on_triton_is_the_single_pass():
+    h, w, b, y, seq = _draw(30, 8, 64, 3, torch.float32, bias=False, seed=10)
+    kw = dict(temperature=0.5, weighting="length", reduction="sum")
+    auto = _public(h, w, None, y, seq, 3, torch.float32, path="auto", **kw)
+    single = _public(h, w, None, y, seq, 3, torch.float32, path="single-pass", **kw)
+    for name in auto:
+        assert torch.equal(auto[name], single[name]), name
