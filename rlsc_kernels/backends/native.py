@@ -3,8 +3,9 @@ built by the package build as rlsc_kernels._native).
 
 Per chunk of whole sequences: the logits with the library GEMM into one reused [rows, V] buffer,
 one fused pass per row (lse, log-prob, entropy statistic; the buffer becomes exp(z - max)),
-the chunk's sequence weights here in Python, then a second fused pass writing dz in place and the
-two gradient GEMMs (dH = dz W, dW += dz^T h), all in float32 (float64 for float64 inputs).
+the chunk's sequence weights here in Python, then the two gradient GEMMs (dH = dz W,
+dW += dz^T h) with dz = c exp(z - max) + onehot(y) g (1 - p_y) applied through their small
+operands (no sweep writes dz), all in float32 (float64 for float64 inputs).
 dW is accumulated over the chunks in float32; 16-bit weights are upcast to float32 once per
 call (one W-sized float32 temporary next to the float32 dW).
 
@@ -103,7 +104,7 @@ def rlsc_single_pass(hidden, weight, bias, targets, seq, chunks, weigh, opts: Fu
             ok = valid[t0:t1]
             y = safe_targets[t0:t1]
             z = buf[: t1 - t0]
-            lse_c, logp_c, sumexp, mz_c = ext.chunk_forward(z, h, w, b, y, opts.temperature, mean_z is not None)
+            lse_c, logp_c, sumexp, rest, mz_c = ext.chunk_forward(z, h, w, b, y, opts.temperature, mean_z is not None)
             logp_c = torch.where(ok, logp_c, torch.zeros_like(logp_c))
             token_logp[t0:t1] = logp_c
             lse[t0:t1] = lse_c
@@ -115,7 +116,7 @@ def rlsc_single_pass(hidden, weight, bias, targets, seq, chunks, weigh, opts: Fu
             if not (need_h or need_w or need_b):
                 continue
             g = torch.where(ok, coef.to(acc)[local] * inv_t, torch.zeros_like(logp_c)).contiguous()
-            ext.chunk_backward(z, h, w, y, g, sumexp, dh[t0:t1] if dh is not None else None, dw, db)
+            ext.chunk_backward(z, h, w, y, g, sumexp, rest, dh[t0:t1] if dh is not None else None, dw, db)
     entropy = None
     if mean_z is not None:
         entropy = torch.where(valid, lse - mean_z, torch.zeros_like(lse))
