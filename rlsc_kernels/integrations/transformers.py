@@ -145,32 +145,53 @@ def _head_tensors(head, hidden: torch.Tensor):
     return torch.cat(hiddens, dim=-1), torch.cat(weights, dim=-1), bias
 
 
-def _score_tokens(model, head, hidden: torch.Tensor, targets: torch.Tensor, settings: _HeadSettings):
-    """Per-token (log_probs, entropy|None) of the scored tokens: hidden [n, D], targets [n] (all
-    scored, n >= 1). Runs where the head's parameters are plain tensors."""
+@dataclass
+class HeadInputs:
+    """What the op needs to score a model's head: logits = softcap-cap(hidden @ weight.T + bias).
+
+    hidden [n, D'] and weight [V, D'] in one dtype (D' = D, or D + LoRA ranks), bias [V] or None,
+    softcap: the cap for the op's softcap= keyword, or None. Every tensor stays connected to the
+    model's parameters (gradients reach W, LoRA A and B, the bias).
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    softcap: Optional[float]
+
+
+def head_inputs(model, hidden: torch.Tensor, *, dtype: Optional[torch.dtype] = None, head=None) -> HeadInputs:
+    """The one way from a causal LM and its final hidden states hidden [n, D] to the op's inputs:
+    the head looked up now (model.get_output_embeddings(), or `head`), LoRA adapters folded in,
+    the config's logit scale folded into hidden and bias, the soft-cap returned for the op.
+    dtype: compute dtype (default: the autocast dtype where autocast is on, else the weight's).
+    The head's parameters must be plain tensors here (under FSDP2: inside its forward)."""
+    head = head if head is not None else model.get_output_embeddings()
     hidden, weight, bias = _head_tensors(head, hidden)
     scale, softcap = logit_transform(model.config)
     device_type = weight.device.type
-    if settings.cast_lm_head_to_fp32:
-        dtype = torch.float32
-    elif torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = weight.dtype
+    if dtype is None:
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
     if scale != 1.0:
         # scale * (W h + b) = W (scale * h) + scale * b: the op sees already-scaled logits.
         hidden = hidden * scale
         bias = bias * scale if bias is not None else None
+    return HeadInputs(hidden, weight, bias, softcap)
+
+
+def _score_tokens(model, head, hidden: torch.Tensor, targets: torch.Tensor, settings: _HeadSettings):
+    """Per-token (log_probs, entropy|None) of the scored tokens: hidden [n, D], targets [n] (all
+    scored, n >= 1). Runs where the head's parameters are plain tensors."""
+    inputs = head_inputs(model, hidden, head=head, dtype=torch.float32 if settings.cast_lm_head_to_fp32 else None)
     kwargs = dict(settings.op_kwargs)
-    if softcap is not None:
-        kwargs["softcap"] = softcap
+    if inputs.softcap is not None:
+        kwargs["softcap"] = inputs.softcap
     want_entropy = "entropy" in settings.outputs
-    with torch.autocast(device_type, enabled=False):
-        result = linear_logprobs(
-            hidden, weight, targets, bias=bias, temperature=settings.temperature, return_entropy=want_entropy, **kwargs
-        )
+    with torch.autocast(inputs.weight.device.type, enabled=False):
+        result = linear_logprobs(inputs.hidden, inputs.weight, targets, bias=inputs.bias,
+                                 temperature=settings.temperature, return_entropy=want_entropy, **kwargs)
     return result if want_entropy else (result, None)
 
 

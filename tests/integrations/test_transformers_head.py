@@ -161,3 +161,19 @@ def test_bad_arguments_are_named():
     bad = torch.full_like(ids, VOCAB + 3)
     with pytest.raises(ValueError, match="targets"):
         model(input_ids=ids, attention_mask=mask, labels=bad, fused_lm_head=True)
+
+
+@pytest.mark.parametrize("kind", ["cohere", "granite", "gemma2"])
+def test_head_inputs_reproduce_the_models_logits(kind):
+    from rlsc_kernels.integrations.transformers import head_inputs
+
+    model = tiny_model(kind)
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        inputs = head_inputs(model, hidden.reshape(-1, hidden.shape[-1]))
+    z = inputs.hidden @ inputs.weight.T + (inputs.bias if inputs.bias is not None else 0)
+    if inputs.softcap is not None:
+        z = inputs.softcap * torch.tanh(z / inputs.softcap)
+    torch.testing.assert_close(z, logits.reshape(-1, VOCAB), rtol=1e-10, atol=1e-10)
