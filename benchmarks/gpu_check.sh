@@ -5,7 +5,9 @@
 # 7 and 8 still need measured, most important first, all into one compare.json:
 #   A. headline (Qwen2.5-Math-7B head, 16 x 1024, bf16): ours on every path (auto, single pass,
 #      two sweeps, exact, filtered), one logits GEMM, CCE, TRL, Liger scaled CE, Liger GRPO, naive;
-#   B. 16 x 3072 on the same head: ours (auto / single pass / two sweeps), GEMM, CCE, TRL;
+#   B. 16 x 3072 on the same head: ours (auto / single pass / two sweeps), GEMM, CCE, TRL (the
+#      single-pass row raises buffer_bytes to hold one 3072-token sequence; "auto" keeps the
+#      default budget and takes the two-sweep path there);
 #   C. the training step (naive vs fused), if time is left; then TRL's fused head vs ours through
 #      a random Qwen2.5-1.5B, 16 x 1024 (benchmarks/trl_head.py -> trl_head.{log,json});
 #   D. the rest of the default comparison (other heads and lengths), as time allows;
@@ -92,9 +94,12 @@ compare() {
     note "compare $what rc=$RC (budget ${B}s, cap ${T}s)"
 }
 RC=0
-HEADLINE_IMPLS=rlsc-triton,rlsc-triton-single-pass,matmul-floor,cce,trl,liger-scaled-ce,liger,rlsc-triton-two-sweep,rlsc-triton-exact,rlsc-triton-filtered,torch-naive
+# (within one process the core impls run before the others, so the headline is split in two)
+HEADLINE_IMPLS=rlsc-triton,matmul-floor,cce,trl,liger-scaled-ce,rlsc-triton-single-pass,rlsc-triton-two-sweep
+HEADLINE_MORE=liger,rlsc-triton-exact,rlsc-triton-filtered,torch-naive
 LONG_IMPLS=rlsc-triton,rlsc-triton-single-pass,matmul-floor,cce,trl,rlsc-triton-two-sweep
-compare "A (headline: ${HEAD_NAME} 16x1024)" 150 90 --heads "$HEAD_NAME" --seq-lens 1024 --impls "$HEADLINE_IMPLS"
+compare "A1 (headline: ${HEAD_NAME} 16x1024)" 100 130 --heads "$HEAD_NAME" --seq-lens 1024 --impls "$HEADLINE_IMPLS"
+compare "A2 (headline, more impls)" 80 90 --heads "$HEAD_NAME" --seq-lens 1024 --impls "$HEADLINE_MORE"
 compare "B (${HEAD_NAME} 16x3072)" 80 40 --heads "$HEAD_NAME" --seq-lens 3072 --impls "$LONG_IMPLS" --ops rlsc_fwd_bwd,logprobs_fwd
 
 # ---------------------------------------------------------------- 4. training step (if time is left)

@@ -402,6 +402,15 @@ def _native_check():
     return why
 
 
+def single_pass_buffer_bytes(inp: HeadInputs) -> int:
+    """The Triton single pass's default budget (640 MiB: one 1024-token sequence at the 7B head),
+    raised where one sequence's fp32 logits need more (16 x 3072 at the 7B head: 1.87 GB), so
+    that the row measures the single pass rather than refusing; path "auto" keeps the default
+    and takes the two-sweep path there."""
+    seq_len = inp.N // inp.n_seqs
+    return max(640 << 20, seq_len * inp.weight.shape[0] * 4)
+
+
 def _rk_path(backend: str, filter_eps, path: str = "auto"):
     def describe(inp: HeadInputs) -> str:
         taken = _rk_paths.get((backend, path))
@@ -482,8 +491,10 @@ IMPLS = {
              lambda inp, h, W: rk_fwd_bwd(inp, h, W, "triton", None), needs_cuda=True, check=_RK,
              code_path=_rk_path("triton", None)),
         Impl("rlsc-triton-single-pass", None,
-             lambda inp, h, W: rk_fwd_bwd(inp, h, W, "triton", "auto", "single-pass"), needs_cuda=True, check=_RK,
-             code_path=_rk_path("triton", "auto", "single-pass")),
+             lambda inp, h, W: rk_fwd_bwd(inp, h, W, "triton", "auto", "single-pass",
+                                          buffer_bytes=single_pass_buffer_bytes(inp)), needs_cuda=True, check=_RK,
+             code_path=lambda inp: _rk_path("triton", "auto", "single-pass")(inp)
+             + f", buffer_bytes={single_pass_buffer_bytes(inp)}"),
         Impl("rlsc-triton-two-sweep", None,
              lambda inp, h, W: rk_fwd_bwd(inp, h, W, "triton", "auto", "two-sweep"), needs_cuda=True, check=_RK,
              code_path=_rk_path("triton", "auto", "two-sweep")),

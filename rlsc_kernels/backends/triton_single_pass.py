@@ -67,10 +67,12 @@ class RowConfig:
     num_warps: int
 
 
-# Both kernels stream rows of a [n, V] fp32 block (memory-bound); 4 rows x 1024 columns per step
-# is 16 KB in flight per program, 16 values per thread at 8 warps. Unmeasured on a GPU so far.
-STATS_CONFIG = RowConfig(block_n=4, block_v=1024, num_warps=8)
-GRAD_CONFIG = RowConfig(block_n=4, block_v=1024, num_warps=8)
+# Both kernels stream rows of a [n, V] fp32 block (memory-bound). One row per program keeps many
+# programs in flight (a 1024-token chunk is 1024 programs, ~8 per SM on an H100: 62 resident
+# warps of 64) and the per-row loop simple; 2048 columns per step at 8 warps is 8 values per
+# thread. Chosen by reasoning, unmeasured on a GPU so far.
+STATS_CONFIG = RowConfig(block_n=1, block_v=2048, num_warps=8)
+GRAD_CONFIG = RowConfig(block_n=1, block_v=2048, num_warps=8)
 SHIPPED_CONFIGS = {"stats": STATS_CONFIG, "grad": GRAD_CONFIG}
 
 
