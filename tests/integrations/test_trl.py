@@ -151,3 +151,16 @@ def test_trl_add_fused_lm_head_on_our_op_matches_the_models_logits():
     out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
     torch.testing.assert_close(out.log_probs.double(), ref_logp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.entropy.double(), ref_ent, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_with_no_scored_token_gives_a_differentiable_empty_result():
+    from trl.kernels import ChunkedLogProbFunction
+
+    rk_trl.RlscChunkedLogProb.trl_function = ChunkedLogProbFunction
+    h = torch.randn(0, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    logp, entropy, *_ = rk_trl.RlscChunkedLogProb.apply(h, w, None, torch.zeros(0, dtype=torch.long), 1.0, 16,
+                                                          None, 1.0, ("log_probs", "entropy"))
+    assert logp.shape == (0,) and entropy.shape == (0,)
+    (torch.zeros(3).masked_scatter(torch.zeros(3, dtype=torch.bool), logp).sum() + entropy.sum()).backward()
+    assert (w.grad == 0).all() and h.grad.shape == (0, 8)
