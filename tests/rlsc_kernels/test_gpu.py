@@ -247,3 +247,27 @@ def test_no_device_to_host_sync_with_value_checks_off(variant):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out.loss).item() and torch.isfinite(ww.grad).all().item()
+
+
+def test_single_pass_backend_makes_no_host_sync():
+    """Given its chunk plan (Python ints), the Triton single pass never waits for the device."""
+    from rlsc_kernels.backends.triton_single_pass import rlsc_single_pass
+    from rlsc_kernels.options import FusedOptions
+    from rlsc_kernels.single_pass import Weigh
+
+    h, w, b, y = _inputs(700, 256, 3001, torch.bfloat16)
+    seq = torch.arange(700, device="cuda") // 50
+    chunks = [(0, 300, 0, 6), (300, 700, 6, 14)]
+    opts = FusedOptions(temperature=0.5, return_entropy=True)
+
+    def run():
+        return rlsc_single_pass(h, w, b, y, seq, chunks, Weigh("length", 0.1, "mean", 14), opts, (True, True, True))
+
+    run()  # warm-up: compile and probe the library outside the guard
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        res = run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(res.dweight).all().item() and torch.isfinite(res.seq_logp).all().item()

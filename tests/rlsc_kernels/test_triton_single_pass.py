@@ -266,3 +266,24 @@ def test_public_op_auto_path_on_triton_is_the_single_pass():
     single = _public(h, w, None, y, seq, 3, torch.float32, path="single-pass", **kw)
     for name in auto:
         assert torch.equal(auto[name], single[name]), name
+
+
+def test_sequences_without_scored_tokens_and_an_empty_batch():
+    """A sequence whose tokens are all ignored has L_s = 0 and no gradient; an empty batch
+    gives zero gradients of the right shapes."""
+    h, w, b, y, seq = _draw(24, 8, 40, 4, torch.float32, bias=True, seed=11)
+    y[seq == 2] = -100
+    kw = dict(T=0.5, weighting="rlsc", alpha=0.1, reduction="mean", entropy=True)
+    exact = _oracle(h.double(), w.double(), b.double(), y, seq, 4, **kw)
+    same = _oracle(h, w, b, y, seq, 4, **kw)
+    fast, res, _ = _single_pass(h, w, b, y, seq, 4, max_rows=8, **kw)
+    assert_within_oracle(fast, same, exact, torch.float32, label="empty sequence")
+    assert res.seq_logp[2] == 0 and (res.dhidden[seq == 2] == 0).all()
+
+    from rlsc_kernels.backends.triton_single_pass import rlsc_single_pass
+
+    empty = rlsc_single_pass(h[:0], w, b, y[:0], seq[:0], [(0, 0, 0, 2)], Weigh("rlsc", 0.1, "mean", 2),
+                             FusedOptions(), (True, True, True))
+    assert empty.dhidden.shape == (0, 8) and empty.token_logp.shape == (0,)
+    assert (empty.dweight == 0).all() and (empty.dbias == 0).all() and (empty.seq_logp == 0).all()
+    assert torch.isfinite(empty.seq_weight).all()
