@@ -130,3 +130,17 @@ def test_vocab_parallel_is_refused_under_compile():
                              backend="aot_eager", fullgraph=True)
     with pytest.raises(Exception, match="vocab_parallel is not supported under torch.compile"):
         compiled(h, w, y)
+
+
+@pytest.mark.gpu
+def test_compiled_op_on_cuda_with_the_triton_backend():
+    h, w, b, y = (t.cuda() for t in _inputs(300, D=64, V=1031))
+
+    def fn(h, w, b, y):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logp, ent = rk.linear_logprobs(h, w, y, bias=b, temperature=0.7, return_entropy=True, softcap=5.0)
+        return logp.sum() + 0.3 * ent.sum()
+
+    compiled = torch.compile(fn, fullgraph=True)
+    for got, ref in zip(_grads(compiled, h, w, b, y), _grads(fn, h, w, b, y)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
