@@ -27,7 +27,7 @@ from .validation import check_values as _check_values
 from .single_pass import check_path, maybe_single_pass
 from .vocab_parallel import VocabParallel, check_vocab_parallel, vocab_parallel_logprobs
 from .vocab_parallel import check_values as _check_values_vocab_parallel
-from .weighting import WEIGHTINGS, rlsc_weights
+from .weighting import WEIGHTINGS, check_external_weights, rlsc_weights
 
 REDUCTIONS = ("mean", "sum")
 _AUTOCAST_CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
@@ -230,6 +230,9 @@ def _check_weighting(weighting):
         raise ValueError(f"weighting must be one of {WEIGHTINGS} or a float tensor [S], got {weighting!r}")
 
 
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def _check_num_sequences(num_sequences) -> Optional[int]:
     if num_sequences is None:
         return None
@@ -253,12 +256,13 @@ def _select_tokens(hidden, targets, completion_mask, seq_index, num_sequences, i
         B, T = targets.shape
         if completion_mask is None:
             completion_mask = torch.ones(B, T, dtype=torch.bool, device=targets.device)
-        check_tensor("completion_mask", completion_mask, dtypes=(torch.bool,))
+        # bool, or 0/1 integers as TRL and Hugging Face collators produce them (nonzero = scored)
+        check_tensor("completion_mask", completion_mask, dtypes=_MASK_DTYPES)
         if tuple(completion_mask.shape) != (B, T):
             raise ValueError(f"completion_mask must have shape [{B}, {T}] like targets, got {list(completion_mask.shape)}")
         if completion_mask.device != hidden.device:
             raise ValueError(f"completion_mask is on {completion_mask.device} but hidden is on {hidden.device}")
-        scored = completion_mask & (targets != ignore_index)
+        scored = (completion_mask != 0) & (targets != ignore_index)
         # Prompt and padding tokens never reach the head: gather the scored ones only.
         seq = torch.arange(B, device=hidden.device)[:, None].expand(B, T)[scored]
         return hidden[scored], targets[scored], seq, B, {}
@@ -382,6 +386,9 @@ def linear_rlsc_loss(
             raise ValueError("path='single-pass' does not split the vocabulary; with vocab_parallel use path='auto' "
                              "or 'two-sweep'")
     h, y, seq, S, seq_checks = _select_tokens(hidden, targets, completion_mask, seq_index, num_sequences, ignore_index)
+    if isinstance(weighting, torch.Tensor):
+        check_external_weights(weighting, S, hidden.device)
+        seq_checks["weighting tensor contains NaN or inf"] = ~torch.isfinite(weighting)
     if check_values and vocab_parallel is not None:
         _check_values_vocab_parallel(h, weight, bias, y, ignore_index, vocab_parallel, seq_checks)
     elif check_values:

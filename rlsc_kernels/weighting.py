@@ -11,6 +11,17 @@ import torch
 WEIGHTINGS = ("rlsc", "rlsc-l1", "entropy", "length")
 
 
+def check_external_weights(weights: torch.Tensor, n_seqs: int, device: torch.device) -> None:
+    """External weights must be a floating tensor [n_seqs] on `device` (finiteness is a value
+    check: linear_rlsc_loss makes it with its other value checks, in their one sync)."""
+    if weights.dim() != 1 or weights.shape[0] != n_seqs:
+        raise ValueError(f"weighting tensor must have shape [{n_seqs}] (one weight per sequence), got {list(weights.shape)}")
+    if not weights.is_floating_point():
+        raise TypeError(f"weighting tensor must be floating point, got {weights.dtype}")
+    if weights.device != device:
+        raise ValueError(f"weighting tensor is on {weights.device}, expected {device}")
+
+
 def rlsc_weights(seq_logp: torch.Tensor, n_tokens: torch.Tensor, weighting="rlsc", alpha: float = 0.1) -> torch.Tensor:
     """Weights [S] float32 (detached) for sequence log-probs ``seq_logp`` [S].
 
@@ -22,14 +33,8 @@ def rlsc_weights(seq_logp: torch.Tensor, n_tokens: torch.Tensor, weighting="rlsc
     """
     L = seq_logp.detach().to(torch.float64)
     if isinstance(weighting, torch.Tensor):
-        w = weighting.detach()
-        if w.dim() != 1 or w.shape[0] != L.shape[0]:
-            raise ValueError(f"weighting tensor must have shape [{L.shape[0]}] (one weight per sequence), got {list(w.shape)}")
-        if not w.is_floating_point():
-            raise TypeError(f"weighting tensor must be floating point, got {w.dtype}")
-        if w.device != L.device:
-            raise ValueError(f"weighting tensor is on {w.device}, expected {L.device}")
-        return w.to(torch.float32)
+        check_external_weights(weighting, L.shape[0], L.device)
+        return weighting.detach().to(torch.float32)
     # L > 0 only through rounding; clamp so exp(L) stays a probability.
     L = L.clamp(max=0.0)
     if weighting == "rlsc":

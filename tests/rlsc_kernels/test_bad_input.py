@@ -137,3 +137,13 @@ def test_bias_of_another_dtype_or_device_is_refused_on_every_backend(backend):
             op(bias=torch.zeros(20, dtype=torch.bfloat16))
         with pytest.raises(ValueError, match="bias is on meta but hidden is on cpu"):
             op(bias=torch.zeros(20, device="meta"))
+
+
+def test_external_weights_with_nan_or_inf_are_refused():
+    h, w, y = _ok()
+    seq = torch.tensor([0, 0, 0, 1, 1, 1])
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="weighting tensor contains NaN or inf"):
+            rk.linear_rlsc_loss(h, w, y, seq_index=seq, weighting=torch.tensor([1.0, bad]), backend="torch")
+    with pytest.raises(ValueError, match=r"weighting tensor must have shape \[2\]"):
+        rk.linear_rlsc_loss(h, w, y, seq_index=seq, weighting=torch.ones(3), backend="torch", path="two-sweep")

@@ -235,3 +235,13 @@ def test_packed_form_with_checks_off_runs_on_the_meta_device(weighting):
     out.loss.backward()
     rk.linear_logprobs(h, w, y, bias=b, check_values=False, backend="torch").sum().backward()
     assert w.grad.shape == w.shape and out.seq_logp.shape == (4,)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_integer_completion_mask_equals_the_bool_one(dtype):
+    """TRL and Hugging Face collators hand out 0/1 integer masks."""
+    h, w, b, y = _leaves(12, shape=(3, 4))
+    mask = torch.rand(3, 4, generator=torch.Generator().manual_seed(0)) < 0.6
+    want = rk.linear_rlsc_loss(h, w, y, completion_mask=mask, bias=b, backend="torch")
+    got = rk.linear_rlsc_loss(h, w, y, completion_mask=mask.to(dtype), bias=b, backend="torch")
+    assert torch.equal(got.loss, want.loss) and torch.equal(got.n_tokens, want.n_tokens)
