@@ -226,3 +226,14 @@ def test_train_then_eval_from_the_command_line(tiny_model_dir, tiny_prompts, tmp
     assert "| tiny |" in table and "| builtin:add |" in table and "maj@2" in table
     results = json.loads((out / "eval" / "eval_results.json").read_text())["results"]
     assert set(results) == {"tiny", "builtin:add"} and results["tiny"]["questions"] == 2
+
+
+def test_eval_writes_no_file_unless_asked(tiny_model_dir, tiny_prompts, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    model_files = sorted(p.name for p in tiny_model_dir.iterdir())
+    assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(tiny_prompts), "--max-prompts", "1",
+                 "--k", "2", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert "| tiny |" in capsys.readouterr().out
+    assert not list(work.iterdir()) and sorted(p.name for p in tiny_model_dir.iterdir()) == model_files

@@ -168,3 +168,18 @@ def test_non_finite_gradient_skips_the_update(tiny_tokenizer):
     assert all(p.grad is None for p in model.parameters())
     stats = rlsc_update(model, opt, rollouts, LossOptions(micro_batch_size=2))
     assert not stats.skipped and any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_lm_head_multiplier_is_folded_into_the_temperature(tiny_tokenizer):
+    """Falcon-H1 style `lm_head_multiplier` (logits * m), on a tiny Llama whose forward applies it."""
+    model = make_model(tiny_tokenizer, seed=2)
+    model.config.lm_head_multiplier = 2.5
+
+    def multiply_logits(module, args, out):  # a hook survives the deepcopies below
+        out.logits = out.logits * 2.5
+        return out
+
+    model.register_forward_hook(multiply_logits)
+    assert StepHead(model, T).temperature == pytest.approx(T / 2.5)
+    check_head_matches_forward(model, torch.tensor([[5, 6, 7, 8]]))
+    _assert_update_matches_naive(model, tiny_tokenizer)
