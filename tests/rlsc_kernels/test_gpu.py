@@ -271,3 +271,17 @@ def test_single_pass_backend_makes_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(res.dweight).all().item() and torch.isfinite(res.seq_logp).all().item()
+
+
+def test_strided_targets_bias_hidden_and_weight_on_gpu():
+    """The compiled kernels, not only the interpreter: a targets column, bias[::2], a transposed
+    hidden and a weight at a storage offset give the answer of their contiguous copies."""
+    h, w, b, y = _inputs(300, 128, 1000, torch.bfloat16)
+    pairs = torch.stack([torch.zeros_like(y), y], 1)
+    wide_bias = torch.stack([b, torch.zeros_like(b)], 1).reshape(-1)
+    h_t = h.t().contiguous().t()
+    w_off = torch.cat([torch.zeros_like(w[:5]), w])[5:]
+    got = _run("triton", h_t, w_off, wide_bias[::2], pairs[:, 1], 0.7)
+    want = _run("triton", h, w, b, y, 0.7)
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=1e-3, atol=1e-4), name
