@@ -306,6 +306,14 @@ def add_fused_lm_head(
     if unknown or "log_probs" not in outputs:
         raise ValueError(f"outputs must include 'log_probs' and be drawn from {OUTPUTS}, got {outputs!r}")
     check_backend(backend)
+    import inspect
+
+    allowed = set(inspect.signature(linear_logprobs).parameters) - {
+        "hidden", "weight", "targets", "bias", "temperature", "return_entropy", "softcap", "backend", "filter_eps"}
+    unknown = sorted(set(op_options) - allowed)
+    if unknown:
+        raise TypeError(f"add_fused_lm_head got unexpected keyword arguments {unknown}; "
+                        f"the op's options it forwards are {sorted(allowed)}")
     settings = _HeadSettings(
         temperature=check_temperature(temperature),
         outputs=outputs,

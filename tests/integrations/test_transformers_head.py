@@ -154,6 +154,8 @@ def test_bad_arguments_are_named():
         add_fused_lm_head(model, backend="cuda")
     with pytest.raises(TypeError, match="model"):
         add_fused_lm_head(torch.nn.Linear(3, 4))
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['buffer_size'\\]"):
+        add_fused_lm_head(model, buffer_size=3)
     add_fused_lm_head(model)
     ids, mask, _ = batch()
     with pytest.raises(ValueError, match="labels"):
@@ -177,3 +179,13 @@ def test_head_inputs_reproduce_the_models_logits(kind):
     if inputs.softcap is not None:
         z = inputs.softcap * torch.tanh(z / inputs.softcap)
     torch.testing.assert_close(z, logits.reshape(-1, VOCAB), rtol=1e-10, atol=1e-10)
+
+
+def test_op_options_are_forwarded():
+    model = tiny_model()
+    ids, mask, labels = batch()
+    add_fused_lm_head(model)
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs
+    add_fused_lm_head(model, backend="torch", buffer_bytes=8 * VOCAB * 3, check_values=False)  # 3-row chunks
+    got = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
