@@ -278,10 +278,17 @@ def test_strided_targets_bias_hidden_and_weight_on_gpu():
     hidden and a weight at a storage offset give the answer of their contiguous copies."""
     h, w, b, y = _inputs(300, 128, 1000, torch.bfloat16)
     pairs = torch.stack([torch.zeros_like(y), y], 1)
-    wide_bias = torch.stack([b, torch.zeros_like(b)], 1).reshape(-1)
-    h_t = h.t().contiguous().t()
-    w_off = torch.cat([torch.zeros_like(w[:5]), w])[5:]
-    got = _run("triton", h_t, w_off, wide_bias[::2], pairs[:, 1], 0.7)
-    want = _run("triton", h, w, b, y, 0.7)
-    for name in want:
-        assert torch.allclose(got[name], want[name], rtol=1e-3, atol=1e-4), name
+    results = []
+    for strided in (True, False):
+        hh, ww, bb = (t.detach().clone().requires_grad_() for t in (h, w, b))
+        if strided:
+            args = (hh.t().contiguous().t(), torch.cat([torch.zeros_like(ww[:5]), ww])[5:],
+                    torch.stack([bb, torch.zeros_like(bb)], 1).reshape(-1)[::2], pairs[:, 1])
+        else:
+            args = (hh, ww, bb, y)
+        logp, ent = rk.linear_logprobs(args[0], args[1], args[3], bias=args[2], temperature=0.7, return_entropy=True,
+                                       backend="triton", filter_eps=None)
+        (logp.sum() + 0.3 * ent.sum()).backward()
+        results.append([logp, ent, hh.grad, ww.grad, bb.grad])
+    for got, want in zip(*results):
+        assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-3)
