@@ -46,7 +46,7 @@ def _native_or_torch() -> str:
         warnings.warn(
             f"rlsc_kernels: native CPU backend not built ({native.unavailable_reason()}); using the PyTorch backend",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=5,  # the caller of linear_logprobs / linear_rlsc_loss
         )
     return "torch"
 
