@@ -150,7 +150,8 @@ def sample(
 
 def _cache_keyword(model) -> str:
     """transformers >= 5.24 names the KV cache argument `cache` (`past_key_values` is deprecated)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT forwards **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _forward_last_logits(model, input_ids, attention_mask, position_ids, past, cache_kw):
@@ -161,8 +162,12 @@ def _forward_last_logits(model, input_ids, attention_mask, position_ids, past, c
         out = model(**kwargs, logits_to_keep=1)
     except TypeError:  # a model whose forward has no logits_to_keep
         out = model(**kwargs)
-    cache = out.get("cache") if cache_kw == "cache" else None
-    return out.logits[:, -1], (cache if cache is not None else out.past_key_values)
+    cache = out.get("cache")
+    if cache is None:
+        cache = out.get("past_key_values")
+    if cache is None:
+        raise NotImplementedError(f"{type(model).__name__} returned no KV cache with use_cache=True; cannot sample from it")
+    return out.logits[:, -1], cache
 
 
 def _ancestral_loop(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float | None,
