@@ -63,12 +63,15 @@ class FusedLMHeadOutput(ModelOutput):
         under softmax(logits / temperature); 0 where the label is -100.
     entropy: same shape, entropy of that distribution (None unless "entropy" is in `outputs`).
     label_mask: same shape, bool: which positions were scored.
+    aux_loss: MoE load-balancing loss when router logits are requested (output_router_logits, or
+        the config's), already added to loss with the config's router_aux_loss_coef; else None.
     """
 
     loss: Optional[torch.Tensor] = None
     log_probs: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None
     label_mask: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,11 @@ def _fused_head_forward(model, settings: _HeadSettings, args, kwargs, labels, sh
     if labels is None and shift_labels is None:
         raise ValueError("fused_lm_head=True needs labels (or pre-shifted shift_labels) to score")
     kwargs["use_cache"] = False
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    # MoE models: router logits when asked for or when the config asks, as the model's own forward.
+    want_router = bool(kwargs.get("output_router_logits", getattr(text_config, "output_router_logits", False)))
+    if want_router:
+        kwargs["output_router_logits"] = True
     body_out = model.base_model(*args, **kwargs)
     hidden = body_out.last_hidden_state if hasattr(body_out, "last_hidden_state") else body_out[0]
     if shift_labels is None:
@@ -267,7 +275,28 @@ def _fused_head_forward(model, settings: _HeadSettings, args, kwargs, labels, sh
     entropy = _scatter(token_entropy, mask) if token_entropy is not None else None
     denominator = num_items_in_batch if num_items_in_batch is not None else max(n_scored, 1)
     loss = -log_probs.sum() / denominator
-    return FusedLMHeadOutput(loss=loss, log_probs=log_probs, entropy=entropy, label_mask=mask)
+    aux_loss = None
+    if want_router and getattr(body_out, "router_logits", None) is not None:
+        aux_loss, coef = _router_aux_loss(model, text_config, body_out.router_logits, kwargs.get("attention_mask"))
+        loss = loss + coef * aux_loss.to(loss.device)
+    return FusedLMHeadOutput(loss=loss, log_probs=log_probs, entropy=entropy, label_mask=mask, aux_loss=aux_loss)
+
+
+def _router_aux_loss(model, text_config, router_logits, attention_mask):
+    """(load-balancing loss, its coefficient) computed as the model's own forward does, with the
+    load_balancing_loss_func of the model's modeling module (Mixtral's where it has none)."""
+    import sys
+
+    module = sys.modules.get(type(model).__module__)
+    fn = getattr(module, "load_balancing_loss_func", None)
+    if fn is None:
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func as fn
+    num_experts = getattr(model, "num_experts", None) or getattr(text_config, "num_local_experts", None) \
+        or getattr(text_config, "num_experts", None)
+    top_k = getattr(model, "num_experts_per_tok", None) or getattr(text_config, "num_experts_per_tok", None)
+    coef = getattr(model, "router_aux_loss_coef", None)
+    coef = getattr(text_config, "router_aux_loss_coef", 0.0) if coef is None else coef
+    return fn(router_logits, num_experts, top_k, attention_mask), coef
 
 
 def add_fused_lm_head(

@@ -189,3 +189,21 @@ def test_op_options_are_forwarded():
     add_fused_lm_head(model, backend="torch", buffer_bytes=8 * VOCAB * 3, check_values=False)  # 3-row chunks
     got = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_moe_loss_includes_the_router_load_balancing_loss_like_the_models_own():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=24, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.3)
+    model = transformers.MixtralForCausalLM(cfg)  # float32: its expert matmuls take no float64
+    ids, mask, labels = batch()
+    with torch.no_grad():
+        own = model(input_ids=ids, attention_mask=mask, labels=labels)
+        add_fused_lm_head(model)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    assert out.aux_loss is not None and own.aux_loss > 0
+    torch.testing.assert_close(out.aux_loss, own.aux_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.loss, own.loss, rtol=1e-5, atol=1e-6)
