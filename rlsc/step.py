@@ -4,8 +4,10 @@
     2. mask     keep the completion tokens, up to and including EOS   (Rollouts.completion_mask)
     3. score    L_s = sum_t log_softmax(W h_t / T)[y_t] from the body's final hidden states
                 through the fused op: no [samples x length x vocab] logits are ever formed
+                (StepHead: the head exactly as the model samples from it)
     4. weigh    w_s = p_old(y_s|x) + alpha = exp(L_s).detach() + alpha  (inside the op, in log space)
-    5. step     loss = -(1/S) sum_s w_s L_s; backward; AdamW step
+    5. step     loss = -(1/S) sum_s w_s L_s; backward; AdamW step (skipped, never applied, when
+                the loss or the gradient norm is not finite)
 
 Micro-batches accumulate gradients exactly: each w_s depends on sample s only, so the op is
 called with reduction="sum" and every micro-batch loss is scaled by 1 / S_total.
