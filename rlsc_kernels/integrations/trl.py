@@ -27,7 +27,6 @@ backward; our op does not), so the adapter raises there.
 from __future__ import annotations
 
 import inspect
-from typing import Optional
 
 import torch
 
