@@ -157,3 +157,14 @@ def test_prompts_for_step_walks_seeded_epochs_and_covers_every_question():
     assert sorted(seen[:5]) == problems and sorted(seen[5:10]) == problems
     assert prompts_for_step(problems, 3, 2, seed=1) == prompts_for_step(problems, 3, 2, seed=1)
     assert prompts_for_step(problems, 0, 5, seed=1) != prompts_for_step(problems, 0, 5, seed=2)
+
+
+def test_metrics_line_torn_by_a_kill_is_dropped_but_a_bad_middle_line_is_an_error(tmp_path):
+    from rlsc.plot import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2: not valid JSON"):
+        read_metrics(path)
