@@ -241,7 +241,10 @@ def _fused_head_forward(model, settings: _HeadSettings, args, kwargs, labels, sh
     want_router = bool(kwargs.get("output_router_logits", getattr(text_config, "output_router_logits", False)))
     if want_router:
         kwargs["output_router_logits"] = True
-    body_out = model.base_model(*args, **kwargs)
+    body = model.base_model
+    if body is model:
+        raise TypeError(f"{type(model).__name__}.base_model is the model itself: no backbone to take hidden states from")
+    body_out = body(*args, **kwargs)
     hidden = body_out.last_hidden_state if hasattr(body_out, "last_hidden_state") else body_out[0]
     if shift_labels is None:
         hidden, targets = hidden[:, :-1], labels[:, 1:]
