@@ -135,6 +135,16 @@ def environment(device: torch.device) -> dict:
         except Exception:  # noqa: BLE001
             commit = "unknown"
     env["commit"] = commit
+    try:  # which of our backends backend="auto" picks for this device (CPU: native if built, else torch)
+        from rlsc_kernels import backends
+
+        env["rlsc_auto_backend"] = backends.resolve("auto", torch.empty(1, 1, device=device))
+    except Exception as exc:  # noqa: BLE001
+        env["rlsc_auto_backend"] = f"unknown ({type(exc).__name__})"
+    try:
+        env["load_average"] = os.getloadavg()
+    except OSError:
+        pass
     return env
 
 
