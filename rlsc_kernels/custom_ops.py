@@ -222,9 +222,12 @@ def traced_linear_rlsc_loss(hidden, weight, targets, *, completion_mask, seq_ind
             raise ValueError("seq_index is for the packed form hidden [N, D]; the padded form [B, T, D] takes completion_mask")
         B, T = targets.shape[:2]
         if completion_mask is not None:
-            if tuple(completion_mask.shape) != (B, T) or completion_mask.dtype != torch.bool:
-                raise ValueError(f"completion_mask must be a bool tensor of shape [{B}, {T}] like targets")
-            targets = torch.where(completion_mask, targets, torch.full_like(targets, ignore_index))
+            from .validation import check_tensor
+
+            check_tensor("completion_mask", completion_mask, dtypes=api._MASK_DTYPES)
+            if tuple(completion_mask.shape) != (B, T):
+                raise ValueError(f"completion_mask must have shape [{B}, {T}] like targets, got {list(completion_mask.shape)}")
+            targets = torch.where(completion_mask != 0, targets, torch.full_like(targets, ignore_index))
         seq = torch.arange(B, device=hidden.device).repeat_interleave(T)
         S = B
     elif hidden.dim() == 2:

@@ -85,6 +85,8 @@ def test_compiled_rlsc_loss_padded_form_matches_eager():
     fn = lambda f: lambda hh, ww, bb, yy: f(hh, ww, bb, yy, mask)  # noqa: E731
     for got, ref in zip(_grads(fn(compiled), h, w, b, y), _grads(fn(_rlsc), h, w, b, y)):
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    int_mask = mask.long()  # 0/1 integer masks (as TRL builds them) work as in eager
+    torch.testing.assert_close(compiled(h, w, b, y, int_mask), _rlsc(h, w, b, y, int_mask), rtol=1e-6, atol=1e-7)
 
 
 def test_compiled_packed_form_needs_num_sequences():
