@@ -1,0 +1,548 @@
+"""`rlsc train --engine trl`: RLSC on TRL's GRPO machinery, for one or several processes.
+
+    torchrun --nproc_per_node 8 -m rlsc train --engine trl --model Qwen/Qwen2.5-Math-7B ...
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml -m rlsc train --engine trl ...
+
+TRL and accelerate own everything around the loss: the prompt sampler (each question repeated
+num_samples times, the copies spread over the processes), generation (vLLM when asked for with
+--vllm-mode, transformers' generate otherwise), DDP / FSDP2 / DeepSpeed wrapping, gradient
+accumulation, checkpoints and resume. RLSCTrainer replaces two methods of GRPOTrainer:
+
+  _generate_and_score_completions: generate, and nothing else. There is no reward: TRL's reward
+      and advantage code is never reached. GRPOTrainer refuses to start without a reward source,
+      so it gets one function, rlsc_has_no_reward, that raises if it is ever called (a TRL change
+      that routed batches to rewards would fail loudly instead of training on a made-up reward).
+      For --weighting group the samples are scored once here (no gradient) and the softmax weights
+      are formed over each question's samples gathered from every process.
+  compute_loss: RLSC's loss from the op, exactly as the thin trainer computes it (rlsc/step.py):
+      the body's final hidden states of the completion tokens, the head's inputs from
+      rlsc_kernels.integrations.transformers.head_inputs, and one rk.linear_rlsc_loss call
+      (reduction "sum") per micro-batch, divided by the micro-batch size; the trainer divides by
+      the accumulation steps and DDP / FSDP average over processes, so the step's gradient is
+      that of -(1/S) sum_s w_s L_s over all S = num_prompts x num_samples samples.
+
+The loss runs inside the wrapped model's forward (a `rlsc=` keyword added to the model's
+forward), so DDP synchronises the gradients and FSDP gathers the parameters as for any forward.
+
+Sampling draws from softmax(logits / T) only: top-k, top-p, min-p, repetition penalty and every
+other logits processor are switched off explicitly (the model's generation_config is overridden),
+because p_old in the RLSC weight must be the probability of the sample.
+
+Flags mapped onto TRL/HF: micro_batch_size -> per_device_train_batch_size; the accumulation steps
+follow from num_prompts x num_samples / (micro_batch_size x processes), which must be a whole
+number; constant learning rate; AdamW over every trainable parameter with one weight decay (as
+the thin trainer); checkpoint_every -> a checkpoint-N folder (the last one kept) through the HF
+Trainer; --resume picks the last checkpoint-N up; the final model goes to output_dir/final.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+import rlsc_kernels as rk
+from rlsc_kernels.integrations.transformers import head_inputs
+
+from .config import RLSCConfig, parse_filter_eps
+from .sampling import Rollouts, chat_prompt
+from .step import _packed, _trim, _underflow, completion_hidden_states, group_weights
+
+#: the only logits processing generation may do is the temperature (set from --temperature)
+NEUTRAL_SAMPLING = dict(top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                        repetition_penalty=1.0, no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=None,
+                        begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
+                        min_length=0, min_new_tokens=None, renormalize_logits=False, sequence_bias=None,
+                        exponential_decay_length_penalty=None, encoder_repetition_penalty=1.0)
+VLLM_MODES = ("off", "colocate", "server")
+_FORWARD_KEY = "_rlsc_trl_original_forward"
+
+
+def log_to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The loss inside the model's forward
+# --------------------------------------------------------------------------------------------
+class _Request:
+    """What one `model(rlsc=...)` call computes (a plain object: DDP passes it through untouched).
+
+    mode "loss": rk.linear_rlsc_loss of the micro-batch (reduction "sum"), differentiable;
+    mode "score": the sequence log-probs [B] only (run under no_grad)."""
+
+    def __init__(self, rollouts: Rollouts, mode: str, *, weighting=None, settings: dict | None = None):
+        self.rollouts, self.mode, self.weighting, self.settings = rollouts, mode, weighting, settings or {}
+
+
+def _run_request(model, req: _Request):
+    mb = req.rollouts
+    hidden = completion_hidden_states(model.base_model, mb)
+    h, y, seq = _packed(hidden, mb)
+    head = model.get_output_embeddings()
+    if _is_dtensor(head.weight):
+        return _in_fsdp_forward(model, head, h, y, seq, req)
+    return _score(model, head, h, y, seq, req)
+
+
+def _score(model, head, h, y, seq, req: _Request):
+    s = req.settings
+    inputs = head_inputs(model, h, head=head)
+    extra = {"softcap": inputs.softcap} if inputs.softcap is not None else {}
+    with torch.autocast(inputs.weight.device.type, enabled=False):
+        if req.mode == "score":
+            logp = rk.linear_logprobs(inputs.hidden, inputs.weight, y, bias=inputs.bias, temperature=s["temperature"],
+                                      backend=s["backend"], filter_eps=None, check_values=False, **extra)
+            return torch.zeros(len(req.rollouts), dtype=torch.float32, device=h.device).index_add_(0, seq, logp.float())
+        # check_values=False as in the thin trainer: a non-finite value shows up in the step's loss or
+        # gradient norm, which skips the step.
+        return rk.linear_rlsc_loss(
+            inputs.hidden, inputs.weight, y, seq_index=seq, num_sequences=len(req.rollouts), bias=inputs.bias,
+            temperature=s["temperature"], alpha=s["alpha"], weighting=req.weighting, reduction="sum",
+            filter_eps=s["filter_eps"], backend=s["backend"], return_entropy=True, check_values=False, **extra)
+
+
+def _is_dtensor(x) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(x, DTensor)
+
+
+def _in_fsdp_forward(model, head, h, y, seq, req):
+    """The head's weight is a sharded DTensor (the head fully_shard-ed on its own): score inside
+    the forward of the FSDP2 module that owns it, so FSDP gathers it (and reduce-scatters its
+    gradient) as for lm_head(hidden)."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    owner = None
+    for _, module in model.named_modules():
+        if isinstance(module, FSDPModule) and any(m is head for m in module.modules()):
+            owner = module
+    if owner is None:
+        raise RuntimeError("the LM head's weight is a DTensor but no FSDP2 module owns the head")
+    if "_rlsc_trl_score" not in owner.__dict__:
+        owner._rlsc_trl_score = types.MethodType(lambda self, fn, *a: fn(*a), owner)
+        register_fsdp_forward_method(owner, "_rlsc_trl_score")
+    return owner._rlsc_trl_score(_score, model, head, h, y, seq, req)
+
+
+def add_rlsc_forward(model) -> None:
+    """Adds a `rlsc=` keyword to the forward of `model` (the transformers model inside a PEFT
+    model): `model(rlsc=request)` runs the request; without it the previous forward runs."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if _FORWARD_KEY in inner.__dict__:
+        return
+    previous = inner.forward
+
+    def forward(self, *args, rlsc=None, **kwargs):
+        if rlsc is None:
+            return previous(*args, **kwargs)
+        return _run_request(self, rlsc)
+
+    forward.__wrapped__ = getattr(previous, "__wrapped__", previous)
+    forward.__signature__ = _signature(previous)
+    inner.__dict__[_FORWARD_KEY] = previous
+    inner.forward = types.MethodType(forward, inner)
+
+
+def _signature(fn):
+    import inspect
+
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):  # pragma: no cover
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+def _trainer_class():
+    from accelerate.utils import gather, gather_object
+    from trl import GRPOTrainer
+    from trl.trainer.utils import pad
+
+    class RLSCTrainer(GRPOTrainer):
+        """GRPOTrainer whose step is RLSC's (see the module docstring). rlsc: the run's RLSCConfig;
+        metrics_path: where the main process appends one metrics row per optimizer step (None:
+        nowhere); sample: optional stand-in for generation, (trainer, inputs) -> (prompt id lists,
+        completion id lists) (the equality tests feed fixed samples through it)."""
+
+        def __init__(self, *args, rlsc: RLSCConfig, metrics_path=None, sample=None, **kwargs):
+            self.rlsc = rlsc
+            self.metrics_path = Path(metrics_path) if metrics_path else None
+            self._sample_override = sample
+            kwargs["reward_funcs"] = [rlsc_has_no_reward]  # never called (see the module docstring)
+            super().__init__(*args, **kwargs)
+            add_rlsc_forward(self.model)
+            self._rlsc_settings = dict(temperature=rlsc.temperature, alpha=rlsc.alpha, backend=rlsc.backend,
+                                       filter_eps=parse_filter_eps(rlsc.filter_eps))
+            self._reset_step_stats()
+
+        # ---- generation ------------------------------------------------------------------
+        def _tokenize_prompts(self, prompts):
+            # The prompt texts are rendered already (chat template included), as the thin trainer's.
+            ids = [self._tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+            return ids, None, {}
+
+        def _generate_and_score_completions(self, inputs):
+            device = self.accelerator.device
+            t0 = time.perf_counter()
+            prompts = [x["prompt"] for x in inputs]
+            if self._sample_override is not None:
+                prompt_ids_list, completion_ids_list = self._sample_override(self, inputs)
+            else:
+                prompt_ids_list, completion_ids_list = self._generate(prompts)[:2]
+            eos = set(self.eos_token_ids)
+            pad_id = self._tokenizer.pad_token_id
+            prompt_ids = pad([torch.tensor(p) for p in prompt_ids_list], padding_value=pad_id, padding_side="left")
+            prompt_mask = pad([torch.ones(len(p), dtype=torch.bool) for p in prompt_ids_list], padding_value=False,
+                              padding_side="left")
+            completion_ids = pad([torch.tensor(c) for c in completion_ids_list], padding_value=pad_id,
+                                 padding_side="right")
+            completion_mask = pad([torch.ones(len(c), dtype=torch.bool) for c in completion_ids_list],
+                                  padding_value=False, padding_side="right")
+            out = {
+                "prompt_ids": prompt_ids.to(device), "prompt_mask": prompt_mask.to(device),
+                "completion_ids": completion_ids.to(device), "completion_mask": completion_mask.to(device),
+                "capped": torch.tensor([len(c) == 0 or c[-1] not in eos for c in completion_ids_list], device=device),
+                "question_index": torch.tensor([int(x["question_index"]) for x in inputs], device=device),
+            }
+            self._step_stats["gen_seconds"] += time.perf_counter() - t0
+            self._step_stats["questions"].extend(x["id"] for x in inputs)
+            self._step_stats["t_train"] = time.perf_counter()
+            if self.rlsc.weighting == "group":
+                out["group_weight"] = self._group_weights(_rollouts(out))
+            return out
+
+        @torch.no_grad()
+        def _group_weights(self, rollouts: Rollouts) -> torch.Tensor:
+            """softmax of L_s over each question's samples (from every process) + alpha, for the local samples."""
+            mbs = self.args.per_device_train_batch_size
+            parts = []
+            with self.accelerator.autocast():
+                for start in range(0, len(rollouts), mbs):
+                    mb = _trim(rollouts.select(slice(start, start + mbs)))
+                    parts.append(self.model_wrapped(rlsc=_Request(mb, "score", settings=self._rlsc_settings)))
+            seq_logp = torch.cat(parts)
+            all_logp, all_q = gather(seq_logp), gather(rollouts.question_index)
+            weights = group_weights(all_logp, all_q, self.rlsc.alpha)
+            n = len(rollouts)
+            rank = self.accelerator.process_index
+            return weights[rank * n : (rank + 1) * n]
+
+        # ---- the loss --------------------------------------------------------------------
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs:
+                raise ValueError("RLSCTrainer does not return outputs")
+            mb = _rollouts(inputs)
+            keep = _trim(mb)
+            weighting = inputs["group_weight"] if self.rlsc.weighting == "group" else self.rlsc.weighting
+            out = model(rlsc=_Request(keep, "loss", weighting=weighting, settings=self._rlsc_settings))
+            st = self._step_stats
+            st["loss_sum"].append(out.loss.detach().float())
+            st["seq_logp"].append(out.seq_logp.detach().float())
+            st["seq_weight"].append(out.seq_weight.detach().float())
+            st["n_tokens"].append(out.n_tokens.detach())
+            st["capped"].append(mb.capped)
+            if out.token_entropy is not None:
+                st["entropy"].append(torch.stack([out.token_entropy.detach().double().sum(),
+                                                  torch.tensor(out.token_entropy.numel(), dtype=torch.float64,
+                                                               device=out.loss.device)]))
+            # / (micro-batch size x accumulation steps) here (loss_is_scaled_for_ga: the Trainer does not
+            # divide again), mean over processes by DDP/FSDP: the gradient of -(1/S) sum_s w_s L_s
+            # over the step's S samples.
+            return out.loss / (len(mb) * self.current_gradient_accumulation_steps)
+
+        loss_is_scaled_for_ga = True
+
+        # ---- the optimizer step ----------------------------------------------------------
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                opt_model = self.model if model is None else model
+                params = [p for p in opt_model.parameters() if p.requires_grad]
+                c = self.rlsc
+                self.optimizer = GuardedAdamW(params, lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps,
+                                              weight_decay=c.weight_decay)
+                self.optimizer.guard = self._before_optimizer_step
+            return self.optimizer
+
+        def _reset_step_stats(self):
+            self._step_stats = {"loss_sum": [], "seq_logp": [], "seq_weight": [], "n_tokens": [], "capped": [],
+                                "entropy": [], "gen_seconds": 0.0, "questions": [], "t_train": time.perf_counter()}
+
+        def _before_optimizer_step(self, params) -> bool:
+            """Clips (when --max-grad-norm > 0) and measures the gradient norm, writes the step's
+            metrics row, and says whether to skip the update (non-finite loss or gradient)."""
+            st = self._step_stats
+            c = self.rlsc
+            norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
+                                                  c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
+            if hasattr(norm, "full_tensor"):
+                norm = norm.full_tensor()
+            device = self.accelerator.device
+            seq_logp = gather(torch.cat(st["seq_logp"]))
+            seq_weight = gather(torch.cat(st["seq_weight"]))
+            n_tokens = gather(torch.cat(st["n_tokens"]))
+            capped = gather(torch.cat(st["capped"]))
+            S = len(seq_logp)
+            loss = float(gather(torch.stack(st["loss_sum"]).sum()[None]).sum()) / S
+            ent = gather(torch.stack(st["entropy"]).sum(0)[None]).sum(0) if st["entropy"] else None
+            peak = torch.tensor([_peak_memory_mb(device)], device=device)
+            peak = float(gather(peak).max())
+            questions = list(dict.fromkeys(gather_object(st["questions"])))
+            grad_norm = float(norm)
+            skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+            train_s = time.perf_counter() - st["t_train"]
+            self._skipped_total += skipped
+            self._skipped_in_a_row = self._skipped_in_a_row + 1 if skipped else 0
+            row = {
+                "step": self.state.global_step + 1,
+                "loss": loss,
+                "skipped": skipped,
+                "skipped_steps": self._skipped_total,
+                "mean_seq_logp": float(seq_logp.mean()),
+                "min_seq_logp": float(seq_logp.min()),
+                "max_seq_logp": float(seq_logp.max()),
+                "mean_weight": float(seq_weight.mean()),
+                "max_weight": float(seq_weight.max()),
+                "frac_weight_underflow": _underflow(seq_weight.cpu(), c.weighting, c.alpha),
+                "mean_completion_tokens": float(n_tokens.float().mean()),
+                "frac_capped": float(capped.float().mean()),
+                "frac_eos_only": float((n_tokens == 1).float().mean()),
+                "mean_token_entropy": float(ent[0] / ent[1]) if ent is not None and ent[1] > 0 else 0.0,
+                "grad_norm": grad_norm,
+                "gen_seconds": round(st["gen_seconds"], 3),
+                "train_seconds": round(train_s, 3),
+                "peak_memory_mb": round(peak, 1),
+                "samples": S,
+                "questions": questions,
+            }
+            self.last_row = row
+            if self.metrics_path is not None and self.accelerator.is_main_process:
+                with open(self.metrics_path, "a") as fh:
+                    fh.write(_json_line(row))
+                log_to_stderr(
+                    f"step {row['step']}/{self.args.max_steps}: loss {loss:.4g}  mean log p {row['mean_seq_logp']:.2f}  "
+                    f"mean w {row['mean_weight']:.3f}  tokens {row['mean_completion_tokens']:.1f}  "
+                    f"entropy {row['mean_token_entropy']:.3f}  gen {row['gen_seconds']:.1f}s train {train_s:.1f}s"
+                    + ("  SKIPPED (non-finite loss or gradient)" if skipped else ""))
+            self._reset_step_stats()
+            if self._skipped_in_a_row >= c.max_consecutive_skips:
+                from .train import NonFiniteSteps
+
+                raise NonFiniteSteps(
+                    f"{self._skipped_in_a_row} steps in a row (up to step {row['step']}) had a non-finite loss or "
+                    "gradient and were skipped; stopping (see --max-consecutive-skips)")
+            return skipped
+
+        _skipped_total = 0
+        _skipped_in_a_row = 0
+
+    return RLSCTrainer
+
+
+def rlsc_has_no_reward(*args, **kwargs):
+    """GRPOTrainer refuses to start without a reward source; RLSC has none. RLSCTrainer replaces
+    the method that would call reward functions, so this one is never called; if a TRL change
+    ever routed a batch to it, it raises instead of handing GRPO a made-up reward."""
+    raise RuntimeError("RLSC has no reward: RLSCTrainer's generation step must not reach TRL's reward code "
+                       "(an unsupported TRL version?)")
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW whose step first calls `guard(params)`; a True answer skips the update (the
+    gradients are dropped by the trainer's zero_grad, the moments are untouched)."""
+
+    guard = None
+
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"]]
+        if self.guard is not None and self.guard(params):
+            return None
+        return super().step(closure)
+
+
+def _rollouts(batch: dict) -> Rollouts:
+    return Rollouts(batch["prompt_ids"], batch["prompt_mask"].bool(), batch["completion_ids"],
+                    batch["completion_mask"].bool(), batch["capped"], batch["question_index"])
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _json_line(row: dict) -> str:
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    return json.dumps(clean) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Building a run from the config
+# --------------------------------------------------------------------------------------------
+def world_size() -> int:
+    from accelerate import PartialState
+
+    return PartialState().num_processes
+
+
+def accumulation_steps(cfg: RLSCConfig, processes: int) -> int:
+    """Micro-batches per process per step: num_prompts x num_samples = micro_batch_size x processes x this."""
+    total = cfg.num_prompts * cfg.num_samples
+    per_round = cfg.micro_batch_size * processes
+    if total % per_round:
+        raise ValueError(
+            f"--engine trl: num_prompts x num_samples = {total} samples per step must be a multiple of "
+            f"micro_batch_size x processes = {cfg.micro_batch_size} x {processes} = {per_round}; "
+            "change --micro-batch-size or --num-prompts")
+    return total // per_round
+
+
+def grpo_config(cfg: RLSCConfig, processes: int, precision: str):
+    """The GRPOConfig that makes TRL run RLSC's step as the thin trainer's flags describe it."""
+    import trl
+
+    ga = accumulation_steps(cfg, processes)
+    vllm_mode = getattr(cfg, "vllm_mode", "off")
+    return trl.GRPOConfig(
+        output_dir=cfg.output_dir, per_device_train_batch_size=cfg.micro_batch_size, gradient_accumulation_steps=ga,
+        steps_per_generation=ga, num_iterations=1, num_generations=cfg.num_samples,
+        max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, generation_kwargs=dict(NEUTRAL_SAMPLING),
+        top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0, beta=0.0, mask_truncated_completions=False,
+        use_vllm=vllm_mode != "off", vllm_mode=vllm_mode if vllm_mode != "off" else "colocate",
+        vllm_importance_sampling_correction=False, disable_dropout=True,
+        max_steps=cfg.steps, learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_epsilon=cfg.adam_eps,
+        max_grad_norm=0.0,  # clipping and the norm are done by RLSCTrainer (pre-clip norm logged, skip on non-finite)
+        gradient_checkpointing=cfg.gradient_checkpointing, bf16=precision == "bf16-autocast", fp16=False,
+        use_cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()),
+        seed=cfg.seed, data_seed=cfg.seed, logging_steps=1, report_to="none", save_strategy="no", save_total_limit=1,
+        save_only_model=not cfg.save_optimizer_state, remove_unused_columns=False, dataloader_num_workers=0,
+        log_completions=False, shuffle_dataset=True, disable_tqdm=True,
+    )
+
+
+def prompt_dataset(problems, tokenizer, template: str):
+    """One row per question: the rendered prompt text (chat template applied, as the thin
+    trainer's), the question's index (groups for --weighting group) and its id (metrics)."""
+    import datasets
+
+    return datasets.Dataset.from_dict({
+        "prompt": [chat_prompt(tokenizer, p.question, template) for p in problems],
+        "question_index": list(range(len(problems))),
+        "id": [p.id for p in problems],
+    })
+
+
+class _Checkpoints:
+    """A checkpoint every checkpoint_every steps and after the last one (HF's save machinery)."""
+
+    def __new__(cls, every: int):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step >= state.max_steps or (every > 0 and state.global_step % every == 0):
+                    control.should_save = True
+                return control
+
+        return Callback()
+
+
+def last_checkpoint(out_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
+
+
+def train_trl(cfg: RLSCConfig, loaded=None, log=log_to_stderr, sample=None, callbacks=()) -> dict:
+    """Runs cfg.steps RLSC steps on TRL (resuming if asked) and returns a summary dict, as train().
+
+    loaded: an object with .model and .tokenizer to train instead of loading cfg.model; sample and
+    callbacks (extra TrainerCallbacks) are for tests: see RLSCTrainer."""
+    cfg.validate("train")
+    try:
+        import trl  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("--engine trl needs TRL: pip install 'trl>=1.16,<1.17' (or use --engine thin)") from exc
+    from accelerate import PartialState
+
+    from .data import default_template, load_problems
+    from .models import apply_lora, check_model_spec, load_model, load_tokenizer, resolve_precision
+    from .plot import plot_training_curves, read_metrics
+    from .train import _truncate_metrics, save_final
+
+    if getattr(cfg, "vllm_mode", "off") not in VLLM_MODES:
+        raise ValueError(f"--vllm-mode expects one of {', '.join(VLLM_MODES)}, got {cfg.vllm_mode!r}")
+    state = PartialState(cpu=cfg.device == "cpu")
+    processes = state.num_processes
+    accumulation_steps(cfg, processes)  # checked before anything loads
+    out_dir = Path(cfg.output_dir)
+    problems = load_problems(cfg.prompts, split=cfg.split or "train", limit=cfg.max_prompts)
+    template = cfg.prompt_template or default_template(cfg.prompts)
+    resume_from = last_checkpoint(out_dir) if cfg.resume != "no" else None
+    if cfg.resume == "yes" and resume_from is None:
+        raise FileNotFoundError(f"--resume: there is no checkpoint-N folder in {out_dir} (use --resume auto to "
+                                "start afresh when there is none)")
+    device = state.device
+    precision = resolve_precision(cfg.precision, device)
+    if loaded is None:
+        check_model_spec(cfg.model)
+        model, tokenizer = load_model(cfg.model, device=device, precision=precision), load_tokenizer(cfg.model)
+    else:
+        model, tokenizer = loaded.model, loaded.tokenizer
+    if cfg.lora_rank > 0:
+        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+    args = grpo_config(cfg, processes, precision)
+    metrics_path = out_dir / "metrics.jsonl"
+    if state.is_main_process:
+        log(f"--engine trl: {processes} process(es), {cfg.num_prompts} x {cfg.num_samples} samples per step, "
+            f"{args.gradient_accumulation_steps} micro-batch(es) of {cfg.micro_batch_size} per process, {precision}, "
+            f"generation by {'vLLM (' + cfg.vllm_mode + ')' if args.use_vllm else 'transformers'}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is not None:
+            step = int(Path(resume_from).name.split("-")[-1])
+            _truncate_metrics(metrics_path, step) if metrics_path.is_file() else metrics_path.write_text("")
+            log(f"resuming from {resume_from} at step {step}")
+        else:
+            if cfg.resume == "auto":
+                log(f"--resume auto: no checkpoint in {out_dir}, starting from step 0")
+            metrics_path.write_text("")
+        (out_dir / "config.json").write_text(cfg.to_json())
+    state.wait_for_everyone()
+    Trainer = _trainer_class()
+    trainer = Trainer(model=model, args=args, train_dataset=prompt_dataset(problems, tokenizer, template),
+                      processing_class=tokenizer, callbacks=[_Checkpoints(cfg.checkpoint_every), *callbacks], rlsc=cfg,
+                      metrics_path=metrics_path, sample=sample)
+    history = read_metrics(metrics_path) if metrics_path.is_file() else []
+    trainer._skipped_total = sum(bool(r.get("skipped")) for r in history)
+    trainer.train(resume_from_checkpoint=resume_from)
+    final_dir = None
+    if cfg.save_final_model:
+        final_dir = out_dir / "final"
+        trainer.save_model(str(final_dir))  # gathers FSDP / ZeRO-3 shards; LoRA: the adapter
+        if trainer.accelerator.is_main_process:
+            if cfg.lora_rank > 0:  # the thin trainer saves merged weights: do the same
+                unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+                save_final(unwrapped, tokenizer, final_dir)
+            else:
+                tokenizer.save_pretrained(final_dir)
+            log(f"saved the trained model to {final_dir}")
+    plot = None
+    if trainer.accelerator.is_main_process:
+        plot = plot_training_curves(metrics_path, out_dir / "training_curves.png", title=f"RLSC on {cfg.prompts}")
+    trainer.accelerator.wait_for_everyone()
+    return {"metrics": str(metrics_path), "plot": str(plot) if plot else None,
+            "final_model": str(final_dir) if final_dir else None, "steps": cfg.steps, "engine": "trl",
+            "processes": processes}
