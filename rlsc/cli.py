@@ -103,7 +103,10 @@ def config_from_args(args: argparse.Namespace, base: RLSCConfig | None = None) -
 
 
 def run_train(cfg: RLSCConfig) -> int:
-    from .train import train
+    if cfg.engine == "trl":
+        from .trl_engine import train_trl as train
+    else:
+        from .train import train
 
     summary = train(cfg)
     print(json.dumps(summary, indent=2))

@@ -22,6 +22,8 @@ EVAL = ("eval", "demo")
 #: sequence weightings of the trainer: the op's own plus "group" (computed by the trainer)
 TRAINER_WEIGHTINGS = tuple(WEIGHTINGS) + ("group",)
 RESUME_MODES = ("no", "yes", "auto")
+ENGINES = ("thin", "trl")
+VLLM_MODES = ("off", "colocate", "server")
 
 
 def _f(default: Any, doc: str, commands: tuple = COMMANDS, **kw: Any) -> Any:
@@ -71,6 +73,8 @@ class RLSCConfig:
     max_consecutive_skips: int = _f(3, "Stop the run after this many steps in a row skipped for a non-finite loss or gradient.", TRAIN)
     save_final_model: bool = _f(True, "Save the trained model with save_pretrained (plus tokenizer) into output_dir/final.", TRAIN)
     threads: int = _f(0, "torch CPU threads (0 = torch's default).")
+    engine: str = _f("thin", "Training engine: thin (this package's single-process loop) or trl (TRL's GRPO machinery: several processes through torchrun / accelerate launch, DDP, FSDP2, DeepSpeed).", TRAIN)
+    vllm_mode: str = _f("off", "--engine trl only: generate with vLLM: off (transformers' generate), colocate (vLLM in the training processes) or server (a running `trl vllm-serve`).", TRAIN)
     # --- evaluation --------------------------------------------------------------------------
     k: int = _f(16, "Samples per question for evaluation: pass@1 is their mean, plus pass@k and maj@k.", EVAL)
     eval_temperature: float = _f(-1.0, "Sampling temperature for evaluation (negative = use temperature).", EVAL)
@@ -158,6 +162,10 @@ def _field_problems(cfg: "RLSCConfig", command: str):
     yield from one_of("backend", BACKENDS)
     yield from one_of("precision", ("auto", "fp32", "bf16", "bf16-autocast"))
     yield from one_of("resume", RESUME_MODES)
+    yield from one_of("engine", ENGINES)
+    yield from one_of("vllm_mode", VLLM_MODES)
+    if "vllm_mode" in used and cfg.vllm_mode != "off" and cfg.engine != "trl":
+        yield bad("vllm_mode", "off unless --engine trl (only the TRL engine generates with vLLM)")
     if not (cfg.device in ("auto", "cpu", "cuda") or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit())):
         yield bad("device", "auto, cpu, cuda or cuda:N")
     if "filter_eps" in used:
