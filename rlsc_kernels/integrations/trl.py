@@ -26,6 +26,7 @@ backward; our op does not), so the adapter raises there.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -147,3 +148,15 @@ def disable() -> None:
 
 def is_enabled() -> bool:
     return bool(_replaced)
+
+
+@contextlib.contextmanager
+def enabled():
+    """``with enabled(): trainer.train()``: TRL's fused head on our op inside the block only."""
+    was_enabled = is_enabled()
+    enable()
+    try:
+        yield
+    finally:
+        if not was_enabled:
+            disable()

@@ -135,6 +135,9 @@ def test_enable_and_disable_swap_the_function_trl_calls():
     assert chunked_logprob.ChunkedLogProbFunction is rk_trl.RlscChunkedLogProb
     rk_trl.disable()
     assert trl_utils._ChunkedLogProbFunction is original
+    with rk_trl.enabled():
+        assert trl_utils._ChunkedLogProbFunction is rk_trl.RlscChunkedLogProb
+    assert trl_utils._ChunkedLogProbFunction is original and not rk_trl.is_enabled()
 
 
 def test_trl_add_fused_lm_head_on_our_op_matches_the_models_logits():
