@@ -4,6 +4,7 @@
     rk_trl.enable()      # before or after building the trainer; every call from then on
     trainer = GRPOTrainer(...); trainer.train()
     rk_trl.disable()     # TRL's own kernel again
+    with rk_trl.enabled(): ...   # or only inside a block
 
 TRL (>= 1.16) gives every model its trainers touch a fused head (``trl.trainer.utils.
 add_fused_lm_head``): ``model(..., labels=labels, fused_lm_head=True)`` projects the final hidden
