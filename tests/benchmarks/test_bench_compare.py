@@ -157,3 +157,22 @@ def test_liger_grpo_falls_back_to_eager_and_says_so(monkeypatch):
     loss, _ = I.run_liger_grpo(inp, h, W, adv, compiled=True)
     assert torch.isfinite(loss)
     assert "s10" in I._liger_compile_failed["cpu"]
+
+
+def test_liger_grpo_compiled_runs_a_second_shape(monkeypatch, tmp_path):
+    """The headline failure, reproduced on CPU: Liger's compiled GRPO loss first run on the
+    reference slice, then on the full batch, failed with "sources must not be empty for symbol
+    s10" (Dynamo's automatic dynamic shapes; it shows with a cold compile cache, hence the fresh
+    one). Compiled per shape statically, both run, exactly."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    monkeypatch.setattr(I, "_liger_compile_failed", {})
+    big = make_inputs(512, 32, 16, 64, dtype=torch.float32, target_entropy=0.5)
+    for inp in (big.slice(64, 4), big):
+        h, W = inp.hidden.detach().requires_grad_(), inp.weight.detach().requires_grad_()
+        w = I.seq_weights(I.reference_logprobs(inp).float(), inp.seq_index, inp.n_seqs)
+        surrogate, _ = I.run_liger_grpo(inp, h, W, w * (inp.N / inp.n_seqs), compiled=True)
+        _, dH, dW = I._grads(surrogate, h, W)
+        _, ref_dH, ref_dW = I.reference_fwd_bwd(inp)
+        assert I.max_rel_err(dH, ref_dH) < 1e-4 and I.max_rel_err(dW, ref_dW) < 1e-4  # fp32 (as the rows)
+    assert "sources must not be empty" not in I._liger_compile_failed.get("cpu", ""), I._liger_compile_failed
