@@ -402,6 +402,12 @@ def _native_check():
     return why
 
 
+def _single_pass_gemms(inp: HeadInputs) -> str:
+    from rlsc_kernels.backends.triton_single_pass import gemm_path
+
+    return gemm_path(inp.hidden.device, inp.hidden.dtype)
+
+
 def single_pass_buffer_bytes(inp: HeadInputs) -> int:
     """The Triton single pass's default budget (640 MiB: one 1024-token sequence at the 7B head),
     raised where one sequence's fp32 logits need more (16 x 3072 at the 7B head: 1.87 GB), so
@@ -494,7 +500,7 @@ IMPLS = {
              lambda inp, h, W: rk_fwd_bwd(inp, h, W, "triton", "auto", "single-pass",
                                           buffer_bytes=single_pass_buffer_bytes(inp)), needs_cuda=True, check=_RK,
              code_path=lambda inp: _rk_path("triton", "auto", "single-pass")(inp)
-             + f", buffer_bytes={single_pass_buffer_bytes(inp)}"),
+             + f", buffer_bytes={single_pass_buffer_bytes(inp)}, {_single_pass_gemms(inp)}"),
         Impl("rlsc-triton-two-sweep", None,
              lambda inp, h, W: rk_fwd_bwd(inp, h, W, "triton", "auto", "two-sweep"), needs_cuda=True, check=_RK,
              code_path=_rk_path("triton", "auto", "two-sweep")),

@@ -99,6 +99,15 @@ def _out_dtype_supported(device: torch.device) -> bool:
     return _OUT_DTYPE_WORKS[key]
 
 
+def gemm_path(device: torch.device, dtype: torch.dtype) -> str:
+    """How the single pass's GEMMs get fp32 results on this device (for benchmark records)."""
+    if dtype == torch.float32:
+        return "fp32 GEMMs"
+    if _out_dtype_supported(device):
+        return "16-bit GEMMs with fp32 output (out_dtype)"
+    return "16-bit operands upcast to fp32 (the library has no fp32 output for them here)"
+
+
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """out (fp32) = a @ b, products accumulated in fp32 and never rounded to a's dtype.
 

@@ -292,3 +292,11 @@ def test_strided_targets_bias_hidden_and_weight_on_gpu():
         results.append([logp, ent, hh.grad, ww.grad, bb.grad])
     for got, want in zip(*results):
         assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-3)
+
+
+def test_single_pass_gemms_have_fp32_output_on_gpu():
+    """torch >= 2.8 on CUDA: bf16 GEMMs write fp32 directly (no upcast copies of W or the block)."""
+    from rlsc_kernels.backends.triton_single_pass import gemm_path
+
+    for dtype in (torch.bfloat16, torch.float16):
+        assert gemm_path(torch.device("cuda", torch.cuda.current_device()), dtype).startswith("16-bit GEMMs with fp32")
