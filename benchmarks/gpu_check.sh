@@ -95,7 +95,7 @@ compare() {
 }
 RC=0
 # (within one process the core impls run before the others, so the headline is split in two)
-HEADLINE_IMPLS=rlsc-triton,matmul-floor,cce,trl,liger-scaled-ce,rlsc-triton-single-pass,rlsc-triton-two-sweep
+HEADLINE_IMPLS=rlsc-triton,matmul-floor,cce,trl,liger-scaled-ce,rlsc-triton-single-pass,rlsc-triton-two-sweep,rlsc-triton-single-pass-2seq
 HEADLINE_MORE=liger,rlsc-triton-exact,rlsc-triton-filtered,torch-naive
 LONG_IMPLS=rlsc-triton,rlsc-triton-single-pass,matmul-floor,cce,trl,rlsc-triton-two-sweep
 compare "A1 (headline: ${HEAD_NAME} 16x1024)" 100 130 --heads "$HEAD_NAME" --seq-lens 1024 --impls "$HEADLINE_IMPLS"

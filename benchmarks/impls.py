@@ -501,6 +501,13 @@ IMPLS = {
                                           buffer_bytes=single_pass_buffer_bytes(inp)), needs_cuda=True, check=_RK,
              code_path=lambda inp: _rk_path("triton", "auto", "single-pass")(inp)
              + f", buffer_bytes={single_pass_buffer_bytes(inp)}, {_single_pass_gemms(inp)}"),
+        # two sequences per chunk: K = 2 x 1024 for the dW GEMM, half the passes over the fp32 dW
+        # accumulator (each pass reads and writes 4 V D bytes), for one more logits block of memory
+        Impl("rlsc-triton-single-pass-2seq", None,
+             lambda inp, h, W: rk_fwd_bwd(inp, h, W, "triton", "auto", "single-pass",
+                                          buffer_bytes=2 * single_pass_buffer_bytes(inp)), needs_cuda=True, check=_RK,
+             code_path=lambda inp: _rk_path("triton", "auto", "single-pass")(inp)
+             + f", buffer_bytes={2 * single_pass_buffer_bytes(inp)}, {_single_pass_gemms(inp)}"),
         Impl("rlsc-triton-two-sweep", None,
              lambda inp, h, W: rk_fwd_bwd(inp, h, W, "triton", "auto", "two-sweep"), needs_cuda=True, check=_RK,
              code_path=_rk_path("triton", "auto", "two-sweep")),
@@ -544,7 +551,7 @@ IMPLS = {
 
 #: The impls whose rows matter most (they come first in the comparison's order).
 CORE_IMPLS = ("rlsc-triton", "matmul-floor", "cce", "trl", "liger-scaled-ce", "liger", "torch-naive")
-EXTRA_IMPLS = ("rlsc-triton-single-pass", "rlsc-triton-two-sweep", "rlsc-triton-exact", "rlsc-triton-filtered",
+EXTRA_IMPLS = ("rlsc-triton-single-pass", "rlsc-triton-single-pass-2seq", "rlsc-triton-two-sweep", "rlsc-triton-exact", "rlsc-triton-filtered",
                "torch-chunked",
                "torch-linear-ce", "rlsc-torch", "torch-compile", "rlsc-native", "rlsc-single-pass",
                "rlsc-torch-two-sweep", "matmul-floor-3")

@@ -9,10 +9,9 @@ import argparse
 import json
 from pathlib import Path
 
-IMPL_ORDER = ("rlsc-triton", "rlsc-triton-single-pass", "rlsc-triton-two-sweep", "rlsc-triton-exact",
-              "rlsc-triton-filtered", "rlsc-torch",
-              "cce", "trl", "liger-scaled-ce", "liger", "torch-linear-ce", "torch-compile", "torch-chunked",
-              "torch-naive", "matmul-floor")
+IMPL_ORDER = ("rlsc-triton", "rlsc-triton-single-pass", "rlsc-triton-single-pass-2seq", "rlsc-triton-two-sweep",
+              "rlsc-triton-exact", "rlsc-triton-filtered", "rlsc-torch", "cce", "trl", "liger-scaled-ce", "liger",
+              "torch-linear-ce", "torch-compile", "torch-chunked", "torch-naive", "matmul-floor")
 HEADLINE = ("qwen2.5-math-7b", 16384)
 
 
