@@ -287,3 +287,22 @@ def test_sequences_without_scored_tokens_and_an_empty_batch():
     assert empty.dhidden.shape == (0, 8) and empty.token_logp.shape == (0,)
     assert (empty.dweight == 0).all() and (empty.dbias == 0).all() and (empty.seq_logp == 0).all()
     assert torch.isfinite(empty.seq_weight).all()
+
+
+def test_any_layout_gives_the_contiguous_answer():
+    """Sliced, transposed and stride-0 inputs give exactly the result of their contiguous copies."""
+    h, w, b, y, seq = _draw(26, 12, 70, 3, torch.float32, bias=True, seed=12)
+    kw = dict(T=0.8, weighting="rlsc", alpha=0.1, reduction="mean", entropy=True)
+    wide = torch.zeros(26, 24)
+    wide[:, ::2] = h
+    h_strided = wide[:, ::2]
+    w_transposed = w.T.contiguous().T
+    b_stride0 = b[5:6].expand(70)
+    y_strided = torch.stack([y, y], 1)[:, 1]
+    for t in (h_strided, w_transposed, b_stride0, y_strided):
+        assert not t.is_contiguous()
+    got, _, _ = _single_pass(h_strided, w_transposed, b_stride0, y_strided, seq, 3, max_rows=10, **kw)
+    want, _, _ = _single_pass(h_strided.contiguous(), w_transposed.contiguous(), b_stride0.contiguous(),
+                              y_strided.contiguous(), seq, 3, max_rows=10, **kw)
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=1e-6, atol=1e-7), name
