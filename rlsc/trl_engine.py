@@ -59,7 +59,6 @@ NEUTRAL_SAMPLING = dict(top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_c
                         begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
                         min_length=0, min_new_tokens=None, renormalize_logits=False, sequence_bias=None,
                         exponential_decay_length_penalty=None, encoder_repetition_penalty=1.0)
-VLLM_MODES = ("off", "colocate", "server")
 _FORWARD_KEY = "_rlsc_trl_original_forward"
 
 
@@ -185,6 +184,14 @@ def _trainer_class():
             self._rlsc_settings = dict(temperature=rlsc.temperature, alpha=rlsc.alpha, backend=rlsc.backend,
                                        filter_eps=parse_filter_eps(rlsc.filter_eps))
             self._reset_step_stats()
+
+        # ---- prompts and generation -------------------------------------------------------
+        def _get_train_sampler(self, dataset=None):
+            # The thin trainer's question order (a pure function of step and seed), so a resumed
+            # run poses the same questions as an uninterrupted one (HF skips the batches done).
+            n = len(dataset if dataset is not None else self.train_dataset)
+            return StepSampler(n, self.args.max_steps, self.rlsc.num_prompts, self.num_generations,
+                               self.args.steps_per_generation, self.rlsc.seed)
 
         # ---- generation ------------------------------------------------------------------
         def _tokenize_prompts(self, prompts):
@@ -349,6 +356,29 @@ def _trainer_class():
     return RLSCTrainer
 
 
+class StepSampler(torch.utils.data.Sampler):
+    """Dataset indices for `steps` steps: step s poses the questions prompts_for_step(s) of the thin
+    trainer, each repeated num_samples times (consecutive copies, as GRPO's RepeatSampler), and
+    the step's block repeated `repeats` (= steps_per_generation) times, because GRPO draws one
+    dataloader batch per micro-batch and generates from the first of them only."""
+
+    def __init__(self, n_questions: int, steps: int, num_prompts: int, num_samples: int, repeats: int, seed: int):
+        self.n, self.steps, self.k, self.samples, self.repeats, self.seed = (
+            n_questions, steps, num_prompts, num_samples, repeats, seed)
+
+    def __iter__(self):
+        from .train import prompts_for_step
+
+        for step in range(self.steps):
+            block = [q for q in prompts_for_step(list(range(self.n)), step, self.k, self.seed)
+                     for _ in range(self.samples)]
+            for _ in range(self.repeats):
+                yield from block
+
+    def __len__(self) -> int:
+        return self.steps * self.repeats * self.k * self.samples
+
+
 def rlsc_has_no_reward(*args, **kwargs):
     """GRPOTrainer refuses to start without a reward source; RLSC has none. RLSCTrainer replaces
     the method that would call reward functions, so this one is never called; if a TRL change
@@ -414,7 +444,7 @@ def grpo_config(cfg: RLSCConfig, processes: int, precision: str):
     import trl
 
     ga = accumulation_steps(cfg, processes)
-    vllm_mode = getattr(cfg, "vllm_mode", "off")
+    vllm_mode = cfg.vllm_mode
     return trl.GRPOConfig(
         output_dir=cfg.output_dir, per_device_train_batch_size=cfg.micro_batch_size, gradient_accumulation_steps=ga,
         steps_per_generation=ga, num_iterations=1, num_generations=cfg.num_samples,
@@ -483,8 +513,12 @@ def train_trl(cfg: RLSCConfig, loaded=None, log=log_to_stderr, sample=None, call
     from .plot import plot_training_curves, read_metrics
     from .train import _truncate_metrics, save_final
 
-    if getattr(cfg, "vllm_mode", "off") not in VLLM_MODES:
-        raise ValueError(f"--vllm-mode expects one of {', '.join(VLLM_MODES)}, got {cfg.vllm_mode!r}")
+    if cfg.vllm_mode != "off":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ImportError(f"--vllm-mode {cfg.vllm_mode} needs vLLM (pip install vllm, a version TRL "
+                              "supports); --vllm-mode off generates with transformers")
     state = PartialState(cpu=cfg.device == "cpu")
     processes = state.num_processes
     accumulation_steps(cfg, processes)  # checked before anything loads
@@ -505,6 +539,12 @@ def train_trl(cfg: RLSCConfig, loaded=None, log=log_to_stderr, sample=None, call
     if cfg.lora_rank > 0:
         model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
     args = grpo_config(cfg, processes, precision)
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise NotImplementedError(
+            "--engine trl does not support DeepSpeed ZeRO-3: the loss reads the LM head's weight outside the head's "
+            "own forward, where ZeRO-3 leaves it partitioned; use FSDP2 (configs/accelerate/fsdp2.yaml) or ZeRO-1/2")
     metrics_path = out_dir / "metrics.jsonl"
     if state.is_main_process:
         log(f"--engine trl: {processes} process(es), {cfg.num_prompts} x {cfg.num_samples} samples per step, "

@@ -85,6 +85,11 @@ def thin_rollouts(tok, template, comps) -> Rollouts:
     return Rollouts(pid, pmask, cid, cmask, capped, torch.tensor([q for q, _ in rows]))
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (DTensor); a plain tensor as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def main(out_dir: str, weightings: list[str]) -> None:
     from transformers import TrainerCallback
 
@@ -134,11 +139,11 @@ def main(out_dir: str, weightings: list[str]) -> None:
 
         class Capture(TrainerCallback):
             def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-                captured["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                captured["grads"] = {n: _full(p.grad).detach().clone() for n, p in model.named_parameters()
                                      if p.grad is not None}
 
             def on_train_end(self, args, state, control, model=None, **kwargs):
-                captured["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+                captured["params"] = {n: _full(p).detach().clone() for n, p in model.named_parameters()}
 
         ours = copy.deepcopy(base)
         train_trl(cfg, loaded=types.SimpleNamespace(model=ours, tokenizer=tok), log=lambda m: None, sample=sample,

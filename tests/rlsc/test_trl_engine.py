@@ -1,0 +1,192 @@
+"""`rlsc train --engine trl`: one RLSC step through TRL equals the thin trainer's (1 and 2
+processes, gloo on CPU), the command line end to end (metrics, checkpoints, exact resume, final
+model), sampling from softmax(logits / T) only, and the engine's argument checks."""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytest.importorskip("trl")
+pytest.importorskip("datasets")
+
+from rlsc.config import RLSCConfig  # noqa: E402
+from rlsc.trl_engine import StepSampler, accumulation_steps, train_trl  # noqa: E402
+
+WORKER = Path(__file__).with_name("trl_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+ALL_WEIGHTINGS = ("rlsc", "rlsc-l1", "entropy", "length", "group")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+
+
+def thin_metric_fields() -> set[str]:
+    """The keys of the thin trainer's metrics row, read from rlsc.train.train's source."""
+    from rlsc import train
+
+    src = inspect.getsource(train.train)
+    block = src[src.index("row = {"): src.index("}", src.index("row = {"))]
+    return set(re.findall(r'"(\w+)":', block))
+
+
+def _check_report(out: Path, weightings):
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == set(weightings)
+    for w, r in report.items():
+        assert set(r["fields"]) == thin_metric_fields(), w
+        assert r["grad_rel_err"] < 1e-5 and r["update_err_over_lr"] < 1e-3, (w, r)
+
+
+def test_one_step_through_trl_equals_the_thin_trainer_one_process(tmp_path):
+    """Fixed samples (EOS-terminated, EOS alone, capped; two prompt lengths): every weighting's
+    gradient (rel. 1e-4) and AdamW update match rlsc_update, and the metrics row matches its stats."""
+    proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path), ",".join(ALL_WEIGHTINGS)], env=_env(),
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    assert "TRL ENGINE OK 0" in proc.stdout
+    _check_report(tmp_path, ALL_WEIGHTINGS)
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_one_step_through_trl_equals_the_thin_trainer_two_processes(tmp_path):
+    """torchrun, 2 processes, gloo on CPU (DDP): each process scores half the samples; after the
+    all-reduce its gradient and update equal the thin trainer's on all of them. Group weights
+    need the other process's samples (gathered)."""
+    weightings = ("rlsc", "group")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(WORKER), str(tmp_path), ",".join(weightings)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    assert "TRL ENGINE OK 0" in proc.stdout and "TRL ENGINE OK 1" in proc.stdout
+    _check_report(tmp_path, weightings)
+
+
+@pytest.fixture(scope="module")
+def greedy_configured_model(tmp_path_factory, tiny_tokenizer):
+    """A tiny random Llama (tied head, the chat-template tokenizer of conftest) whose
+    generation_config asks for top-k 1, top-p 0.5 and a repetition penalty: the engine must
+    ignore all three (they would change the distribution the samples come from)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model.generation_config.update(do_sample=True, top_k=1, top_p=0.5, repetition_penalty=3.0,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny-greedy-config")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _cli(args, tmp_path):
+    cmd = [sys.executable, "-m", "rlsc", "train", "--engine", "trl", *map(str, args)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_cli_trains_checkpoints_resumes_exactly_and_saves_the_final_model(tmp_path, greedy_configured_model,
+                                                                           tiny_prompts):
+    common = ["--model", greedy_configured_model, "--prompts", tiny_prompts, "--num-prompts", 2, "--num-samples", 4,
+              "--micro-batch-size", 4, "--device", "cpu", "--max-new-tokens", 5, "--temperature", 1.3,
+              "--lr", 1e-3, "--seed", 1]
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    _cli(common + ["--steps", 2, "--checkpoint-every", 1, "--output-dir", run], tmp_path)
+    assert (run / "checkpoint-2").is_dir() and not (run / "checkpoint-1").exists()  # the last one kept
+    _cli(common + ["--steps", 3, "--checkpoint-every", 1, "--output-dir", run, "--resume"], tmp_path)
+    _cli(common + ["--steps", 3, "--checkpoint-every", 0, "--output-dir", straight], tmp_path)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    volatile = {"gen_seconds", "train_seconds", "peak_memory_mb"}
+    for r, e in zip(rows, ref):
+        assert set(r) == thin_metric_fields()
+        assert {k: v for k, v in r.items() if k not in volatile} == {k: v for k, v in e.items() if k not in volatile}
+    from rlsc.train import prompts_for_step
+    from rlsc.data import load_problems
+
+    problems = load_problems(str(tiny_prompts))
+    assert [r["questions"] for r in rows] == [[p.id for p in prompts_for_step(problems, s, 2, 1)] for s in range(3)]
+    assert all(r["samples"] == 8 and not r["skipped"] and r["grad_norm"] > 0 for r in rows)
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(run / "final")
+    start = AutoModelForCausalLM.from_pretrained(greedy_configured_model)
+    moved = max(float((a - b).abs().max()) for a, b in zip(final.parameters(), start.parameters()))
+    assert moved > 1e-4  # three AdamW steps at lr 1e-3
+    assert (run / "final" / "tokenizer.json").is_file()
+
+
+def test_generation_samples_from_softmax_over_temperature_only(tmp_path, greedy_configured_model):
+    """TRL's generate path with the engine's GenerationConfig: the only logits processor is the
+    temperature, and with the model's own top-k 1 ignored, copies of one prompt differ."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TemperatureLogitsWarper
+
+    from rlsc.trl_engine import _trainer_class, grpo_config, prompt_dataset
+    from rlsc.data import Problem
+
+    tok = AutoTokenizer.from_pretrained(greedy_configured_model)
+    model = AutoModelForCausalLM.from_pretrained(greedy_configured_model)
+    cfg = RLSCConfig(model="x", prompts="x", num_prompts=1, num_samples=8, micro_batch_size=8, max_new_tokens=8,
+                     temperature=1.7, device="cpu", output_dir=str(tmp_path), engine="trl")
+    problems = [Problem("a", "What is 2 + 2?", "4", "t")]
+    trainer = _trainer_class()(model=model, args=grpo_config(cfg, 1, "fp32"), processing_class=tok,
+                               train_dataset=prompt_dataset(problems, tok, "{question}"), rlsc=cfg)
+    gc = trainer.generation_config
+    processors = model._get_logits_processor(generation_config=gc, input_ids_seq_length=4, encoder_input_ids=None,
+                                             prefix_allowed_tokens_fn=None, logits_processor=None,
+                                             device="cpu", model_kwargs={})
+    assert [type(p) for p in processors] == [TemperatureLogitsWarper] and processors[0].temperature == 1.7
+    torch.manual_seed(0)
+    prompt = prompt_dataset(problems, tok, "{question}")[0]["prompt"]
+    completions = trainer._generate([prompt] * 8)[1]
+    assert len({tuple(c) for c in completions}) > 1, completions
+
+
+def test_engine_arguments_are_checked():
+    cfg = RLSCConfig(num_prompts=3, num_samples=5, micro_batch_size=4)
+    with pytest.raises(ValueError, match="micro_batch_size x processes"):
+        accumulation_steps(cfg, 1)
+    assert accumulation_steps(RLSCConfig(num_prompts=2, num_samples=16, micro_batch_size=4), 2) == 4
+    with pytest.raises(ValueError, match="--vllm-mode"):
+        RLSCConfig(vllm_mode="colocate").validate("train")  # the thin engine has no vLLM
+    with pytest.raises(ValueError, match="--engine"):
+        RLSCConfig(engine="deepspeed").validate("train")
+    with pytest.raises(ValueError, match="micro_batch_size x processes"):
+        train_trl(RLSCConfig(engine="trl", device="cpu", num_prompts=3, num_samples=5, micro_batch_size=4))
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ImportError, match="needs vLLM"):
+            train_trl(RLSCConfig(engine="trl", device="cpu", vllm_mode="colocate"))
+
+
+def test_step_sampler_poses_the_thin_trainers_questions():
+    from rlsc.train import prompts_for_step
+
+    order = list(StepSampler(7, steps=3, num_prompts=2, num_samples=3, repeats=2, seed=4))
+    assert len(order) == 3 * 2 * 2 * 3
+    for step in range(3):
+        block = [q for q in prompts_for_step(list(range(7)), step, 2, 4) for _ in range(3)]
+        assert order[step * 12: step * 12 + 12] == block * 2
