@@ -5,6 +5,7 @@
 # 7 and 8 still need measured, most important first, all into one compare.json:
 #   A. headline (Qwen2.5-Math-7B head, 16 x 1024, bf16): ours on every path (auto, single pass,
 #      two sweeps, exact, filtered), one logits GEMM, CCE, TRL, Liger scaled CE, Liger GRPO, naive;
+#   P. the single pass's stages timed one by one (benchmarks/single_pass_profile.py);
 #   B. 16 x 3072 on the same head: ours (auto / single pass / two sweeps), GEMM, CCE, TRL (the
 #      single-pass row raises buffer_bytes to hold one 3072-token sequence; "auto" keeps the
 #      default budget and takes the two-sweep path there);
@@ -17,7 +18,8 @@
 #   usage (repository root, wheels copied into .whl/):  bash benchmarks/gpu_check.sh [TOTAL_SECONDS=420]
 #   env: OUT (default ./gpu_out), RLSC_COMMIT (the commit under test, when .git is not there),
 #        RLSC_COMPARE_ARGS / RLSC_TRAIN_ARGS (extra arguments, e.g. tiny shapes for a dry run on CPU),
-#        RLSC_HEAD (head of stages A and B, default qwen2.5-math-7b), RLSC_TEST_ARGS (pytest selection)
+#        RLSC_HEAD (head of stages A and B, default qwen2.5-math-7b), RLSC_TEST_ARGS (pytest selection),
+#        RLSC_PROFILE_ARGS (arguments of single_pass_profile.py)
 #
 # Each stage runs under `timeout` and its cap shrinks to what is left of TOTAL, so the whole
 # script ends inside TOTAL seconds whatever fails; a failing stage is logged, not fatal.
@@ -100,6 +102,13 @@ HEADLINE_MORE=liger,rlsc-triton-exact,rlsc-triton-filtered,torch-naive
 LONG_IMPLS=rlsc-triton,rlsc-triton-single-pass,matmul-floor,cce,trl,rlsc-triton-two-sweep
 compare "A1 (headline: ${HEAD_NAME} 16x1024)" 100 130 --heads "$HEAD_NAME" --seq-lens 1024 --impls "$HEADLINE_IMPLS"
 compare "A2 (headline, more impls)" 80 90 --heads "$HEAD_NAME" --seq-lens 1024 --impls "$HEADLINE_MORE"
+# where the single pass's time goes: each stage of one chunk alone, the whole call, one GEMM
+if (( $(left) > 200 )); then
+    T=$(cap 45 150)
+    timeout -k 5 "$T" python3 -m benchmarks.single_pass_profile --out "$OUT/single_pass_profile.json" \
+        ${RLSC_PROFILE_ARGS:-} > "$OUT/single_pass_profile.log" 2>&1
+    note "single-pass profile rc=$? (cap ${T}s): $(grep -E '"single_pass_over_gemm"' "$OUT/single_pass_profile.log")"
+fi
 compare "B (${HEAD_NAME} 16x3072)" 80 40 --heads "$HEAD_NAME" --seq-lens 3072 --impls "$LONG_IMPLS" --ops rlsc_fwd_bwd,logprobs_fwd
 
 # ---------------------------------------------------------------- 4. training step (if time is left)

@@ -176,3 +176,15 @@ def test_liger_grpo_compiled_runs_a_second_shape(monkeypatch, tmp_path):
         _, ref_dH, ref_dW = I.reference_fwd_bwd(inp)
         assert I.max_rel_err(dH, ref_dH) < 1e-4 and I.max_rel_err(dW, ref_dW) < 1e-4  # fp32 (as the rows)
     assert "sources must not be empty" not in I._liger_compile_failed.get("cpu", ""), I._liger_compile_failed
+
+
+def test_single_pass_profile_times_every_stage(tmp_path):
+    from benchmarks import single_pass_profile
+
+    out = tmp_path / "p.json"
+    single_pass_profile.main(["--device", "cpu", "--head", "tiny:16:200", "--seq-len", "8", "--n-seqs", "3",
+                              "--reps", "1", "--dtype", "float32", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert set(doc["chunk_ms"]) == {"logits_gemm_fp32_out", "stats_kernel", "grad_kernel", "dhidden_gemm",
+                                    "dweight_gemm_fp32_acc"}
+    assert doc["chunks"] == 3 and doc["single_pass_ms"] > 0 and doc["one_logits_gemm_ms"] > 0
