@@ -421,7 +421,16 @@ def _rk_path(backend: str, filter_eps, path: str = "auto"):
     def describe(inp: HeadInputs) -> str:
         taken = _rk_paths.get((backend, path))
         text = f"rlsc_kernels backend={backend!r} path={path!r} filter_eps={filter_eps!r}"
-        return text + (f" -> took {taken!r}" if taken else "")
+        if taken:
+            return text + f" -> took {taken!r}"
+        if backend == "triton" and path == "auto":
+            # the op does not report its path: apply the dispatch rule (a sequence's fp32 logits
+            # must fit the single pass's default budget)
+            from rlsc_kernels.backends.triton_single_pass import BUFFER_BYTES
+
+            fits = (inp.N // inp.n_seqs) * inp.weight.shape[0] * 4 <= BUFFER_BYTES
+            return text + f" -> {'single-pass' if fits else 'two-sweep'} (by the budget rule)"
+        return text
 
     return describe
 
