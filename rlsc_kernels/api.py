@@ -386,6 +386,7 @@ def linear_rlsc_loss(
             raise ValueError("path='single-pass' does not split the vocabulary; with vocab_parallel use path='auto' "
                              "or 'two-sweep'")
     h, y, seq, S, seq_checks = _select_tokens(hidden, targets, completion_mask, seq_index, num_sequences, ignore_index)
+    y = y.long()  # int32 targets are legal; every path below sees int64
     if isinstance(weighting, torch.Tensor):
         check_external_weights(weighting, S, hidden.device)
         seq_checks["weighting tensor contains NaN or inf"] = ~torch.isfinite(weighting)

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import rlsc_kernels as rk
+from rlsc_kernels.backends import native_available
 from rlsc_kernels.backends import torch_chunked, triton_sweeps
 
 from .oracle import make_inputs, small_blocks
 
 pytestmark = pytest.mark.interpreter
 
-BACKENDS = ["torch", "triton", "reference"]
+BACKENDS = ["torch", "triton", "reference"] + (["native"] if native_available() else [])
 
 
 def _leaves(N, D=12, V=40, bias=True, dtype=torch.float32, shape=None, ignore_frac=0.2):

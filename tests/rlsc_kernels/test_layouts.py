@@ -5,12 +5,13 @@ import pytest
 import torch
 
 import rlsc_kernels as rk
+from rlsc_kernels.backends import native_available
 
 from .oracle import make_inputs, small_blocks
 
 pytestmark = pytest.mark.interpreter
 
-BACKENDS = ["torch", "triton", "reference"]
+BACKENDS = ["torch", "triton", "reference"] + (["native"] if native_available() else [])
 
 
 def _sliced(t):

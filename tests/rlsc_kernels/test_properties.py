@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rlsc_kernels as rk
+from rlsc_kernels.backends import native_available
 
 from .oracle import assert_within_oracle, run_logprobs, small_blocks
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.interpreter
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 #: backend name -> backward variants it runs (the torch backend ignores them)
-BACKENDS = ["torch", "triton-sliced", "triton-sliced-sparse", "triton-fused"]
+BACKENDS = ["torch", "triton-sliced", "triton-sliced-sparse", "triton-fused"] + (["native"] if native_available() else [])
 
 
 def _layout(t, kind):
@@ -70,7 +71,10 @@ def test_logprobs_entropy_and_grads_match_the_float64_oracle(p, dtype, backend):
     exact = _run("reference", p, torch.float64)
     same = _run("reference", p, dtype)
     fast = _run(backend, p, dtype)
-    assert_within_oracle(fast, same, exact, dtype, label=f"{backend} {dtype} layouts={p['layouts']}")
+    # entropy = lse - E[z] in fp32 accumulators: a few fp32 ulps of the largest |logit|
+    z = p["h"] @ p["w"].T + (p["b"] if p["b"] is not None else 0)
+    floor = {"entropy": 16 * 2.0**-24 * (z.abs().max().item() / p["temperature"])}
+    assert_within_oracle(fast, same, exact, dtype, label=f"{backend} {dtype} layouts={p['layouts']}", floor=floor)
     ignored = p["y"] == -100
     assert (fast["logp"][ignored] == 0).all() and (fast["dhidden"][ignored] == 0).all()
 
@@ -96,7 +100,8 @@ def _algorithm1(h, w, b, y, seq, S, temperature, alpha, reduction):
 
 
 @settings(max_examples=10, **SETTINGS)
-@given(p=head_problems(max_n=30), backend=st.sampled_from(["torch", "triton-sliced", "triton-fused", "reference"]),
+@given(p=head_problems(max_n=30), backend=st.sampled_from(["torch", "triton-sliced", "triton-fused", "reference"]
+                                                        + (["native"] if native_available() else [])),
        n_seqs=st.integers(1, 6), reduction=st.sampled_from(["mean", "sum"]), path=st.sampled_from(["auto", "two-sweep"]),
        data=st.data())
 def test_rlsc_loss_matches_algorithm1_in_float64(p, backend, n_seqs, reduction, path, data):
