@@ -282,6 +282,8 @@ def _trainer_class():
             return self.optimizer
 
         def _reset_step_stats(self):
+            if self.accelerator.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.accelerator.device)
             self._step_stats = {"loss_sum": [], "seq_logp": [], "seq_weight": [], "n_tokens": [], "capped": [],
                                 "entropy": [], "gen_seconds": 0.0, "questions": [], "t_train": time.perf_counter()}
 

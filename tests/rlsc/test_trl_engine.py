@@ -46,11 +46,12 @@ def thin_metric_fields() -> set[str]:
     return set(re.findall(r'"(\w+)":', block))
 
 
-def _check_report(out: Path, weightings):
+def _check_report(out: Path, weightings, distributed: str):
     report = json.loads((out / "report.json").read_text())
     assert set(report) == set(weightings)
     for w, r in report.items():
         assert set(r["fields"]) == thin_metric_fields(), w
+        assert r["distributed"] == distributed, r
         assert r["grad_rel_err"] < 1e-5 and r["update_err_over_lr"] < 1e-3, (w, r)
 
 
@@ -61,7 +62,7 @@ def test_one_step_through_trl_equals_the_thin_trainer_one_process(tmp_path):
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     assert "TRL ENGINE OK 0" in proc.stdout
-    _check_report(tmp_path, ALL_WEIGHTINGS)
+    _check_report(tmp_path, ALL_WEIGHTINGS, "DistributedType.NO")
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
@@ -75,7 +76,21 @@ def test_one_step_through_trl_equals_the_thin_trainer_two_processes(tmp_path):
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     assert "TRL ENGINE OK 0" in proc.stdout and "TRL ENGINE OK 1" in proc.stdout
-    _check_report(tmp_path, weightings)
+    _check_report(tmp_path, weightings, "DistributedType.MULTI_CPU")  # DDP on gloo
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+@pytest.mark.parametrize("mode", ["fsdp", "fsdp-head"], ids=["root-unit-head", "head-own-unit"])
+def test_engine_loss_under_fully_shard_matches_the_thin_trainer(tmp_path, mode):
+    """FSDP2 cannot run through accelerate on CPU (accelerate turns FSDP on CPU into DDP), so the
+    engine's loss (the model(rlsc=...) forward) runs under fully_shard directly: 2 gloo ranks,
+    half the samples each; the head either in the root unit or in its own (its weight a DTensor,
+    scored inside the owner's forward). Gathered gradients equal the thin trainer's."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(WORKER), str(tmp_path), mode]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    assert "FSDP2 LOSS OK 0" in proc.stdout and "FSDP2 LOSS OK 1" in proc.stdout
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ torchrun (gloo on CPU). Every process checks its own results and prints "TRL ENG
 
     python trl_worker.py OUT_DIR rlsc,group
     python -m torch.distributed.run --nproc_per_node 2 trl_worker.py OUT_DIR rlsc,group
+    python -m torch.distributed.run --nproc_per_node 2 trl_worker.py OUT_DIR fsdp|fsdp-head   (see fsdp_main)
 """
 from __future__ import annotations
 
@@ -139,6 +140,7 @@ def main(out_dir: str, weightings: list[str]) -> None:
 
         class Capture(TrainerCallback):
             def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+                captured["param_type"] = type(next(model.parameters())).__name__
                 captured["grads"] = {n: _full(p.grad).detach().clone() for n, p in model.named_parameters()
                                      if p.grad is not None}
 
@@ -180,11 +182,66 @@ def main(out_dir: str, weightings: list[str]) -> None:
             assert abs(rows[0]["mean_token_entropy"] - stats.mean_token_entropy) <= 1e-4
             assert abs(rows[0]["grad_norm"] - stats.grad_norm) <= 1e-4 * stats.grad_norm
             assert abs(rows[0]["frac_capped"] - float(stats.capped.float().mean())) < 1e-9
-        report[weighting] = {"grad_rel_err": worst_g, "update_err_over_lr": worst_u, "fields": sorted(rows[0])}
+        from accelerate import PartialState
+
+        report[weighting] = {"grad_rel_err": worst_g, "update_err_over_lr": worst_u, "fields": sorted(rows[0]),
+                             "distributed": str(PartialState().distributed_type), "param_type": captured["param_type"]}
     if rank == 0:
         (Path(out_dir) / "report.json").write_text(json.dumps(report))
     print("TRL ENGINE OK", rank, json.dumps(report), flush=True)
 
 
+def fsdp_main(out_dir: str, head_sharded: bool) -> None:
+    """The engine's loss (model(rlsc=...)) on a model under FSDP2 (fully_shard per decoder layer
+    and the root; head_sharded: the LM head in its own unit, so its weight is a DTensor when the
+    loss reads it), 2 gloo ranks, each scoring half of the samples: the gathered gradients equal
+    the thin trainer's on all samples. (accelerate maps FSDP on CPU to plain DDP, so this is
+    fully_shard directly.)"""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from rlsc.trl_engine import _Request, add_rlsc_forward
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    tok = tokenizer()
+    template = "{question}"
+    rollouts = thin_rollouts(tok, template, fixed_completions(tok))
+    base = tiny_model(tok)
+    for weighting in ("rlsc", "length"):
+        thin = copy.deepcopy(base)
+        train_mode_without_dropout(thin)
+        opt = torch.optim.SGD(thin.parameters(), lr=0.0)
+        thin_grads = {}
+        opt.register_step_pre_hook(lambda o, a, k: thin_grads.update(
+            {n: p.grad.detach().clone() for n, p in thin.named_parameters() if p.grad is not None}))
+        rlsc_update(thin, opt, rollouts, LossOptions(temperature=0.7, alpha=0.1, weighting=weighting,
+                                                     filter_eps=None, backend="torch", micro_batch_size=2))
+        ours = copy.deepcopy(base)
+        train_mode_without_dropout(ours)
+        for layer in ours.model.layers:
+            fully_shard(layer)
+        if head_sharded:
+            fully_shard(ours.lm_head)
+        fully_shard(ours)
+        add_rlsc_forward(ours)
+        mine = rollouts.select(torch.arange(rank, len(rollouts), world))
+        settings = dict(temperature=0.7, alpha=0.1, backend="torch", filter_eps=None)
+        out = ours(rlsc=_Request(mine, "loss", weighting=weighting, settings=settings))
+        (out.loss / (len(rollouts) // world)).backward()  # FSDP averages the gradients over ranks
+        if head_sharded:
+            assert hasattr(ours.lm_head.weight, "full_tensor")
+        for name, p in ours.named_parameters():
+            g = _full(p.grad)
+            ref = thin_grads[name]
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6 * max(float(ref.abs().max()), 1e-3), msg=name)
+    dist.destroy_process_group()
+    print("FSDP2 LOSS OK", rank, flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2].split(","))
+    if sys.argv[2] in ("fsdp", "fsdp-head"):
+        fsdp_main(sys.argv[1], sys.argv[2] == "fsdp-head")
+    else:
+        main(sys.argv[1], sys.argv[2].split(","))
