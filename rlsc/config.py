@@ -16,6 +16,8 @@ from typing import Any
 from rlsc_kernels.validation import BACKENDS
 from rlsc_kernels.weighting import WEIGHTINGS
 
+from .static_sampling import SAMPLERS
+
 COMMANDS = ("train", "eval", "demo")
 TRAIN = ("train", "demo")
 EVAL = ("eval", "demo")
@@ -44,6 +46,7 @@ class RLSCConfig:
     num_samples: int = _f(16, "Completions sampled per question (the paper: 16).", TRAIN)
     max_new_tokens: int = _f(3072, "Generation cap per completion; capped completions are kept and flagged.")
     temperature: float = _f(0.5, "Sampling temperature; log p(y|x) is scored under log_softmax(logits / T) at the same T.")
+    sampler: str = _f("auto", "Decode loop (all draw from softmax(logits / T)): static (StaticCache, CUDA graphs on CUDA), compact (finished rows leave the batch), dynamic (plain KV-cache loop), auto (static on CUDA, compact elsewhere).")
     # --- the loss ----------------------------------------------------------------------------
     alpha: float = _f(0.1, "Smoothing term of the L2 loss: weight = p_old + alpha.", TRAIN)
     weighting: str = _f("rlsc", "Sequence weight: rlsc (p+alpha), rlsc-l1 (p), entropy (1+log p), length (exp(log p / n)+alpha), group (softmax of log p over a question's samples + alpha).", TRAIN)
@@ -163,6 +166,7 @@ def _field_problems(cfg: "RLSCConfig", command: str):
     yield from one_of("precision", ("auto", "fp32", "bf16", "bf16-autocast"))
     yield from one_of("resume", RESUME_MODES)
     yield from one_of("engine", ENGINES)
+    yield from one_of("sampler", SAMPLERS)
     yield from one_of("vllm_mode", VLLM_MODES)
     if "vllm_mode" in used and cfg.vllm_mode != "off" and cfg.engine != "trl":
         yield bad("vllm_mode", "off unless --engine trl (only the TRL engine generates with vLLM)")

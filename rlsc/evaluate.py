@@ -13,7 +13,7 @@ from .sampling import decode_completions, sample
 
 def evaluate_problems(model, tokenizer, problems: list[Problem], *, template: str, k: int, temperature: float,
                       max_new_tokens: int, batch_questions: int = 1, autocast_dtype=None,
-                      log=print, samples_path: Path | None = None, label: str = "") -> dict:
+                      log=print, samples_path: Path | None = None, label: str = "", sampler: str = "auto") -> dict:
     """Metrics for one dataset; per-question records go to `samples_path` (JSONL) if given."""
     records = []
     t0 = time.perf_counter()
@@ -21,12 +21,12 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], *, template: st
     capped = 0
     for batch in iter_batches(problems, max(batch_questions, 1)):
         greedy = sample(model, tokenizer, batch, template=template, num_samples=1, max_new_tokens=max_new_tokens,
-                        temperature=temperature, greedy=True, autocast_dtype=autocast_dtype)
+                        temperature=temperature, greedy=True, autocast_dtype=autocast_dtype, sampler=sampler)
         greedy_text = decode_completions(tokenizer, greedy)
         sampled_text, sampled_len = [[] for _ in batch], [[] for _ in batch]
         if k > 0:
             r = sample(model, tokenizer, batch, template=template, num_samples=k, max_new_tokens=max_new_tokens,
-                       temperature=temperature, autocast_dtype=autocast_dtype)
+                       temperature=temperature, autocast_dtype=autocast_dtype, sampler=sampler)
             for q, text, n in zip(r.question_index.tolist(), decode_completions(tokenizer, r), r.completion_lengths.tolist()):
                 sampled_text[q].append(text)
                 sampled_len[q].append(n)
@@ -70,7 +70,8 @@ def summarise(records: list[dict], k: int) -> dict:
 
 def evaluate_sources(model, tokenizer, sources: list[str], *, split: str, limit: int, template: str, k: int,
                      temperature: float, max_new_tokens: int, batch_questions: int = 1, autocast_dtype=None,
-                     output_dir: Path | None = None, tag: str = "eval", log=print) -> dict[str, dict]:
+                     output_dir: Path | None = None, tag: str = "eval", log=print,
+                     sampler: str = "auto") -> dict[str, dict]:
     from .data import load_problems
 
     results = {}
@@ -82,7 +83,7 @@ def evaluate_sources(model, tokenizer, sources: list[str], *, split: str, limit:
         results[name] = evaluate_problems(
             model, tokenizer, problems, template=template or default_template(source), k=k, temperature=temperature,
             max_new_tokens=max_new_tokens, batch_questions=batch_questions, autocast_dtype=autocast_dtype,
-            log=log, samples_path=samples_path, label=name)
+            log=log, samples_path=samples_path, label=name, sampler=sampler)
     return results
 
 

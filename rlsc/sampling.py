@@ -12,6 +12,7 @@ including the first EOS; tokens after it are padding and never reach the head.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import warnings
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import Problem
+from .static_sampling import compact_loop, resolve_sampler, static_loop
 
 
 @dataclass
@@ -96,18 +98,23 @@ def sample(
     temperature: float,
     greedy: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    sampler: str = "auto",
 ) -> Rollouts:
     """`num_samples` completions for each problem, generated together in one batched loop over the KV cache.
 
     Sampling is ancestral from softmax(logits / temperature) of the model's forward, with no other
     logits processing (the model's generation_config is ignored), so the completions are drawn from
     exactly the distribution the trainer scores. greedy=True takes the argmax instead.
+    `sampler` picks the decode loop (rlsc/static_sampling.py): "dynamic" (this module's loop),
+    "static" (StaticCache; CUDA graphs through torch.compile on CUDA), "compact" (finished rows
+    leave the batch), or "auto" (static on CUDA, compact elsewhere); all draw the same tokens.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if not greedy and temperature <= 0:
         raise ValueError(f"temperature must be positive for sampling, got {temperature}")
     device = next(model.parameters()).device
+    loop = _decode_loop(resolve_sampler(sampler, device), device)
     texts = [chat_prompt(tokenizer, p.question, template) for p in problems]
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -138,14 +145,20 @@ def sample(
     model.eval()
     try:
         with amp:
-            completion_ids = _ancestral_loop(model, rep_ids, rep_mask, max_new_tokens=max_new_tokens,
-                                             temperature=None if greedy else temperature, eos_ids=eos, pad_id=pad)
+            completion_ids = loop(model, rep_ids, rep_mask, max_new_tokens=max_new_tokens,
+                                  temperature=None if greedy else temperature, eos_ids=eos, pad_id=pad)
     finally:
         model.train(was_training)
     completion_mask, capped = completion_mask_from_ids(completion_ids, eos)
     completion_ids = completion_ids.masked_fill(~completion_mask, pad)
     question_index = torch.arange(len(problems), device=device).repeat_interleave(n)
     return Rollouts(rep_ids, rep_mask, completion_ids, completion_mask, capped, question_index)
+
+
+def _decode_loop(name: str, device: torch.device):
+    if name == "static":
+        return functools.partial(static_loop, compile=device.type == "cuda")
+    return {"dynamic": _ancestral_loop, "compact": compact_loop}[name]
 
 
 def _cache_keyword(model) -> str:

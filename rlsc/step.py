@@ -39,6 +39,7 @@ class LossOptions:
     micro_batch_size: int = 4
     max_grad_norm: float = 0.0
     autocast_dtype: torch.dtype | None = None
+    sampler: str = "auto"        # decode loop of rlsc.sampling.sample
 
 
 @dataclass
@@ -309,7 +310,7 @@ def rlsc_step(model, tokenizer, optimizer, problems: list[Problem], *, template:
     t0 = time.perf_counter()
     rollouts = sample(model, tokenizer, problems, template=template, num_samples=num_samples,  # 1. sample
                       max_new_tokens=max_new_tokens, temperature=opts.temperature,
-                      autocast_dtype=opts.autocast_dtype)
+                      autocast_dtype=opts.autocast_dtype, sampler=opts.sampler)
     t1 = time.perf_counter()
     train_mode_without_dropout(model)
     stats = rlsc_update(model, optimizer, rollouts, opts)                            # 2-5

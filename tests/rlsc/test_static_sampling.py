@@ -1,0 +1,105 @@
+"""The static-cache and compacting decode loops draw the same tokens as the dynamic loop (same seed),
+so they sample from the same softmax(logits / T); sample(sampler=...) routes to them."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlsc.data import Problem
+from rlsc.sampling import _ancestral_loop, sample
+from rlsc.static_sampling import compact_loop, resolve_sampler, static_loop
+
+from conftest import make_model
+from test_sampling import _model_with_every_generation_knob, chi2_upper_quantile, _prompt_ids
+
+LOOPS = {"static": static_loop, "compact": compact_loop}
+
+
+def _left_padded_batch(tok, questions, n):
+    from rlsc.sampling import chat_prompt
+
+    old = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok([chat_prompt(tok, q, "{question}") for q in questions], return_tensors="pt", padding=True,
+                  add_special_tokens=False)
+    finally:
+        tok.padding_side = old
+    return enc["input_ids"].repeat_interleave(n, 0), enc["attention_mask"].bool().repeat_interleave(n, 0)
+
+
+def _model_that_stops(tok, seed):
+    """The EOS logit is 0 (conftest), so rows finish at different steps (the compacting loop drops them)."""
+    return make_model(tok, seed=seed)
+
+
+@pytest.mark.parametrize("name", sorted(LOOPS))
+@pytest.mark.parametrize("temperature", [0.7, 1.3, None])
+def test_same_tokens_as_the_dynamic_loop(tiny_tokenizer, name, temperature):
+    """Prompts of different lengths (left padding), rows that end early and rows that hit the cap:
+    identical completion blocks for the same seed."""
+    tok = tiny_tokenizer
+    model = _model_that_stops(tok, seed=7)
+    ids, mask = _left_padded_batch(tok, ["What is 12 * 7?", "Hi", "A longer question, with more tokens?"], 5)
+    kw = dict(max_new_tokens=23, temperature=temperature, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    torch.manual_seed(31)
+    ref = _ancestral_loop(model, ids, mask, **kw)
+    torch.manual_seed(31)
+    got = LOOPS[name](model, ids, mask, **kw)
+    assert torch.equal(got, ref)
+    if temperature is not None:  # the case is not trivial: some rows ended early, some ran to the cap
+        ended = (ref == tok.eos_token_id).any(1)
+        assert ended.any() and (~ended).any(), ended
+
+
+@pytest.mark.parametrize("sampler", ["static", "compact", "dynamic", "auto"])
+def test_sample_routes_every_sampler_and_ignores_the_generation_config(tiny_tokenizer, sampler):
+    tok = tiny_tokenizer
+    model = _model_with_every_generation_knob(tok)
+    problems = [Problem("a", "What is 2 + 2?", "", "t"), Problem("b", "Say hi", "", "t")]
+    kw = dict(template="{question}", num_samples=4, max_new_tokens=9, temperature=0.6)
+    torch.manual_seed(2)
+    ref = sample(model, tok, problems, sampler="dynamic", **kw)
+    torch.manual_seed(2)
+    got = sample(model, tok, problems, sampler=sampler, **kw)
+    assert torch.equal(got.completion_ids, ref.completion_ids)
+    assert torch.equal(got.completion_mask, ref.completion_mask)
+    assert torch.equal(got.capped, ref.capped)
+
+
+@pytest.mark.parametrize("sampler", ["static", "compact"])
+def test_first_token_frequencies_match_softmax_over_temperature(tiny_tokenizer, sampler):
+    """Chi-square against softmax(logits / T) at the 1e-4 upper quantile (as the dynamic loop's test)."""
+    tok = tiny_tokenizer
+    model = _model_with_every_generation_knob(tok)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)
+    T, n = 0.8, 4000
+    torch.manual_seed(1)
+    r = sample(model, tok, [Problem("a", "Hi", "", "t")], template="{question}", num_samples=n, max_new_tokens=1,
+               temperature=T, sampler=sampler)
+    with torch.no_grad():
+        p = torch.softmax(model(input_ids=_prompt_ids(tok, "Hi")).logits[0, -1].double() / T, -1)
+    counts = torch.bincount(r.completion_ids[:, 0], minlength=p.numel()).double()
+    expected = n * p
+    keep = expected >= 5
+    obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    exp = torch.cat([expected[keep], expected[~keep].sum()[None]])
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    assert chi2 < chi2_upper_quantile(obs.numel() - 1, z=3.719), chi2
+    assert keep.sum() >= 10
+
+
+def test_resolve_sampler():
+    assert resolve_sampler("auto", torch.device("cpu")) == "compact"
+    assert resolve_sampler("auto", torch.device("cuda")) == "static"
+    assert resolve_sampler("dynamic", torch.device("cuda")) == "dynamic"
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        resolve_sampler("fast", torch.device("cpu"))
+
+
+def test_config_rejects_an_unknown_sampler():
+    from rlsc.config import RLSCConfig
+
+    with pytest.raises(ValueError, match="--sampler expects one of"):
+        RLSCConfig(sampler="graph").validate("train")
