@@ -66,14 +66,21 @@ def test_one_step_through_trl_equals_the_thin_trainer_one_process(tmp_path):
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
-def test_one_step_through_trl_equals_the_thin_trainer_two_processes(tmp_path):
-    """torchrun, 2 processes, gloo on CPU (DDP): each process scores half the samples; after the
-    all-reduce its gradient and update equal the thin trainer's on all of them. Group weights
-    need the other process's samples (gathered)."""
-    weightings = ("rlsc", "group")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(WORKER), str(tmp_path), ",".join(weightings)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_one_step_through_trl_equals_the_thin_trainer_two_processes(tmp_path, launcher):
+    """2 processes, gloo on CPU (DDP), started by torchrun or by accelerate launch: each process
+    scores half the samples; after the all-reduce its gradient and update equal the thin
+    trainer's on all of them. Group weights need the other process's samples (gathered)."""
+    if launcher == "torchrun":
+        weightings = ("rlsc", "group")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(_free_port())]
+    else:
+        weightings = ("length",)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "cpu_gloo.yaml"), "--main_process_port", str(_free_port())]
+    proc = subprocess.run(cmd + [str(WORKER), str(tmp_path), ",".join(weightings)], env=_env(), capture_output=True,
+                          text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     assert "TRL ENGINE OK 0" in proc.stdout and "TRL ENGINE OK 1" in proc.stdout
     _check_report(tmp_path, weightings, "DistributedType.MULTI_CPU")  # DDP on gloo
