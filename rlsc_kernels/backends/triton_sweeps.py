@@ -211,7 +211,11 @@ def _backward_sliced(hidden, weight, bias, targets, lse, mean_z, g, e, opts, nee
     filter_eps = opts.filter_eps
     use_mask = filter_eps is not None
     slice_rows = _slice_rows(N, V, tile.block_v, hidden.element_size(), opts.buffer_bytes)
-    grad_logits = torch.empty(N, slice_rows, dtype=hidden.dtype, device=dev)
+    # Zeroed on CPU (Triton's interpreter): PyTorch's CPU bf16 GEMM reads the columns past a row
+    # slice's width (the last slice is narrower than the buffer) and multiplies them by zero
+    # padding, so a NaN left there in uninitialised memory turned rows of dhidden into NaN.
+    alloc = torch.zeros if dev.type == "cpu" else torch.empty
+    grad_logits = alloc(N, slice_rows, dtype=hidden.dtype, device=dev)
     n_nblocks = triton.cdiv(N, tile.block_n)
     tile_mask = torch.empty(n_nblocks * triton.cdiv(slice_rows, tile.block_v), dtype=torch.int8, device=dev)
     dh = torch.zeros(N, D, dtype=torch.float32, device=dev) if need_h else None
