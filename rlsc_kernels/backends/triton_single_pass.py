@@ -186,8 +186,6 @@ def rlsc_single_pass(hidden, weight, bias, targets, seq, chunks, weigh, opts: Fu
     dh = torch.empty(N, D, **f32) if need_h else None
     dw = torch.empty(V, D, **f32) if need_w else None
     db = torch.zeros(V, **f32) if need_b else None
-    if need_w and N == 0:
-        dw.zero_()
 
     max_rows = max((t1 - t0 for t0, t1, _, _ in chunks), default=0)
     # One buffer for every chunk: the fp32 logits, then (16-bit inputs) the gradient over them.
