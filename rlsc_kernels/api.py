@@ -433,11 +433,11 @@ class LinearRLSCLoss(torch.nn.Module):
         return_entropy: bool = False,
         **execution,
     ):
-        """execution: linear_rlsc_loss's execution options (backward, grad_matmul, buffer_bytes,
-        check_values, block_configs)."""
+        """execution: linear_rlsc_loss's other keyword options (backward, grad_matmul, buffer_bytes,
+        check_values, block_configs, softcap, vocab_parallel, path)."""
         super().__init__()
         allowed = ("backward", "grad_matmul", "buffer_bytes", "check_values", "block_configs", "softcap",
-                   "vocab_parallel")
+                   "vocab_parallel", "path")
         unknown = sorted(set(execution) - set(allowed))
         if unknown:
             raise TypeError(f"LinearRLSCLoss got unexpected keyword arguments {unknown}; execution options are {allowed}")

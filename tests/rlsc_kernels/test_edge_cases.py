@@ -246,3 +246,12 @@ def test_integer_completion_mask_equals_the_bool_one(dtype):
     want = rk.linear_rlsc_loss(h, w, y, completion_mask=mask, bias=b, backend="torch")
     got = rk.linear_rlsc_loss(h, w, y, completion_mask=mask.to(dtype), bias=b, backend="torch")
     assert torch.equal(got.loss, want.loss) and torch.equal(got.n_tokens, want.n_tokens)
+
+
+def test_module_takes_every_execution_option_and_refuses_unknown_ones():
+    h, w, b, y = _leaves(12)
+    module = rk.LinearRLSCLoss(backend="torch", path="two-sweep", check_values=False, buffer_bytes=1 << 12)
+    want = rk.linear_rlsc_loss(h, w, y, bias=b, backend="torch", path="two-sweep")
+    assert torch.allclose(module(h, w, y, bias=b).loss, want.loss)
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        rk.LinearRLSCLoss(strategy="fused")
