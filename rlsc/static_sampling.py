@@ -58,7 +58,7 @@ def compact_loop(model, prompt_ids, prompt_mask, *, max_new_tokens: int, tempera
     device = prompt_ids.device
     attention = prompt_mask.long()
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    eos = torch.tensor(eos_ids, device=device)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     cache_kw = _cache_keyword(model)
     logits, past = _forward_last_logits(model, prompt_ids, attention, positions, None, cache_kw)
@@ -83,24 +83,36 @@ def compact_loop(model, prompt_ids, prompt_mask, *, max_new_tokens: int, tempera
     return torch.stack(tokens, dim=1)
 
 
-class _Decoder:
-    """The model's forward over a StaticCache, for one token per row: fixed shapes every step."""
+CACHE_BUCKET = 256  # static caches are sized in multiples of this, so varying prompt lengths reuse one graph
 
-    def __init__(self, model, compile: bool):
-        self.model = model
+
+class _Decoder:
+    """The model's forward over a StaticCache, for one token per row: fixed shapes every step. One
+    decoder is kept on the model per (rows, cache length, compile) and its cache is reset between
+    calls: a compiled graph is tied to the cache tensors it was recorded with."""
+
+    def __init__(self, model, rows: int, length: int, compile: bool):
+        from transformers import StaticCache
+
         params = _forward_params(model)
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.pass_cache_position = "cache_position" in params   # older transformers: explicit positions
-        self.fn = model
-        if compile:  # one compiled forward per model, kept on it: recompiling every call would cost seconds
-            self.fn = getattr(model, "_rlsc_compiled_decode", None)
-            if self.fn is None:
-                self.fn = torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
-                model._rlsc_compiled_decode = self.fn
+        self.cache = StaticCache(config=model.config, max_cache_len=length)
+        self.fn = torch.compile(model, mode="reduce-overhead", fullgraph=False, dynamic=False) if compile else model
 
-    def __call__(self, fn, input_ids, attention_mask, position_ids, cache, cache_position):
+    @classmethod
+    def for_model(cls, model, rows: int, length: int, compile: bool) -> "_Decoder":
+        decoders = model.__dict__.setdefault("_rlsc_static_decoders", {})
+        key = (rows, length, compile)
+        if key in decoders:
+            decoders[key].cache.reset()
+        else:
+            decoders[key] = cls(model, rows, length, compile)
+        return decoders[key]
+
+    def __call__(self, fn, input_ids, attention_mask, position_ids, cache_position):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                  self.cache_kw: cache, "use_cache": True, "logits_to_keep": 1}
+                  self.cache_kw: self.cache, "use_cache": True, "logits_to_keep": 1}
         if self.pass_cache_position:
             kwargs["cache_position"] = cache_position
         return fn(**kwargs).logits[:, -1]
@@ -109,22 +121,20 @@ class _Decoder:
 @torch.no_grad()
 def static_loop(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float | None,
                 eos_ids: list[int], pad_id: int, compile: bool = False) -> torch.Tensor:
-    """Completion block [B, L <= max_new_tokens] decoded over a StaticCache of P + max_new_tokens
-    positions. The attention mask has that full length from the start (ones on every completion
-    position: the causal mask already hides positions not yet written), so each decode step sees
-    inputs of identical shapes, which is what lets `compile=True` replay one CUDA graph per token."""
-    from transformers import StaticCache
-
+    """Completion block [B, L <= max_new_tokens] decoded over a StaticCache of at least P +
+    max_new_tokens positions (rounded up to a multiple of CACHE_BUCKET). The attention mask has the
+    cache's full length from the start (ones past the prompt: the causal mask already hides the
+    positions not yet written), so each decode step sees inputs of identical shapes, which is what
+    lets `compile=True` replay one CUDA graph per token."""
     B, P = prompt_ids.shape
     device = prompt_ids.device
-    total = P + max_new_tokens
-    cache = StaticCache(config=model.config, max_cache_len=total)
-    attention = torch.cat([prompt_mask.long(), torch.ones(B, max_new_tokens, dtype=torch.long, device=device)], 1)
+    total = -(-(P + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+    decoder = _Decoder.for_model(model, B, total, compile)
+    attention = torch.cat([prompt_mask.long(), torch.ones(B, total - P, dtype=torch.long, device=device)], 1)
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
-    eos = torch.tensor(eos_ids, device=device)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    decoder = _Decoder(model, compile)
-    logits = decoder(model, prompt_ids, attention, positions, cache, torch.arange(P, device=device))  # prefill: eager
+    logits = decoder(model, prompt_ids, attention, positions, torch.arange(P, device=device))  # prefill: eager
     next_position = positions[:, -1:] + 1
     cache_position = torch.tensor([P], device=device)
     tokens = []
@@ -134,9 +144,14 @@ def static_loop(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperat
         finished |= torch.isin(token, eos)
         if step + 1 == max_new_tokens or bool(finished.all()):
             break
-        logits = decoder(decoder.fn, token[:, None], attention, next_position, cache, cache_position)
+        logits = decoder(decoder.fn, token[:, None], attention, next_position, cache_position)
         if compile:
             logits = logits.clone()   # the CUDA graph's output buffer is overwritten by the next replay
         next_position = next_position + 1
         cache_position = cache_position + 1
     return torch.stack(tokens, dim=1)
+
+
+def release_static_decoders(model) -> None:
+    """Drops the static caches (and compiled graphs) kept on `model` by static_loop, freeing their memory."""
+    model.__dict__.pop("_rlsc_static_decoders", None)

@@ -103,3 +103,22 @@ def test_config_rejects_an_unknown_sampler():
 
     with pytest.raises(ValueError, match="--sampler expects one of"):
         RLSCConfig(sampler="graph").validate("train")
+
+
+def test_static_cache_is_reset_between_calls(tiny_tokenizer):
+    """The static decoder (and its cache) kept on the model is reused by the next call of the same
+    bucket: stale keys/values of the first call must not leak into the second."""
+    from rlsc.static_sampling import release_static_decoders
+
+    tok = tiny_tokenizer
+    model = make_model(tok, seed=4)
+    kw = dict(max_new_tokens=15, temperature=0.9, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    for questions in (["A long question about numbers?", "Hi"], ["Short", "x"]):
+        ids, mask = _left_padded_batch(tok, questions, 3)
+        torch.manual_seed(8)
+        ref = _ancestral_loop(model, ids, mask, **kw)
+        torch.manual_seed(8)
+        assert torch.equal(static_loop(model, ids, mask, **kw), ref)
+    assert len(model.__dict__["_rlsc_static_decoders"]) == 1
+    release_static_decoders(model)
+    assert "_rlsc_static_decoders" not in model.__dict__
