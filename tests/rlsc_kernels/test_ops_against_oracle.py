@@ -109,3 +109,13 @@ def test_only_hidden_needs_grad_frozen_head():
         ref = h.double().clone().requires_grad_()
         rk.linear_logprobs(ref, w.double(), y, bias=b.double(), backend="reference").sum().backward()
         assert torch.allclose(hh.grad.double(), ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_backward_slices_a_16bit_dweight_by_buffer_bytes():
+    """buffer_bytes bounds the fused backward's fp32 dweight slice: 64 vocab rows per slice here."""
+    h, w, b, y = make_inputs(29, 40, 301, dtype=torch.float16, seed=None)
+    exact = run_logprobs("reference", h.double(), w.double(), b.double(), y, temperature=0.8)
+    same = run_logprobs("reference", h, w, b, y, temperature=0.8)
+    fast = run_logprobs("triton", h, w, b, y, temperature=0.8, filter_eps=None, buffer_bytes=64 * 40 * 4,
+                        **small_blocks("fused"))
+    assert_within_oracle(fast, same, exact, torch.float16)
