@@ -76,6 +76,7 @@ class RLSCConfig:
     max_consecutive_skips: int = _f(3, "Stop the run after this many steps in a row skipped for a non-finite loss or gradient.", TRAIN)
     save_final_model: bool = _f(True, "Save the trained model with save_pretrained (plus tokenizer) into output_dir/final.", TRAIN)
     threads: int = _f(0, "torch CPU threads (0 = torch's default).")
+    liger_kernels: bool = _f(False, "CUDA only: Liger-Kernel's RMSNorm, SwiGLU and RoPE kernels in the model body (its cross-entropy stays off; needs liger-kernel).")
     engine: str = _f("thin", "Training engine: thin (this package's single-process loop) or trl (TRL's GRPO machinery: several processes through torchrun / accelerate launch, DDP, FSDP2, DeepSpeed).", TRAIN)
     vllm_mode: str = _f("off", "--engine trl only: generate with vLLM: off (transformers' generate), colocate (vLLM in the training processes) or server (a running `trl vllm-serve`).", TRAIN)
     # --- evaluation --------------------------------------------------------------------------
@@ -167,6 +168,8 @@ def _field_problems(cfg: "RLSCConfig", command: str):
     yield from one_of("resume", RESUME_MODES)
     yield from one_of("engine", ENGINES)
     yield from one_of("sampler", SAMPLERS)
+    if cfg.liger_kernels and cfg.device == "cpu":
+        yield f"{flag('liger_kernels')} needs a CUDA device (Liger's kernels are Triton GPU kernels), got --device cpu"
     yield from one_of("vllm_mode", VLLM_MODES)
     if "vllm_mode" in used and cfg.vllm_mode != "off" and cfg.engine != "trl":
         yield bad("vllm_mode", "off unless --engine trl (only the TRL engine generates with vLLM)")

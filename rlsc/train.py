@@ -53,6 +53,10 @@ def load(cfg: RLSCConfig, log=log_to_stderr) -> Loaded:
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, device=device, precision=precision)
     model.eval()
+    if cfg.liger_kernels:
+        from .liger import apply_liger_kernels
+
+        log(f"Liger-Kernel body kernels: {', '.join(apply_liger_kernels(model, device))}")
     log(f"loaded model {cfg.model!r} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"{precision}, {device}, attention {model.config._attn_implementation}) in {time.perf_counter() - t0:.1f}s")
     return Loaded(model, tokenizer, device, precision)
