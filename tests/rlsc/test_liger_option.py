@@ -36,6 +36,17 @@ def test_config_refuses_liger_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_patched_qwen2_body_matches_the_plain_one():
+    from transformers.models.qwen2 import modeling_qwen2
+
+    saved = dict(vars(modeling_qwen2))  # Liger also patches the module (new instances, RoPE): undo it after
+    try:
+        _check_patched_qwen2_body()
+    finally:
+        for name, value in saved.items():
+            setattr(modeling_qwen2, name, value)
+
+
+def _check_patched_qwen2_body():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
