@@ -573,13 +573,15 @@ def train_trl(cfg: RLSCConfig, loaded=None, log=log_to_stderr, sample=None, call
     final_dir = None
     if cfg.save_final_model:
         final_dir = out_dir / "final"
-        trainer.save_model(str(final_dir))  # gathers FSDP / ZeRO-3 shards; LoRA: the adapter
-        if trainer.accelerator.is_main_process:
-            if cfg.lora_rank > 0:  # the thin trainer saves merged weights: do the same
-                unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-                save_final(unwrapped, tokenizer, final_dir)
-            else:
+        if cfg.lora_rank > 0:
+            # As the thin trainer: the adapters merged into the weights, one ordinary model folder.
+            if trainer.accelerator.is_main_process:
+                save_final(trainer.accelerator.unwrap_model(trainer.model), tokenizer, final_dir)
+        else:
+            trainer.save_model(str(final_dir))  # every process: gathers FSDP shards on the main one
+            if trainer.accelerator.is_main_process:
                 tokenizer.save_pretrained(final_dir)
+        if trainer.accelerator.is_main_process:
             log(f"saved the trained model to {final_dir}")
     plot = None
     if trainer.accelerator.is_main_process:

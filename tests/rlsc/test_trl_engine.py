@@ -57,12 +57,14 @@ def _check_report(out: Path, weightings, distributed: str):
 
 def test_one_step_through_trl_equals_the_thin_trainer_one_process(tmp_path):
     """Fixed samples (EOS-terminated, EOS alone, capped; two prompt lengths): every weighting's
-    gradient (rel. 1e-4) and AdamW update match rlsc_update, and the metrics row matches its stats."""
-    proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path), ",".join(ALL_WEIGHTINGS)], env=_env(),
+    gradient (rel. 1e-4) and AdamW update match rlsc_update (also with LoRA), and the metrics row
+    matches its stats."""
+    runs = (*ALL_WEIGHTINGS, "rlsc+lora")  # + LoRA adapters (peft) on every linear layer
+    proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path), ",".join(runs)], env=_env(),
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     assert "TRL ENGINE OK 0" in proc.stdout
-    _check_report(tmp_path, ALL_WEIGHTINGS, "DistributedType.NO")
+    _check_report(tmp_path, runs, "DistributedType.NO")
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")

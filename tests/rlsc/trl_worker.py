@@ -107,13 +107,23 @@ def main(out_dir: str, weightings: list[str]) -> None:
         data.write_text("".join(json.dumps({"id": f"q{i}", "question": q, "answer": "0"}) + "\n"
                                 for i, q in enumerate(QUESTIONS)))
     report = {}
-    for weighting in weightings:
+    for label in weightings:
+        # "W+lora": weighting W with LoRA adapters (rank 4, every linear layer) on the tiny model
+        weighting, lora = label.split("+")[0], label.endswith("+lora")
         cfg = RLSCConfig(model="tiny", prompts=str(data), prompt_template=template, num_prompts=K, num_samples=N,
                          micro_batch_size=2, max_new_tokens=MAX_NEW, temperature=0.7, alpha=0.1,
                          weighting=weighting, filter_eps="exact", backend="torch", steps=1, lr=1e-2,
-                         weight_decay=0.0, device="cpu", output_dir=str(Path(out_dir) / weighting),
+                         weight_decay=0.0, device="cpu", output_dir=str(Path(out_dir) / label),
                          checkpoint_every=0, save_final_model=False, engine="trl", seed=0)
         base = tiny_model(tok)
+        if lora:
+            from rlsc.models import apply_lora
+
+            base = apply_lora(base, 4, 16.0, "all-linear")
+            with torch.no_grad():  # B = 0 at init would leave A without gradient
+                for n, p in base.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 0.1)
         # --- the thin trainer on every sample ---
         thin = copy.deepcopy(base)
         train_mode_without_dropout(thin)
@@ -184,7 +194,7 @@ def main(out_dir: str, weightings: list[str]) -> None:
             assert abs(rows[0]["frac_capped"] - float(stats.capped.float().mean())) < 1e-9
         from accelerate import PartialState
 
-        report[weighting] = {"grad_rel_err": worst_g, "update_err_over_lr": worst_u, "fields": sorted(rows[0]),
+        report[label] = {"grad_rel_err": worst_g, "update_err_over_lr": worst_u, "fields": sorted(rows[0]),
                              "distributed": str(PartialState().distributed_type), "param_type": captured["param_type"]}
     if rank == 0:
         (Path(out_dir) / "report.json").write_text(json.dumps(report))
