@@ -450,7 +450,12 @@ def grpo_config(cfg: RLSCConfig, processes: int, precision: str):
     return trl.GRPOConfig(
         output_dir=cfg.output_dir, per_device_train_batch_size=cfg.micro_batch_size, gradient_accumulation_steps=ga,
         steps_per_generation=ga, num_iterations=1, num_generations=cfg.num_samples,
-        max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, generation_kwargs=dict(NEUTRAL_SAMPLING),
+        max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
+        # transformers: every other logits processor off by name (the checkpoint's generation_config
+        # must not add any). vLLM: TRL passes temperature, top_p, top_k, min_p and repetition_penalty
+        # explicitly and vLLM's other SamplingParams default to no processing; generation_kwargs
+        # would go into SamplingParams, where the transformers names are unknown.
+        generation_kwargs=dict(NEUTRAL_SAMPLING) if vllm_mode == "off" else None,
         top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0, beta=0.0, mask_truncated_completions=False,
         use_vllm=vllm_mode != "off", vllm_mode=vllm_mode if vllm_mode != "off" else "colocate",
         vllm_importance_sampling_correction=False, disable_dropout=True,

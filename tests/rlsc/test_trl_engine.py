@@ -214,3 +214,23 @@ def test_step_sampler_poses_the_thin_trainers_questions():
     for step in range(3):
         block = [q for q in prompts_for_step(list(range(7)), step, 2, 4) for _ in range(3)]
         assert order[step * 12: step * 12 + 12] == block * 2
+
+
+@pytest.mark.parametrize("vllm_mode", ["off", "colocate", "server"])
+def test_grpo_config_maps_the_flags(vllm_mode):
+    """The flags as TRL/HF settings: neutral sampling for each generator, constant lr, no TRL
+    clipping (the engine clips and logs the pre-clip norm), one generation per optimizer step."""
+    from rlsc.trl_engine import NEUTRAL_SAMPLING, grpo_config
+
+    cfg = RLSCConfig(engine="trl", vllm_mode=vllm_mode, num_prompts=2, num_samples=16, micro_batch_size=4,
+                     temperature=0.5, max_new_tokens=3072, lr=1e-5, steps=20, max_grad_norm=1.0, device="cpu")
+    args = grpo_config(cfg, 1, "bf16-autocast")  # this process alone: 32 samples = 4 x 8 micro-batches
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.steps_per_generation) == (4, 8, 8)
+    assert args.generation_batch_size == 32
+    assert (args.num_generations, args.max_completion_length, args.temperature) == (16, 3072, 0.5)
+    assert (args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.beta) == (0, 1.0, None, 1.0, 0.0)
+    assert args.lr_scheduler_type == "constant" and args.max_grad_norm == 0.0 and args.max_steps == 20
+    assert args.bf16 and args.num_iterations == 1 and not args.vllm_importance_sampling_correction
+    assert args.use_vllm == (vllm_mode != "off")
+    # vLLM builds SamplingParams(**generation_kwargs): transformers' processor names must not go there
+    assert args.generation_kwargs == (NEUTRAL_SAMPLING if vllm_mode == "off" else None)
