@@ -234,3 +234,23 @@ def test_grpo_config_maps_the_flags(vllm_mode):
     assert args.use_vllm == (vllm_mode != "off")
     # vLLM builds SamplingParams(**generation_kwargs): transformers' processor names must not go there
     assert args.generation_kwargs == (NEUTRAL_SAMPLING if vllm_mode == "off" else None)
+
+
+def test_guarded_adamw_skips_when_told():
+    """The engine's optimizer: a True guard (non-finite loss or gradient) leaves weights and
+    AdamW's moments untouched; a False one steps as torch's AdamW."""
+    from rlsc.trl_engine import GuardedAdamW
+
+    w = torch.nn.Parameter(torch.ones(3))
+    ref = torch.nn.Parameter(torch.ones(3))
+    opt, ref_opt = GuardedAdamW([w], lr=0.1), torch.optim.AdamW([ref], lr=0.1)
+    seen = []
+    opt.guard = lambda params: seen.append(len(params)) or True
+    w.grad = torch.tensor([1.0, float("nan"), 2.0])
+    opt.step()
+    assert torch.equal(w.detach(), torch.ones(3)) and not opt.state and seen == [1]
+    opt.guard = lambda params: False
+    w.grad = ref.grad = torch.tensor([1.0, -1.0, 2.0])
+    opt.step()
+    ref_opt.step()
+    assert torch.equal(w.detach(), ref.detach()) and not torch.equal(w.detach(), torch.ones(3))
