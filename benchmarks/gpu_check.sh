@@ -128,6 +128,17 @@ if (( $(left) > 150 )); then
     note "trl head rc=$? (cap ${T}s): $(grep -c '"impl"' "$OUT/trl_head.log") rows"
 fi
 
+# ---------------------------------------------------------------- 4c. whole RLSC steps under 24 / 16 GB (issue 11)
+# sample + update at the Qwen2.5-Math-1.5B shape, ours vs naive, full vs LoRA r16, 1024 / 3072 tokens,
+# then generation (generate / dynamic / static+CUDA graphs) and the update with/without Liger; rows
+# are written as they finish, rows not started by --time-budget-s are skipped (RLSC_MEMORY_ARGS: extra)
+if (( $(left) > 150 )); then
+    T=$(cap 300 40)
+    timeout -k 5 "$T" python3 -m benchmarks.memory_budget --time-budget-s $(( T - 90 )) --rollouts --liger \
+        --out "$OUT/memory_budget.json" --png "$OUT/memory_budget.png" ${RLSC_MEMORY_ARGS:-} > "$OUT/memory_budget.log" 2>&1
+    note "memory budget rc=$? (cap ${T}s): $(grep -E '^# In ' "$OUT/memory_budget.log")"
+fi
+
 # ---------------------------------------------------------------- 5. the rest of the comparison
 # (a fresh process resumes after a sticky CUDA error, which ends compare.py with code 3)
 for attempt in 1 2 3; do

@@ -10,9 +10,10 @@ or naive (Algorithm 1: full logits, fp32 log_softmax, gather), full fine-tuning 
 
 The budget is emulated with torch.cuda.set_per_process_memory_fraction(budget / total): an
 allocation beyond it raises OutOfMemoryError, caught and recorded as "does not fit". Generation
-is timed once per (budget, mode, length) -- it does not depend on the head or the micro-batch --
-and its peak is checked against the budget with the optimizer state added (a real step samples
-while the AdamW state of the previous step is alive). Each row: fits, peak memory, generation
+is run once per (mode, length), uncapped -- it depends on neither the budget, the head nor the
+micro-batch -- and its peak plus the optimizer state (a real step samples while the AdamW state of
+the previous step is alive) is checked against each budget. The static sampler keeps its KV cache
+(and CUDA graph pool) alive through the update, as the thin trainer does, so that memory counts. Each row: fits, peak memory, generation
 seconds, update seconds (one warm-up update, then the median of --reps). Micro-batch sizes are
 tried from the largest down; by default the sweep of a (budget, mode, length, head) stops at the
 first size that fits (--all-micro-batches runs them all).
@@ -168,12 +169,13 @@ def state_bytes(opt) -> int:
 
 
 # ------------------------------------------------------------------ the sweep
-def run_group(args, device, dtype, budget, mode, length, heads, rows, write, deadline, liger=False):
-    """All rows of one (budget, mode, length): generation once, then each head's micro-batch sweep."""
-    set_budget(device, budget)
+def run_group(args, device, dtype, budgets, mode, length, heads, rows, write, deadline, liger=False):
+    """All rows of one (mode, length): one model and one generation (no cap: it does not depend on
+    the budget, the head or the micro-batch), then for each budget each head's micro-batch sweep."""
+    set_budget(device, None)
     _free(device)
-    base = {"budget_gb": budget, "mode": mode, "completion_len": length, "n_samples": args.n_samples,
-            "prompt_len": args.prompt_len, "liger": liger}
+    base = {"mode": mode, "completion_len": length, "n_samples": args.n_samples, "prompt_len": args.prompt_len,
+            "liger": liger}
     model = inner = None
     try:
         model, params, inner, _ = prepare(args.shape, args.layers, mode, device, dtype, not args.no_grad_checkpointing)
@@ -190,66 +192,66 @@ def run_group(args, device, dtype, budget, mode, length, heads, rows, write, dea
         _free(device)
         completion, gen_s = generate(inner, prompt, length, args.sampler, device)
         gen_peak = _peak_mb(device)
-        gen_error = None
     except Exception as e:  # noqa: BLE001
-        gen_error, gen_s, gen_peak, completion, weights_mb = _error_text(e), None, _peak_mb(device), None, None
-        gen_oom = is_oom(e)
+        error = "generation: " + _error_text(e)
         del e
-    if gen_error is not None:
-        for head in heads:
-            rows.append({**base, "head": head, "micro_batch": None, "fits": False if gen_oom else None,
-                         "error": "generation: " + gen_error, "gen_peak_mb": gen_peak})
+        for budget in budgets:
+            for head in heads:
+                rows.append({**base, "budget_gb": budget, "head": head, "micro_batch": None, "fits": None,
+                             "error": error})
         write()
         del model, inner
         _free(device)
         return
     ids = torch.cat([prompt, completion], 1)
     targets = completion
-    initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if len(heads) > 1 else None
-    for hi, head in enumerate(heads):
-        if hi and initial is not None:
-            model.load_state_dict(initial)
-        for mb in args.micro_batches:
-            if time.time() > deadline:
-                rows.append({**base, "head": head, "micro_batch": mb, "fits": None, "error": "skipped: time budget"})
-                continue
-            row = {**base, "head": head + ("+liger" if liger else ""), "micro_batch": mb, "gen_seconds": gen_s,
-                   "gen_peak_mb": gen_peak, "weights_mb": weights_mb}
-            opt = torch.optim.AdamW(params, lr=1e-5)
-            try:
-                _free(device)
-                row["loss"] = update(inner, opt, LOSSES[head], ids, targets, args.prompt_len, mb)  # warm-up
-                _sync(device)
-                times = []
-                for _ in range(args.reps):
-                    t0 = time.perf_counter()
-                    update(inner, opt, LOSSES[head], ids, targets, args.prompt_len, mb)
+    initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    for budget in budgets:
+        set_budget(device, budget)
+        for head in heads:
+            for mb in args.micro_batches:
+                if time.time() > deadline:
+                    rows.append({**base, "budget_gb": budget, "head": head, "micro_batch": mb, "fits": None,
+                                 "error": "skipped: time budget"})
+                    continue
+                model.load_state_dict(initial)  # every row starts from the same weights
+                row = {**base, "budget_gb": budget, "head": head + ("+liger" if liger else ""), "micro_batch": mb,
+                       "gen_seconds": gen_s, "gen_peak_mb": gen_peak, "weights_mb": weights_mb}
+                opt = torch.optim.AdamW(params, lr=1e-5)
+                try:
+                    _free(device)
+                    row["loss"] = update(inner, opt, LOSSES[head], ids, targets, args.prompt_len, mb)  # warm-up
                     _sync(device)
-                    times.append(time.perf_counter() - t0)
-                row["update_seconds"] = _quantile(times, 0.5)
-                row["update_peak_mb"] = _peak_mb(device)
-                row["optimizer_state_mb"] = state_bytes(opt) / 2**20
-                if device.type == "cuda":
-                    step_peak = max(row["update_peak_mb"], gen_peak + row["optimizer_state_mb"])
-                    row["peak_mb"] = step_peak
-                    row["fits"] = budget is None or step_peak <= budget * 1024
-                else:
-                    row["peak_mb"], row["fits"] = None, True
-                row["step_seconds"] = gen_s + row["update_seconds"]
-            except Exception as e:  # noqa: BLE001
-                row["fits"] = False if is_oom(e) else None
-                row["error"] = _error_text(e)
-                row["peak_mb"] = _peak_mb(device)
-                del e
-            opt.zero_grad(set_to_none=True)
-            del opt
-            model.zero_grad(set_to_none=True)
-            _free(device)
-            rows.append(row)
-            write()
-            print(json.dumps(row), flush=True)
-            if row.get("fits") and not args.all_micro_batches:
-                break
+                    times = []
+                    for _ in range(args.reps):
+                        t0 = time.perf_counter()
+                        update(inner, opt, LOSSES[head], ids, targets, args.prompt_len, mb)
+                        _sync(device)
+                        times.append(time.perf_counter() - t0)
+                    row["update_seconds"] = _quantile(times, 0.5)
+                    row["update_peak_mb"] = _peak_mb(device)
+                    row["optimizer_state_mb"] = state_bytes(opt) / 2**20
+                    if device.type == "cuda":  # sampling runs while the optimizer state is alive
+                        row["peak_mb"] = max(row["update_peak_mb"], gen_peak + row["optimizer_state_mb"])
+                        row["fits"] = budget is None or row["peak_mb"] <= budget * 1024
+                    else:
+                        row["peak_mb"], row["fits"] = None, True
+                    row["step_seconds"] = gen_s + row["update_seconds"]
+                except Exception as e:  # noqa: BLE001
+                    row["fits"] = False if is_oom(e) else None
+                    row["error"] = _error_text(e)
+                    row["peak_mb"] = _peak_mb(device)
+                    del e
+                opt.zero_grad(set_to_none=True)
+                del opt
+                model.zero_grad(set_to_none=True)
+                _free(device)
+                rows.append(row)
+                write()
+                print(json.dumps(row), flush=True)
+                if row.get("fits") and not args.all_micro_batches:
+                    break
+    set_budget(device, None)
     from rlsc.static_sampling import release_static_decoders
 
     release_static_decoders(inner)
@@ -403,22 +405,21 @@ def main(argv=None):
         out.write_text(json.dumps(doc, indent=1) + "\n")
 
     t0 = time.time()
-    if args.rollouts:
-        rollout_rows(args, device, dtype, args.rollout_len, write, doc["rollouts"])
     if not args.liger_only:
-        for budget in budgets:
-            for mode in modes:
-                for length in _ints(args.completion_lens):
-                    if time.time() > deadline:
-                        doc["results"].append({"budget_gb": budget, "mode": mode, "completion_len": length,
-                                               "fits": None, "error": "skipped: time budget"})
-                        continue
-                    run_group(args, device, dtype, budget, mode, length, heads, doc["results"], write, deadline)
-    if args.liger and time.time() < deadline:  # the update with and without Liger at 16 x rollout_len, full FT
-        length = args.rollout_len
+        for mode in modes:
+            for length in _ints(args.completion_lens):
+                if time.time() > deadline:
+                    doc["results"].append({"budget_gb": None, "mode": mode, "completion_len": length,
+                                           "fits": None, "error": "skipped: time budget"})
+                    continue
+                run_group(args, device, dtype, budgets, mode, length, heads, doc["results"], write, deadline)
+    if args.rollouts and time.time() < deadline:
+        rollout_rows(args, device, dtype, args.rollout_len, write, doc["rollouts"])
+    if args.liger:  # the update with and without Liger at n_samples x rollout_len, full FT, no budget
         for liger in (False, True):
-            run_group(args, device, dtype, None, "full", length, ["ours"] if liger else ["ours", "naive"],
-                      doc["results"], write, deadline, liger=liger)
+            if time.time() < deadline:
+                run_group(args, device, dtype, [None], "full", args.rollout_len, ["ours"] if liger else ["ours", "naive"],
+                          doc["results"], write, deadline, liger=liger)
     set_budget(device, None)
     write()
     try:
