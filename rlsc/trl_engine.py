@@ -3,10 +3,14 @@
     torchrun --nproc_per_node 8 -m rlsc train --engine trl --model Qwen/Qwen2.5-Math-7B ...
     accelerate launch --config_file configs/accelerate/fsdp2.yaml -m rlsc train --engine trl ...
 
-TRL and accelerate own everything around the loss: the prompt sampler (each question repeated
+TRL and accelerate own everything around the loss: the data loader (each question repeated
 num_samples times, the copies spread over the processes), generation (vLLM when asked for with
---vllm-mode, transformers' generate otherwise), DDP / FSDP2 / DeepSpeed wrapping, gradient
-accumulation, checkpoints and resume. RLSCTrainer replaces two methods of GRPOTrainer:
+--vllm-mode, transformers' generate otherwise), DDP / FSDP2 wrapping, gradient accumulation,
+checkpoints and resume. RLSCTrainer replaces three methods of GRPOTrainer (and the optimizer):
+
+  _get_train_sampler: the thin trainer's question order (train.prompts_for_step, a pure
+      function of step and seed), so a resumed run poses the same questions as an uninterrupted
+      one and, with the RNG state the HF checkpoint restores, draws the same samples.
 
   _generate_and_score_completions: generate, and nothing else. There is no reward: TRL's reward
       and advantage code is never reached. GRPOTrainer refuses to start without a reward source,
@@ -17,9 +21,12 @@ accumulation, checkpoints and resume. RLSCTrainer replaces two methods of GRPOTr
   compute_loss: RLSC's loss from the op, exactly as the thin trainer computes it (rlsc/step.py):
       the body's final hidden states of the completion tokens, the head's inputs from
       rlsc_kernels.integrations.transformers.head_inputs, and one rk.linear_rlsc_loss call
-      (reduction "sum") per micro-batch, divided by the micro-batch size; the trainer divides by
-      the accumulation steps and DDP / FSDP average over processes, so the step's gradient is
-      that of -(1/S) sum_s w_s L_s over all S = num_prompts x num_samples samples.
+      (reduction "sum") per micro-batch, divided by micro-batch size x accumulation steps; DDP /
+      FSDP average over processes, so the step's gradient is that of -(1/S) sum_s w_s L_s over
+      all S = num_prompts x num_samples samples.
+  GuardedAdamW (create_optimizer): before each update, clips (--max-grad-norm) and measures the
+      gradient norm, writes the step's metrics row (statistics gathered from every process) and
+      skips the update on a non-finite loss or gradient, as the thin trainer does.
 
 The loss runs inside the wrapped model's forward (a `rlsc=` keyword added to the model's
 forward), so DDP synchronises the gradients and FSDP gathers the parameters as for any forward.
@@ -32,13 +39,13 @@ Flags mapped onto TRL/HF: micro_batch_size -> per_device_train_batch_size; the a
 follow from num_prompts x num_samples / (micro_batch_size x processes), which must be a whole
 number; constant learning rate; AdamW over every trainable parameter with one weight decay (as
 the thin trainer); checkpoint_every -> a checkpoint-N folder (the last one kept) through the HF
-Trainer; --resume picks the last checkpoint-N up; the final model goes to output_dir/final.
+Trainer; --resume picks the last checkpoint-N up; the final model goes to output_dir/final
+(LoRA merged, as the thin trainer). DeepSpeed ZeRO-3 is refused (see train_trl).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 import types

@@ -198,6 +198,7 @@ def main(out_dir: str, weightings: list[str]) -> None:
                              "distributed": str(PartialState().distributed_type), "param_type": captured["param_type"]}
     if rank == 0:
         (Path(out_dir) / "report.json").write_text(json.dumps(report))
+    (Path(out_dir) / f"ok-{rank}").write_text("TRL ENGINE OK")  # stdout of the ranks may interleave
     print("TRL ENGINE OK", rank, json.dumps(report), flush=True)
 
 
@@ -247,6 +248,8 @@ def fsdp_main(out_dir: str, head_sharded: bool) -> None:
             ref = thin_grads[name]
             torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6 * max(float(ref.abs().max()), 1e-3), msg=name)
     dist.destroy_process_group()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / f"ok-{rank}").write_text("FSDP2 LOSS OK")
     print("FSDP2 LOSS OK", rank, flush=True)
 
 
