@@ -31,11 +31,18 @@ def resolve_sampler(sampler: str, device: torch.device) -> str:
     return sampler
 
 
-def _draw(logits: torch.Tensor, temperature: float | None) -> torch.Tensor:
+def _draw(logits: torch.Tensor, temperature: float | None, greedy_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Argmax where temperature is None or on `greedy_rows`; elsewhere one draw per row from
+    softmax(logits / temperature), in row order (the random stream is consumed as if the greedy
+    rows were not there)."""
     if temperature is None:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs, 1).squeeze(-1)
+    if greedy_rows is None:
+        return torch.multinomial(torch.softmax(logits.float() / temperature, dim=-1), 1).squeeze(-1)
+    token = logits.argmax(-1)
+    sampled = ~greedy_rows
+    token[sampled] = torch.multinomial(torch.softmax(logits[sampled].float() / temperature, dim=-1), 1).squeeze(-1)
+    return token
 
 
 def _forward_params(model) -> set[str]:
@@ -50,8 +57,10 @@ def _cache_of(out):
 
 @torch.no_grad()
 def compact_loop(model, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float | None,
-                 eos_ids: list[int], pad_id: int) -> torch.Tensor:
-    """Completion block [B, L <= max_new_tokens]; the forward runs only on rows without an EOS yet."""
+                 eos_ids: list[int], pad_id: int, greedy_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Completion block [B, L <= max_new_tokens]; the forward runs only on rows without an EOS yet.
+    `greedy_rows` ([B] bool) take the argmax while the others sample: evaluation decodes its greedy
+    answer in the same batch as the samples, and the samples get the tokens a separate call would."""
     from .sampling import _cache_keyword, _forward_last_logits
 
     B = prompt_ids.shape[0]
@@ -67,7 +76,7 @@ def compact_loop(model, prompt_ids, prompt_mask, *, max_new_tokens: int, tempera
     next_position = positions[:, -1:] + 1
     tokens = []
     for step in range(max_new_tokens):
-        token = _draw(logits, temperature).masked_fill(finished, pad_id)
+        token = _draw(logits, temperature, greedy_rows).masked_fill(finished, pad_id)
         tokens.append(token)
         finished |= torch.isin(token, eos)
         if step + 1 == max_new_tokens or bool(finished.all()):

@@ -122,3 +122,28 @@ def test_static_cache_is_reset_between_calls(tiny_tokenizer):
     assert len(model.__dict__["_rlsc_static_decoders"]) == 1
     release_static_decoders(model)
     assert "_rlsc_static_decoders" not in model.__dict__
+
+
+def test_greedy_rows_in_the_sampled_batch_match_separate_calls(tiny_tokenizer):
+    """compact_loop with greedy rows appended: the greedy rows equal a greedy call and the sampled
+    rows equal a sampling call with the same seed (completions cut at the shorter length)."""
+    tok = tiny_tokenizer
+    model = make_model(tok, seed=9)
+    ids, mask = _left_padded_batch(tok, ["What is 6 * 7?", "Hi there"], 4)
+    g_ids, g_mask = _left_padded_batch(tok, ["What is 6 * 7?", "Hi there"], 1)
+    kw = dict(max_new_tokens=17, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    torch.manual_seed(21)
+    sampled = _ancestral_loop(model, ids, mask, temperature=0.8, **kw)
+    greedy = _ancestral_loop(model, g_ids, g_mask, temperature=None, **kw)
+    torch.manual_seed(21)
+    both = compact_loop(model, torch.cat([ids, g_ids]), torch.cat([mask, g_mask]), temperature=0.8,
+                        greedy_rows=torch.tensor([False] * 8 + [True] * 2), **kw)
+    pad = tok.pad_token_id
+
+    def same(a, b):
+        n = max(a.shape[1], b.shape[1])
+        grow = lambda t: torch.nn.functional.pad(t, (0, n - t.shape[1]), value=pad)  # noqa: E731
+        return torch.equal(grow(a), grow(b))
+
+    assert same(both[:8], sampled) and same(both[8:], greedy)
+    assert not torch.equal(sampled[0::4][:, :5], greedy[:, :5])  # the two kinds of rows differ
