@@ -9,6 +9,7 @@ from pathlib import Path
 from .data import Problem, dataset_name, default_template, iter_batches
 from .grading import answer_keys, extract_answer, is_correct, majority_correct, pass_at_k
 from .sampling import decode_completions, sample
+from .static_sampling import resolve_sampler
 
 
 def evaluate_problems(model, tokenizer, problems: list[Problem], *, template: str, k: int, temperature: float,
@@ -19,14 +20,21 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], *, template: st
     t0 = time.perf_counter()
     n_gen_tokens = 0
     capped = 0
+    # the compact sampler decodes the greedy answers in the same batch as the samples (same tokens, one loop)
+    together = k > 0 and resolve_sampler(sampler, next(model.parameters()).device) == "compact"
     for batch in iter_batches(problems, max(batch_questions, 1)):
-        greedy = sample(model, tokenizer, batch, template=template, num_samples=1, max_new_tokens=max_new_tokens,
-                        temperature=temperature, greedy=True, autocast_dtype=autocast_dtype, sampler=sampler)
+        if together:
+            r, greedy = sample(model, tokenizer, batch, template=template, num_samples=k, max_new_tokens=max_new_tokens,
+                               temperature=temperature, autocast_dtype=autocast_dtype, sampler=sampler, with_greedy=True)
+        else:
+            greedy = sample(model, tokenizer, batch, template=template, num_samples=1, max_new_tokens=max_new_tokens,
+                            temperature=temperature, greedy=True, autocast_dtype=autocast_dtype, sampler=sampler)
         greedy_text = decode_completions(tokenizer, greedy)
         sampled_text, sampled_len = [[] for _ in batch], [[] for _ in batch]
         if k > 0:
-            r = sample(model, tokenizer, batch, template=template, num_samples=k, max_new_tokens=max_new_tokens,
-                       temperature=temperature, autocast_dtype=autocast_dtype, sampler=sampler)
+            if not together:
+                r = sample(model, tokenizer, batch, template=template, num_samples=k, max_new_tokens=max_new_tokens,
+                           temperature=temperature, autocast_dtype=autocast_dtype, sampler=sampler)
             for q, text, n in zip(r.question_index.tolist(), decode_completions(tokenizer, r), r.completion_lengths.tolist()):
                 sampled_text[q].append(text)
                 sampled_len[q].append(n)

@@ -99,7 +99,8 @@ def sample(
     greedy: bool = False,
     autocast_dtype: torch.dtype | None = None,
     sampler: str = "auto",
-) -> Rollouts:
+    with_greedy: bool = False,
+) -> Rollouts | tuple[Rollouts, Rollouts]:
     """`num_samples` completions for each problem, generated together in one batched loop over the KV cache.
 
     Sampling is ancestral from softmax(logits / temperature) of the model's forward, with no other
@@ -108,6 +109,8 @@ def sample(
     `sampler` picks the decode loop (rlsc/static_sampling.py): "dynamic" (this module's loop),
     "static" (StaticCache; CUDA graphs through torch.compile on CUDA), "compact" (finished rows
     leave the batch), or "auto" (static on CUDA, compact elsewhere); all draw the same tokens.
+    with_greedy=True (compact sampler only) also decodes each question's greedy answer in the same
+    batch and returns (samples, greedy): the same completions as two separate calls, one loop.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -115,6 +118,9 @@ def sample(
         raise ValueError(f"temperature must be positive for sampling, got {temperature}")
     device = next(model.parameters()).device
     loop = _decode_loop(resolve_sampler(sampler, device), device)
+    if with_greedy and (greedy or loop is not compact_loop):
+        raise ValueError(f"with_greedy=True needs sampling with the compact sampler, got greedy={greedy}, "
+                         f"sampler={sampler!r} (resolved: {resolve_sampler(sampler, device)!r})")
     texts = [chat_prompt(tokenizer, p.question, template) for p in problems]
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -140,18 +146,26 @@ def sample(
     n = 1 if greedy else num_samples
     rep_ids = prompt_ids.repeat_interleave(n, dim=0)
     rep_mask = prompt_mask.repeat_interleave(n, dim=0)
+    extra = {}
+    if with_greedy:  # one greedy row per question after the sampled rows
+        rep_ids, rep_mask = torch.cat([rep_ids, prompt_ids]), torch.cat([rep_mask, prompt_mask])
+        extra["greedy_rows"] = torch.arange(rep_ids.shape[0], device=device) >= n * len(problems)
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     try:
         with amp:
             completion_ids = loop(model, rep_ids, rep_mask, max_new_tokens=max_new_tokens,
-                                  temperature=None if greedy else temperature, eos_ids=eos, pad_id=pad)
+                                  temperature=None if greedy else temperature, eos_ids=eos, pad_id=pad, **extra)
     finally:
         model.train(was_training)
     completion_mask, capped = completion_mask_from_ids(completion_ids, eos)
     completion_ids = completion_ids.masked_fill(~completion_mask, pad)
     question_index = torch.arange(len(problems), device=device).repeat_interleave(n)
+    if with_greedy:
+        question_index = torch.cat([question_index, torch.arange(len(problems), device=device)])
+        every = Rollouts(rep_ids, rep_mask, completion_ids, completion_mask, capped, question_index)
+        return every.select(slice(0, n * len(problems))), every.select(slice(n * len(problems), None))
     return Rollouts(rep_ids, rep_mask, completion_ids, completion_mask, capped, question_index)
 
 

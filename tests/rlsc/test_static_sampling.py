@@ -147,3 +147,30 @@ def test_greedy_rows_in_the_sampled_batch_match_separate_calls(tiny_tokenizer):
 
     assert same(both[:8], sampled) and same(both[8:], greedy)
     assert not torch.equal(sampled[0::4][:, :5], greedy[:, :5])  # the two kinds of rows differ
+
+
+def test_evaluation_with_the_compact_sampler_gives_the_same_records(tiny_tokenizer, tmp_path):
+    """evaluate_problems decodes greedy + samples in one compact batch: the records (greedy answer,
+    every sample, lengths) equal the dynamic sampler's two separate calls, for the same seed."""
+    from rlsc.evaluate import evaluate_problems
+
+    tok = tiny_tokenizer
+    model = make_model(tok, seed=5)
+    problems = [Problem(str(i), f"What is {i} * 3?", str(3 * i), "t") for i in range(3)]
+    recs = {}
+    for sampler in ("dynamic", "compact"):
+        torch.manual_seed(17)
+        path = tmp_path / f"{sampler}.jsonl"
+        evaluate_problems(model, tok, problems, template="{question}", k=5, temperature=0.9, max_new_tokens=14,
+                          batch_questions=2, log=lambda m: None, samples_path=path, sampler=sampler)
+        recs[sampler] = path.read_text()
+    assert recs["compact"] == recs["dynamic"]
+    assert "samples" in recs["compact"]
+
+
+def test_with_greedy_needs_the_compact_sampler(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = make_model(tok, seed=5)
+    with pytest.raises(ValueError, match="with_greedy=True needs sampling with the compact sampler"):
+        sample(model, tok, [Problem("a", "x", "", "t")], template="{question}", num_samples=2, max_new_tokens=3,
+               temperature=0.5, sampler="static", with_greedy=True)
