@@ -1,4 +1,4 @@
-"""Command line: `rlsc train | eval | demo` (also `python -m rlsc ...`).
+"""Command line: `rlsc train | eval | demo` (also `python -m rlsc ...`), and `rlsc ablate` (rlsc/ablate.py).
 
 Every config field a subcommand uses is a flag (`num_prompts` -> `--num-prompts`, booleans get
 `--x/--no-x`); `--config FILE.yaml` holds the same fields, and flags given on the command line
@@ -64,7 +64,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, command: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlsc", allow_abbrev=False,
-                                     description="RLSC (self-confidence) fine-tuning through the fused op of rlsc_kernels.")
+                                     description="RLSC (self-confidence) fine-tuning through the fused op of rlsc_kernels.",
+                                     epilog="rlsc ablate --help: the ablation of weightings against baselines (rlsc/ablate.py).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo}")
     for name, text in DESCRIPTIONS.items():
         p = sub.add_parser(name, help=text, description=text, epilog=EXAMPLES[name], allow_abbrev=False,
@@ -142,6 +143,11 @@ def run_demo(cfg: RLSCConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["ablate"]:  # its own flags (tasks x methods x seeds), not the config's: see rlsc/ablate.py
+        from .ablate import main as ablate_main
+
+        return ablate_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

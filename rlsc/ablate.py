@@ -1,0 +1,431 @@
+"""`rlsc ablate` (also `python -m rlsc.ablate`): which weighting, measured against untrained baselines.
+
+One cell is one (task, method, seed): restore the loaded model's initial weights, train it with the
+trainer (rlsc/train.py) when the method trains, evaluate it on the task's held-out split with the
+evaluation code (rlsc/evaluate.py), and write the cell's metrics atomically to its own JSON file.
+A rerun skips the cells already written, so an interrupted ablation resumes where it stopped.
+`--report` builds the table (mean and run-to-run spread over seeds) and the pass@1-against-pass@16
+plot from the finished cells alone; `--probe` measures the untrained row of candidate task sets.
+
+    rlsc ablate                                   # hours on 2 CPU cores; rerun to resume
+    rlsc ablate --report                          # table + plot from the cells written so far
+    rlsc ablate --probe builtin:sub,builtin:add --probe-questions 6
+
+Methods (the demo's settings: embedded SmolLM2-135M, T 0.5, 16 samples, lr 1e-5, 10 steps,
+alpha 0.1, 48-token cap, one question per step):
+  greedy, T0.1, T0.2, T0.3, base   untrained: greedy decoding, sampling at T 0.1 / 0.2 / 0.3 / 0.5
+  rlsc, rlsc-l1, entropy, length, group   the trainer's weightings at alpha 0.1, 10 steps
+  rlsc-alpha0, rlsc-alpha0.5, rlsc-steps20   the paper's weighting at other alpha / steps
+
+The trained model of a cell lives in memory only: the trainer runs with no final model, no
+optimizer state in its checkpoint, and its output directory is a temporary one removed with the
+cell (the trainer still writes its one end-of-run weights checkpoint there, ~0.5 GB, deleted at once).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .config import TRAINER_WEIGHTINGS, RLSCConfig
+from .data import default_template, load_problems
+from .evaluate import evaluate_problems
+from .sampling import chat_prompt
+from .train import load, log_to_stderr, train
+
+DEFAULT_TASKS = ("builtin:demo", "builtin:sub")
+DEFAULT_SEEDS = (0, 1)
+
+#: method -> (trains?, overrides of the base config, evaluation temperature or None for the base T)
+METHODS: dict[str, tuple[bool, dict, float | None]] = {
+    "greedy": (False, {}, None),
+    "T0.1": (False, {}, 0.1),
+    "T0.2": (False, {}, 0.2),
+    "T0.3": (False, {}, 0.3),
+    "base": (False, {}, None),
+    **{w: (True, {"weighting": w}, None) for w in TRAINER_WEIGHTINGS},
+    "rlsc-alpha0": (True, {"weighting": "rlsc", "alpha": 0.0}, None),
+    "rlsc-alpha0.5": (True, {"weighting": "rlsc", "alpha": 0.5}, None),
+    "rlsc-steps20": (True, {"weighting": "rlsc", "steps": 20}, None),
+}
+
+#: the fields of every report row (besides pass@j for j = 1, 2, 4, ... up to k)
+ROW_FIELDS = ("task", "method", "seeds", "greedy_accuracy", "pass@1", "maj@k", "mean_completion_tokens",
+              "token_entropy", "train_seconds", "eval_seconds")
+
+
+def base_config(model: str = "embedded", device: str = "cpu") -> RLSCConfig:
+    """The demo's settings, the starting point of every cell."""
+    from .demo import demo_config
+
+    return demo_config().updated({"model": model, "device": device, "checkpoint_every": 0,
+                                  "save_optimizer_state": False, "save_final_model": False, "resume": "no"})
+
+
+def slug(task: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in task)
+
+
+def cell_path(out_dir: Path, task: str, method: str, seed: int) -> Path:
+    return out_dir / "cells" / slug(task) / method / f"seed{seed}.json"
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def read_cell(path: Path) -> dict | None:
+    """A finished cell, or None when it is missing or unreadable (then it is run again)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@torch.no_grad()
+def token_entropy(model, tokenizer, records: list[dict], template: str, temperature: float) -> float | None:
+    """Mean entropy (nats) of softmax(logits / T) over the tokens of the evaluation samples.
+
+    The samples are re-tokenized from their text (one forward per question); the EOS that ended a
+    sample is not in its text and is not counted."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for rec in records:
+        if not rec["samples"]:
+            continue
+        prompt = tokenizer(chat_prompt(tokenizer, rec["question"], template), add_special_tokens=False)["input_ids"]
+        comps = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in rec["samples"]]
+        width = len(prompt) + max(len(c) for c in comps)
+        if max(len(c) for c in comps) == 0:
+            continue
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(comps), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(comps), width), dtype=torch.long)
+        for i, c in enumerate(comps):
+            row = prompt + c
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.double()
+        logp = torch.log_softmax(logits[:, len(prompt) - 1 : -1] / temperature, dim=-1)
+        ent = -(logp.exp() * logp).sum(-1)  # [S, width - len(prompt)]
+        target = mask[:, len(prompt):].to(device).bool()
+        total += float(ent[target].sum())
+        count += int(target.sum())
+    return total / count if count else None
+
+
+def run_cell(loaded, initial_state: dict, base: RLSCConfig, task: str, method: str, seed: int,
+             max_questions: int, log=log_to_stderr) -> dict:
+    trains, overrides, eval_t = METHODS[method]
+    cfg = base.updated({"prompts": task, "seed": seed, **overrides})
+    temperature = eval_t if eval_t is not None else cfg.temperature
+    k = 0 if method == "greedy" else cfg.k
+    template = cfg.prompt_template or default_template(task)
+    model = loaded.model
+    model.load_state_dict(initial_state)
+    model.eval()
+    train_stats, train_s = None, 0.0
+    if trains:
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="rlsc-ablate-") as tmp:
+            train(cfg.updated({"output_dir": tmp}), loaded=loaded, log=log)
+            rows = [json.loads(line) for line in open(Path(tmp) / "metrics.jsonl") if line.strip()]
+        train_s = time.perf_counter() - t0
+        train_stats = {key: rows[-1].get(key) for key in ("loss", "mean_seq_logp", "mean_weight",
+                                                           "frac_weight_underflow", "mean_token_entropy",
+                                                           "mean_completion_tokens", "skipped_steps")}
+        model.eval()
+    problems = load_problems(task, split="test", limit=max_questions)
+    t0 = time.perf_counter()
+    torch.manual_seed(seed + 1)
+    with tempfile.TemporaryDirectory(prefix="rlsc-ablate-eval-") as tmp:
+        samples = Path(tmp) / "samples.jsonl"
+        metrics = evaluate_problems(model, loaded.tokenizer, problems, template=template, k=k, temperature=temperature,
+                                    max_new_tokens=cfg.max_new_tokens, batch_questions=cfg.eval_batch_questions,
+                                    autocast_dtype=loaded.autocast_dtype, log=log, samples_path=samples,
+                                    label=f"{task} {method} seed {seed}", sampler=cfg.sampler)
+        records = [json.loads(line) for line in open(samples)]
+    if k == 0:  # greedy decoding: every "sample" is the greedy answer
+        lengths = [len(loaded.tokenizer(r["greedy"], add_special_tokens=False)["input_ids"]) for r in records]
+        for j in sorted({j for j in (1, 2, 4, 8, 16) if j <= cfg.k} | {cfg.k}):
+            metrics[f"pass@{j}"] = metrics["greedy_accuracy"]
+        metrics[f"maj@{cfg.k}"] = metrics["greedy_accuracy"]
+        metrics["mean_completion_tokens"] = sum(lengths) / max(len(lengths), 1)
+        metrics["token_entropy"] = None
+    else:
+        metrics["token_entropy"] = token_entropy(model, loaded.tokenizer, records, template, temperature)
+    eval_s = time.perf_counter() - t0
+    return {
+        "task": task, "method": method, "seed": seed, "trains": trains,
+        "settings": {"temperature": temperature, "k": cfg.k, "steps": cfg.steps if trains else 0,
+                     "alpha": cfg.alpha if trains else None, "weighting": cfg.weighting if trains else None,
+                     "lr": cfg.lr, "num_samples": cfg.num_samples, "max_new_tokens": cfg.max_new_tokens,
+                     "model": cfg.model, "questions": len(problems)},
+        "metrics": metrics, "train": train_stats,
+        "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
+        "commit": git_commit(), "machine": machine(),
+    }
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine() -> str:
+    return (f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+def run_ablation(*, tasks, methods, seeds, out_dir: Path, model: str = "embedded", device: str = "cpu",
+                 overrides: dict | None = None, max_questions: int = 0, log=log_to_stderr) -> dict:
+    """Runs every missing cell; returns {"ran": [...], "skipped": [...], "wall_seconds": s}."""
+    t_start = time.perf_counter()
+    base = base_config(model, device).updated(overrides or {})
+    todo, skipped = [], []
+    for task in tasks:
+        for method in methods:
+            for seed in seeds:
+                path = cell_path(out_dir, task, method, seed)
+                (skipped if read_cell(path) is not None else todo).append((task, method, seed))
+    log(f"ablation: {len(todo)} cells to run, {len(skipped)} already finished (in {out_dir})")
+    ran = []
+    if todo:
+        loaded = load(base.updated({"prompts": todo[0][0]}), log)
+        initial = {name: t.detach().clone() for name, t in loaded.model.state_dict().items()}
+        for i, (task, method, seed) in enumerate(todo):
+            log(f"== cell {i + 1}/{len(todo)}: {task} {method} seed {seed}")
+            cell = run_cell(loaded, initial, base, task, method, seed, max_questions, log)
+            write_json_atomic(cell_path(out_dir, task, method, seed), cell)
+            ran.append((task, method, seed))
+    wall = round(time.perf_counter() - t_start, 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "runs.jsonl", "a") as fh:
+        fh.write(json.dumps({"commit": git_commit(), "machine": machine(), "cells_run": len(ran),
+                             "cells_skipped": len(skipped), "wall_seconds": wall}) + "\n")
+    return {"ran": ran, "skipped": skipped, "wall_seconds": wall}
+
+
+# ------------------------------------------------------------------------------------------------
+# The report, from the finished cells alone.
+
+
+def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return mean, sd
+
+
+def build_report(out_dir: Path, results_prefix: Path) -> dict:
+    """Aggregates the cells under out_dir into results_prefix.{json,md,png}; returns the JSON."""
+    cells = [c for p in sorted((out_dir / "cells").glob("*/*/seed*.json")) if (c := read_cell(p)) is not None]
+    if not cells:
+        raise FileNotFoundError(f"no finished cells under {out_dir / 'cells'}: run the ablation first")
+    order = {m: i for i, m in enumerate(METHODS)}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for c in cells:
+        groups.setdefault((c["task"], c["method"]), []).append(c)
+    rows = []
+    for (task, method), group in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
+        ms = [c["metrics"] for c in group]
+        k = group[0]["settings"]["k"]
+        row = {"task": task, "method": method, "seeds": sorted(c["seed"] for c in group), "k": k,
+               "settings": group[0]["settings"]}
+        keys = [key for key in ms[0] if key.startswith("pass@")] + ["greedy_accuracy", "mean_completion_tokens",
+                                                                     "token_entropy"]
+        for key in keys:
+            row[key], row[key + "_sd"] = _mean_sd([m.get(key) for m in ms])
+        row["maj@k"], row["maj@k_sd"] = _mean_sd([m.get(f"maj@{k}") for m in ms])
+        row["train_seconds"] = sum(c["train_seconds"] for c in group)
+        row["eval_seconds"] = sum(c["eval_seconds"] for c in group)
+        rows.append(row)
+    commits = sorted({c["commit"] for c in cells})
+    machines = sorted({c["machine"] for c in cells})
+    cell_seconds = round(sum(c["train_seconds"] + c["eval_seconds"] for c in cells), 1)
+    runs = [json.loads(line) for line in open(out_dir / "runs.jsonl")] if (out_dir / "runs.jsonl").is_file() else []
+    report = {"rows": rows, "cells": len(cells), "commits": commits, "machines": machines,
+              "cell_seconds": cell_seconds, "wall_seconds": round(sum(r["wall_seconds"] for r in runs), 1),
+              "fields": list(ROW_FIELDS)}
+    results_prefix.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(results_prefix.with_suffix(".json"), report)
+    results_prefix.with_suffix(".md").write_text(format_report(report))
+    plot_report(report, results_prefix.with_suffix(".png"))
+    return report
+
+
+def _fmt(mean, sd) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+
+
+def format_report(report: dict) -> str:
+    lines = ["# RLSC ablation: which weighting", "",
+             f"{report['cells']} cells; commit(s) {', '.join(report['commits'])}; machine(s) {'; '.join(report['machines'])}; "
+             f"cell time {report['cell_seconds']:.0f}s, wall time {report['wall_seconds']:.0f}s.", "",
+             "Each entry: mean ± sample standard deviation over seeds (no ± with one seed). Held-out test split; "
+             "greedy rows count the greedy answer as all k samples; token entropy in nats at the row's temperature.", ""]
+    for task in dict.fromkeys(r["task"] for r in report["rows"]):
+        rows = [r for r in report["rows"] if r["task"] == task]
+        passes = sorted({key for r in rows for key in r if key.startswith("pass@") and not key.endswith("_sd")},
+                        key=lambda s: int(s[5:]))
+        cols = ["greedy_accuracy"] + passes + ["maj@k", "mean_completion_tokens", "token_entropy"]
+        lines += [f"## {task}", "", "| method | seeds | T | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+        for r in rows:
+            cells = [_fmt(r.get(c), r.get(c + "_sd")) for c in cols]
+            lines.append(f"| {r['method']} | {len(r['seeds'])} | {r['settings']['temperature']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    tasks = list(dict.fromkeys(r["task"] for r in report["rows"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in (r for r in report["rows"] if r["task"] == task):
+            top = f"pass@{r['k']}"
+            if r.get("pass@1") is None or r.get(top) is None:
+                continue
+            ax.errorbar(r["pass@1"], r[top], xerr=r.get("pass@1_sd") or 0, yerr=r.get(top + "_sd") or 0,
+                        fmt="o" if r["settings"]["steps"] else "s", capsize=2)
+            ax.annotate(r["method"], (r["pass@1"], r[top]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("pass@1")
+        ax.set_ylabel(f"pass@{report['rows'][0]['k']}")
+        ax.set_title(f"{task} (squares: untrained)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# The probe: the untrained row of candidate task sets, on a few questions.
+
+
+def probe(tasks, *, questions: int, model: str = "embedded", device: str = "cpu", overrides: dict | None = None,
+          log=log_to_stderr) -> dict:
+    base = base_config(model, device).updated(overrides or {})
+    loaded = load(base.updated({"prompts": tasks[0]}), log)
+    out = {}
+    for task in tasks:
+        problems = load_problems(task, split="test", limit=questions)
+        torch.manual_seed(base.seed + 1)
+        t0 = time.perf_counter()
+        m = evaluate_problems(loaded.model, loaded.tokenizer, problems, template=base.prompt_template or default_template(task),
+                              k=base.k, temperature=base.temperature, max_new_tokens=base.max_new_tokens,
+                              batch_questions=base.eval_batch_questions, autocast_dtype=loaded.autocast_dtype,
+                              log=log, label=f"probe {task}", sampler=base.sampler)
+        out[task] = {"questions": len(problems), "temperature": base.temperature, "k": base.k,
+                     "greedy_accuracy": m["greedy_accuracy"], "pass@1": m["pass@1"], f"pass@{base.k}": m[f"pass@{base.k}"],
+                     f"maj@{base.k}": m[f"maj@{base.k}"], "mean_completion_tokens": m["mean_completion_tokens"],
+                     "seconds": round(time.perf_counter() - t0, 1)}
+        log(f"probe {task}: {json.dumps(out[task])}")
+    return {"probe": out, "model": model, "commit": git_commit(), "machine": machine()}
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlsc ablate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated prompt sources (held-out split)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of: {', '.join(METHODS)}")
+    p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated integer seeds")
+    p.add_argument("--output-dir", default="runs/ablate", help="where the cells are written (and resumed from)")
+    p.add_argument("--results", default="benchmarks/results/ablate",
+                   help="prefix of the report files: PREFIX.json, PREFIX.md, PREFIX.png")
+    p.add_argument("--report", action="store_true", help="only build the report from the finished cells")
+    p.add_argument("--no-report", action="store_true", help="do not build the report after running the cells")
+    p.add_argument("--probe", default="", metavar="TASKS",
+                   help="measure the untrained row (greedy, pass@1, pass@k, maj@k) of these comma-separated sources")
+    p.add_argument("--probe-questions", type=int, default=6, help="questions per probed task (default 6)")
+    p.add_argument("--max-questions", type=int, default=0, help="evaluate only the first N held-out questions (0 = all)")
+    p.add_argument("--model", default="embedded", help="the model every cell starts from (default: embedded)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a base config field for every cell (e.g. --set max_new_tokens=32); repeatable")
+    return p
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--set expects FIELD=VALUE, got {pair!r}")
+        out[name] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        overrides = _overrides(args.set)
+        base_config(args.model, args.device).updated(overrides).validate("demo")
+        if args.probe_questions < 1 or args.max_questions < 0:
+            raise ValueError("--probe-questions expects an integer >= 1 and --max-questions an integer >= 0")
+        results = Path(args.results)
+        if args.probe:
+            tasks = [t for t in args.probe.split(",") if t]
+            out = probe(tasks, questions=args.probe_questions, model=args.model, device=args.device, overrides=overrides)
+            path = results.with_name(results.name + "-probe.json")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, out)
+            print(json.dumps(out, indent=2))
+            return 0
+        out_dir = Path(args.output_dir)
+        if not args.report:
+            methods = [m for m in args.methods.split(",") if m]
+            unknown = [m for m in methods if m not in METHODS]
+            if unknown or not methods:
+                raise ValueError(f"--methods expects a comma-separated subset of {', '.join(METHODS)}, got {args.methods!r}")
+            try:
+                seeds = [int(s) for s in args.seeds.split(",") if s]
+            except ValueError:
+                seeds = []
+            if not seeds:
+                raise ValueError(f"--seeds expects comma-separated integers, got {args.seeds!r}")
+            tasks = [t for t in args.tasks.split(",") if t]
+            for task in tasks:
+                load_problems(task, split="test")  # a bad source fails here, before the model loads
+            run_ablation(tasks=tasks, methods=methods, seeds=seeds, out_dir=out_dir, model=args.model,
+                         device=args.device, overrides=overrides, max_questions=args.max_questions)
+            if args.no_report:
+                return 0
+        report = build_report(out_dir, results)
+        print(format_report(report))
+        return 0
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
+        print(f"rlsc ablate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
