@@ -117,8 +117,8 @@ def token_entropy(model, tokenizer, records: list[dict], template: str, temperat
             row = prompt + c
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.double()
-        logp = torch.log_softmax(logits[:, len(prompt) - 1 : -1] / temperature, dim=-1)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, len(prompt) - 1 : -1]
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
         ent = -(logp.exp() * logp).sum(-1)  # [S, width - len(prompt)]
         target = mask[:, len(prompt):].to(device).bool()
         total += float(ent[target].sum())
