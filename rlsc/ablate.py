@@ -225,6 +225,10 @@ def run_ablation(*, tasks, methods, seeds, out_dir: Path, model: str = "embedded
 # The report, from the finished cells alone.
 
 
+def _with_ext(prefix: Path, ext: str) -> Path:
+    return prefix.with_name(f"{prefix.name}.{ext}")
+
+
 def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
     values = [v for v in values if v is not None]
     if not values:
@@ -265,9 +269,9 @@ def build_report(out_dir: Path, results_prefix: Path) -> dict:
               "cell_seconds": cell_seconds, "wall_seconds": round(sum(r["wall_seconds"] for r in runs), 1),
               "fields": list(ROW_FIELDS)}
     results_prefix.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(results_prefix.with_suffix(".json"), report)
-    results_prefix.with_suffix(".md").write_text(format_report(report))
-    plot_report(report, results_prefix.with_suffix(".png"))
+    write_json_atomic(_with_ext(results_prefix, "json"), report)
+    _with_ext(results_prefix, "md").write_text(format_report(report))
+    plot_report(report, _with_ext(results_prefix, "png"))
     return report
 
 
@@ -359,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of: {', '.join(METHODS)}")
     p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated integer seeds")
     p.add_argument("--output-dir", default="runs/ablate", help="where the cells are written (and resumed from)")
-    p.add_argument("--results", default="benchmarks/results/ablate",
+    p.add_argument("--results", default="benchmarks/results/ablate-embedded",
                    help="prefix of the report files: PREFIX.json, PREFIX.md, PREFIX.png")
     p.add_argument("--report", action="store_true", help="only build the report from the finished cells")
     p.add_argument("--no-report", action="store_true", help="do not build the report after running the cells")
@@ -395,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.probe:
             tasks = [t for t in args.probe.split(",") if t]
             out = probe(tasks, questions=args.probe_questions, model=args.model, device=args.device, overrides=overrides)
-            path = results.with_name(results.name + "-probe.json")
+            path = _with_ext(results, "probe.json")
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, out)
             print(json.dumps(out, indent=2))
