@@ -23,8 +23,9 @@
 #include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// One copy of each row pass per instruction set, picked at load time (the build stays portable).
-#define RLSC_CPU_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+// One copy of each row pass per instruction set, picked at load time by CPU feature (not by CPU
+// model, as arch= clones would be: a newer AVX-512 part is no "skylake-avx512"); portable build.
+#define RLSC_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define RLSC_CPU_CLONES
 #endif
