@@ -108,7 +108,7 @@ def sample(
     exactly the distribution the trainer scores. greedy=True takes the argmax instead.
     `sampler` picks the decode loop (rlsc/static_sampling.py): "dynamic" (this module's loop),
     "static" (StaticCache; CUDA graphs through torch.compile on CUDA), "compact" (finished rows
-    leave the batch), or "auto" (static on CUDA, compact elsewhere); all draw the same tokens.
+    leave the batch), or "auto" (static on CUDA, dynamic elsewhere); all draw the same tokens.
     with_greedy=True (compact sampler only) also decodes each question's greedy answer in the same
     batch and returns (samples, greedy): the same completions as two separate calls, one loop.
     """

@@ -91,7 +91,7 @@ def test_first_token_frequencies_match_softmax_over_temperature(tiny_tokenizer, 
 
 
 def test_resolve_sampler():
-    assert resolve_sampler("auto", torch.device("cpu")) == "compact"
+    assert resolve_sampler("auto", torch.device("cpu")) == "dynamic"
     assert resolve_sampler("auto", torch.device("cuda")) == "static"
     assert resolve_sampler("dynamic", torch.device("cuda")) == "dynamic"
     with pytest.raises(ValueError, match="sampler must be one of"):
