@@ -197,8 +197,8 @@ def run_group(args, device, dtype, budgets, mode, length, heads, rows, write, de
         del e
         for budget in budgets:
             for head in heads:
-                rows.append({**base, "budget_gb": budget, "head": head, "micro_batch": None, "fits": None,
-                             "error": error})
+                rows.append({**base, "budget_gb": budget, "head": head + ("+liger" if liger else ""),
+                             "micro_batch": None, "fits": None, "error": error})
         write()
         del model, inner
         _free(device)
