@@ -44,6 +44,8 @@ BUILTINS: dict[str, tuple[Callable[[], list[tuple[str, str]]], int, str]] = {
     "mul": (lambda: _arith("*", range(2, 31), range(2, 12)), 24, PLAIN),
     "add": (lambda: _arith("+", range(2, 31), range(2, 31)), 24, PLAIN),
     "sub": (lambda: _arith("-", range(10, 60), range(2, 10)), 24, PLAIN),
+    # a second held-out set for `rlsc ablate`: larger two-digit factors than the demo's (a in 31..99, b in 3..9)
+    "mul-big": (lambda: _arith("*", range(31, 100), range(3, 10)), 24, PLAIN),
 }
 
 
