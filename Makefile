@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/setup_env.sh
+# setup.py and csrc/ too: the native CPU backend is compiled by the package build.
+$(VENV)/.installed: pyproject.toml setup.py scripts/setup_env.sh $(wildcard csrc/*.cpp csrc/*.h)
 	bash scripts/setup_env.sh $(VENV)
 
 # The whole test suite: kernels in the Triton interpreter, ahead-of-time sm_90 compiles, the
