@@ -42,7 +42,7 @@ from .evaluate import evaluate_problems
 from .sampling import chat_prompt
 from .train import load, log_to_stderr, train
 
-DEFAULT_TASKS = ("builtin:demo", "builtin:sub")
+DEFAULT_TASKS = ("builtin:demo", "builtin:mul-big")
 DEFAULT_SEEDS = (0, 1)
 
 #: method -> (trains?, overrides of the base config, evaluation temperature or None for the base T)
