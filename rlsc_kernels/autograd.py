@@ -15,8 +15,6 @@ from __future__ import annotations
 import torch
 from torch._C import _functions as _autograd_functions
 
-_DOUBLE_BACKWARD = (b"rlsc_kernels: the fused op's backward is not differentiable (double backward, "
-                    b"create_graph=True through it); use backend='reference' for higher-order gradients")
 
 from .options import FusedOptions
 from .reference import output_dtype
@@ -25,6 +23,25 @@ from .reference import output_dtype
 def _zero_ignored(x, valid):
     """x with the entries of ignored tokens set to 0 (None stays None)."""
     return None if x is None else torch.where(valid, x, x.new_zeros(()))
+
+
+def not_differentiable(grads, what: str):
+    """The gradients a backward returns, behind a node that raises a clear error if anything
+    differentiates them (double backward, create_graph=True). Like torch's once_differentiable,
+    but also when only the saved inputs (not the upstream gradients) require grad, which
+    once_differentiable misses. `what` names the backward in the message."""
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not torch.is_grad_enabled() or not present:
+        return grads
+    message = (f"rlsc_kernels: {what} is not differentiable (double backward, create_graph=True "
+               "through it); use backend='reference' for higher-order gradients").encode()
+    raise_later = _autograd_functions.DelayedError(message, len(present))
+    wrapped = raise_later(*[grads[i].detach().requires_grad_() for i in present])
+    wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+    out = list(grads)
+    for i, g in zip(present, wrapped):
+        out[i] = g
+    return tuple(out)
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
@@ -56,21 +73,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         with torch.no_grad():
             grads = LinearLogprobsFunction._gradients(ctx, grad_logp, grad_entropy)
-        if not torch.is_grad_enabled():
-            return grads
-        # create_graph=True: like torch's once_differentiable, but also when only the saved
-        # inputs (not the upstream gradients) require grad, which once_differentiable misses:
-        # the returned gradients get a node that raises if anything differentiates them.
-        present = [i for i, g in enumerate(grads) if g is not None]
-        if not present:
-            return grads
-        raise_later = _autograd_functions.DelayedError(_DOUBLE_BACKWARD, len(present))
-        wrapped = raise_later(*[grads[i].detach().requires_grad_() for i in present])
-        wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
-        out = list(grads)
-        for i, g in zip(present, wrapped):
-            out[i] = g
-        return tuple(out)
+        return not_differentiable(grads, "the fused op's backward")
 
     @staticmethod
     def _gradients(ctx, grad_logp, grad_entropy):

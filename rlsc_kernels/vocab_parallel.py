@@ -40,6 +40,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from .autograd import _zero_ignored, not_differentiable
 from .options import FusedOptions
 from .reference import output_dtype
 from .validation import _confirm_not_finite, _maybe_not_finite
@@ -229,30 +230,6 @@ class _ReferenceSlice:
         return dh, dw, db
 
 
-_DOUBLE_BACKWARD = (b"rlsc_kernels: the vocab-parallel op's backward is not differentiable (double backward, "
-                    b"create_graph=True through it)")
-
-
-def _not_differentiable(grads):
-    """The gradients, behind a node that raises if anything differentiates them (create_graph=True),
-    as in autograd.LinearLogprobsFunction: also when only the saved inputs require grad."""
-    present = [i for i, g in enumerate(grads) if g is not None]
-    if not torch.is_grad_enabled() or not present:
-        return grads
-    from torch._C import _functions
-
-    wrapped = _functions.DelayedError(_DOUBLE_BACKWARD, len(present))(*[grads[i].detach().requires_grad_() for i in present])
-    wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
-    out = list(grads)
-    for i, g in zip(present, wrapped):
-        out[i] = g
-    return tuple(out)
-
-
-def _zero_ignored(x, valid):
-    return None if x is None else torch.where(valid, x, x.new_zeros(()))
-
-
 class VocabParallelLogprobsFunction(torch.autograd.Function):
     """Per-token log-probs (and entropies) over a vocabulary split across ranks (module docstring).
     Ignored tokens get 0 outputs and no gradient, as in autograd.LinearLogprobsFunction."""
@@ -303,7 +280,7 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         with torch.no_grad():
             grads = VocabParallelLogprobsFunction._gradients(ctx, grad_logp, grad_entropy)
-        return _not_differentiable(grads)
+        return not_differentiable(grads, "the vocab-parallel op's backward")
 
     @staticmethod
     def _gradients(ctx, grad_logp, grad_entropy):
