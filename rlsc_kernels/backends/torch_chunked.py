@@ -29,6 +29,17 @@ BLOCK_ELEMENTS = 1 << 25
 VOCAB_SLICE = 16384
 
 
+def flush_subnormal_(x: torch.Tensor) -> torch.Tensor:
+    """Sets x's subnormal entries to 0, in place, on CPU. Peaked distributions put many
+    probabilities (and logit gradients) below the smallest normal float; x86 CPUs compute with
+    subnormals up to ~200x slower (a [1024, 49152] x [49152, 576] fp32 GEMM: 0.27 s normal,
+    63 s subnormal on this project's 2-core machine), and they change no result beyond
+    rounding: each is below 2^-126 of the largest term it is summed with."""
+    if x.device.type == "cpu":
+        x.masked_fill_(x.abs() < torch.finfo(x.dtype).tiny, 0.0)
+    return x
+
+
 def _slices(weight: torch.Tensor):
     V = weight.shape[0]
     step = V if weight.dtype in (torch.float32, torch.float64) else VOCAB_SLICE
@@ -83,7 +94,7 @@ def forward(
                 z, _ = _slice_logits(h, weight, bias, v0, v1, acc, opts)
                 m_new = torch.maximum(m, z.max(dim=1).values)
                 scale = torch.exp(m - m_new)
-                ez = torch.exp(z - m_new[:, None])
+                ez = flush_subnormal_(torch.exp(z - m_new[:, None]))
                 s = s * scale + ez.sum(1)
                 if a is not None:
                     a = a * scale + (ez * z).sum(1)
@@ -136,7 +147,7 @@ def backward(
             y = safe_targets[n0:n1]
             for v0, v1 in _slices(weight):
                 z, w = _slice_logits(h, weight, bias, v0, v1, acc, opts)
-                p = torch.exp(z - lse[n0:n1, None])
+                p = flush_subnormal_(torch.exp(z - lse[n0:n1, None]))
                 dz = torch.zeros_like(z)
                 if g is not None:
                     gc = g[n0:n1]
@@ -150,6 +161,7 @@ def backward(
                 if opts.softcap is not None:
                     # z = c tanh(u / c) / T: du = dz (1 - tanh^2) / T, tanh = z T / c
                     dz *= 1.0 - (z * (opts.temperature / opts.softcap)).square()
+                flush_subnormal_(dz)
                 if dh is not None:
                     dh[n0:n1] += dz @ w
                 if dw is not None:

@@ -21,6 +21,7 @@ import torch
 from ..options import FusedOptions
 from ..reference import output_dtype
 from ..single_pass import SinglePassResult
+from .torch_chunked import flush_subnormal_
 
 
 def rlsc_single_pass(hidden, weight, bias, targets, seq, chunks, weigh, opts: FusedOptions, needs) -> SinglePassResult:
@@ -60,11 +61,11 @@ def rlsc_single_pass(hidden, weight, bias, targets, seq, chunks, weigh, opts: Fu
             z -= m
             z_target = z.gather(1, y).squeeze(1)
             if mean_z is not None:
-                e = torch.exp(z)
+                e = flush_subnormal_(torch.exp(z))
                 ez = torch.einsum("tv,tv->t", e, z)
                 del z
             else:
-                e = z.exp_()
+                e = flush_subnormal_(z.exp_())
             s = e.sum(dim=1)
             log_s = torch.log(s)
             lse[t0:t1] = m.squeeze(1) + log_s
@@ -82,6 +83,7 @@ def rlsc_single_pass(hidden, weight, bias, targets, seq, chunks, weigh, opts: Fu
             # dz = g ([v = y] - e / s), written over e
             e *= (-g / s)[:, None]
             e.scatter_add_(1, y, g[:, None])
+            flush_subnormal_(e)
             if dh is not None:
                 torch.mm(e, w, out=dh[t0:t1])
             if dw is not None:
