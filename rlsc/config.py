@@ -51,7 +51,7 @@ class RLSCConfig:
     alpha: float = _f(0.1, "Smoothing term of the L2 loss: weight = p_old + alpha.", TRAIN)
     weighting: str = _f("rlsc", "Sequence weight: rlsc (p+alpha), rlsc-l1 (p), entropy (1+log p), length (exp(log p / n)+alpha), group (softmax of log p over a question's samples + alpha).", TRAIN)
     filter_eps: str = _f("auto", "Gradient filtering threshold of the fused op: 'auto', 'exact' (none), or a positive number.", TRAIN)
-    backend: str = _f("auto", f"Backend of rlsc_kernels: {', '.join(BACKENDS)} (auto: Triton on CUDA, PyTorch elsewhere).", TRAIN)
+    backend: str = _f("auto", f"Backend of rlsc_kernels: {', '.join(BACKENDS)} (auto: Triton on CUDA, the native C++ backend on CPU, PyTorch where it is not built).", TRAIN)
     # --- optimisation ------------------------------------------------------------------------
     steps: int = _f(10, "Optimizer steps; each step samples fresh completions (the paper: 10 or 20).", TRAIN)
     lr: float = _f(1e-5, "AdamW learning rate (the paper: 1e-5).", TRAIN)
