@@ -172,16 +172,23 @@ def head_inputs(model, hidden: torch.Tensor, *, dtype: Optional[torch.dtype] = N
     head = head if head is not None else model.get_output_embeddings()
     hidden, weight, bias = _head_tensors(head, hidden)
     scale, softcap = logit_transform(model.config)
+    hidden, weight, bias = scaled_op_inputs(hidden, weight, bias, scale, dtype, default_dtype=weight.dtype)
+    return HeadInputs(hidden, weight, bias, softcap)
+
+
+def scaled_op_inputs(hidden, weight, bias, scale: float, dtype: Optional[torch.dtype], *, default_dtype: torch.dtype):
+    """(hidden, weight, bias) in one compute dtype with a logit scale folded in: `dtype`, else
+    the autocast dtype of the weight's device where autocast is on, else `default_dtype`.
+    scale * (W h + b) = W (scale * h) + scale * b, so the op sees already-scaled logits."""
     device_type = weight.device.type
     if dtype is None:
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default_dtype
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
     if scale != 1.0:
-        # scale * (W h + b) = W (scale * h) + scale * b: the op sees already-scaled logits.
         hidden = hidden * scale
         bias = bias * scale if bias is not None else None
-    return HeadInputs(hidden, weight, bias, softcap)
+    return hidden, weight, bias
 
 
 def _score_tokens(model, head, hidden: torch.Tensor, targets: torch.Tensor, settings: _HeadSettings):

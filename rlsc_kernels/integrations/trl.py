@@ -33,6 +33,7 @@ import inspect
 import torch
 
 from ..api import linear_logprobs
+from .transformers import scaled_op_inputs
 
 #: TRL versions enable() accepts: the adapter mirrors ChunkedLogProbFunction.apply's arguments in
 #: these releases (checked again by signature when enabling).
@@ -101,12 +102,7 @@ class RlscChunkedLogProb:
                     *(empty.detach().clone() if name in outputs else None
                       for name in ("log_sum_sq_probs", "mean_logits", "is_top1")))
         device_type = hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-        h, w = hidden.to(dtype), weight.to(dtype)
-        b = bias.to(dtype) if bias is not None else None
-        if logit_scale != 1.0:
-            h = h * logit_scale
-            b = b * logit_scale if b is not None else None
+        h, w, b = scaled_op_inputs(hidden, weight, bias, logit_scale, None, default_dtype=hidden.dtype)
         want_entropy = "entropy" in outputs
         softcap = {"softcap": float(final_logit_softcapping)} if final_logit_softcapping is not None else {}
         with torch.autocast(device_type, enabled=False):
