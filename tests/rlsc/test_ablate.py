@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 from rlsc import cli
 from rlsc.ablate import METHODS, ROW_FIELDS, build_report, cell_path, run_ablation
@@ -97,3 +98,69 @@ def test_token_entropy_matches_one_prefix_at_a_time(tiny_model_dir):
     got = token_entropy(model, tok, records, "{question}", T)
     assert count == 1 + 8 + 6 and abs(got - total / count) < 1e-4
     assert token_entropy(model, tok, [{"question": "Q?", "samples": []}], "{question}", T) is None
+
+
+def test_plan_runs_main_rows_on_every_seed_and_the_rest_on_the_first():
+    from rlsc.ablate import MAIN_METHODS, plan
+
+    cells = plan(["t"], ["greedy", "base", "rlsc", "T0.2", "rlsc-steps20"], [3, 5])
+    assert cells == [("t", "greedy", 3), ("t", "base", 3), ("t", "base", 5), ("t", "rlsc", 3), ("t", "rlsc", 5),
+                     ("t", "T0.2", 3), ("t", "rlsc-steps20", 3)]
+    assert len(plan(["t"], ["greedy", "T0.2"], [3, 5], all_seeds=True)) == 4
+    assert "greedy" not in MAIN_METHODS and {"base", "rlsc", "length", "group"} <= set(MAIN_METHODS)
+    assert len(plan(["a", "b"], list(METHODS), [0, 1])) == 2 * (len(METHODS) + len(MAIN_METHODS))
+
+
+def _row(method, p1, p16, sd=None):
+    return {"task": "t", "method": method, "k": 16, "pass@1": p1, "pass@16": p16, "pass@1_sd": sd}
+
+
+def test_verdict_names_rows_that_beat_rlsc_on_pass1_without_losing_pass16():
+    from rlsc.ablate import format_report, verdict
+
+    rows = [_row("rlsc", 0.50, 0.80, 0.02), _row("length", 0.55, 0.80, 0.05), _row("entropy", 0.60, 0.79),
+            _row("T0.2", 0.45, 0.90), _row("greedy", None, None)]
+    v = verdict(rows)
+    assert [b["method"] for b in v["beats_reference"]] == ["length"]
+    b = v["beats_reference"][0]
+    assert abs(b["d_pass@1"] - 0.05) < 1e-12 and b["d_pass@16"] == 0 and b["pass@1_noise"] == 0.05
+    assert verdict(rows[1:]) is None  # no rlsc row: nothing to compare with
+    assert verdict([_row("rlsc", 0.5, 0.8), _row("group", 0.4, 0.9)])["beats_reference"] == []
+    for r in rows:
+        r.update(seeds=[0], settings={"temperature": 0.5, "steps": 10})
+    md = format_report({"rows": rows, "verdicts": {"t": v}, "cells": 5, "commits": ["c"], "machines": ["m"],
+                        "cell_seconds": 1.0, "wall_seconds": 1.0})
+    assert "Rows with a higher mean pass@1 than rlsc and a mean pass@16 no lower: length (pass@1 +0.050" in md
+    md = format_report({"rows": rows[:1], "verdicts": {"t": verdict(rows[:1])}, "cells": 1, "commits": ["c"],
+                        "machines": ["m"], "cell_seconds": 1.0, "wall_seconds": 1.0})
+    assert "pass@16 no lower: none." in md
+
+
+def test_jobs_run_tasks_in_worker_processes_and_resume(tiny_model_dir, tiny_prompts, tmp_path, capsys):
+    import shutil
+
+    second = tmp_path / "second.jsonl"
+    shutil.copy(tiny_prompts, second)
+    out = tmp_path / "ablate"
+    argv = ["ablate", "--tasks", f"{tiny_prompts},{second}", "--methods", "greedy,base", "--seeds", "0,1",
+            "--jobs", "2", "--output-dir", str(out), "--results", str(tmp_path / "res" / "a"),
+            "--model", str(tiny_model_dir), "--max-questions", "2",
+            *[x for key, value in TINY.items() for x in ("--set", f"{key}={value}")]]
+    assert cli.main(argv) == 0
+    written = sorted(p.relative_to(out / "cells").as_posix() for p in (out / "cells").rglob("*.json"))
+    # two tasks; base (a main row) on both seeds, greedy on the first only
+    assert len(written) == 6 and sum("/greedy/" in w for w in written) == 2
+    runs = [json.loads(line) for line in open(out / "runs.jsonl")]
+    threads = max(1, (os.cpu_count() or 1) // 2)  # cores split between the two workers
+    assert len(runs) == 2 and all(r["cells_run"] == 3 and f", {threads} threads" in r["machine"] for r in runs)
+    report = json.loads((tmp_path / "res" / "a.json").read_text())
+    assert report["cells"] == 6 and {r["method"] for r in report["rows"]} == {"greedy", "base"}
+    assert cli.main(argv) == 0  # everything finished: the workers skip every cell
+    assert [json.loads(line)["cells_run"] for line in open(out / "runs.jsonl")][2:] == [0, 0]
+
+
+def test_cli_ablate_rejects_bad_jobs_and_threads(tmp_path, capsys):
+    assert cli.main(["ablate", "--jobs", "0", "--output-dir", str(tmp_path)]) == 2
+    assert "--jobs" in capsys.readouterr().err
+    assert cli.main(["ablate", "--threads", "-1", "--output-dir", str(tmp_path)]) == 2
+    assert "--threads" in capsys.readouterr().err
