@@ -47,7 +47,7 @@ from .evaluate import evaluate_problems
 from .sampling import chat_prompt
 from .train import load, log_to_stderr, train
 
-DEFAULT_TASKS = ("builtin:demo", "builtin:mul-big")
+DEFAULT_TASKS = ("builtin:demo", "builtin:div")
 DEFAULT_SEEDS = (0, 1)
 
 #: method -> (trains?, overrides of the base config, evaluation temperature or None for the base T)
@@ -230,7 +230,8 @@ def run_ablation(*, tasks, methods, seeds, out_dir: Path, model: str = "embedded
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "runs.jsonl", "a") as fh:
         fh.write(json.dumps({"commit": git_commit(), "machine": machine(), "cells_run": len(ran),
-                             "cells_skipped": len(skipped), "wall_seconds": wall}) + "\n")
+                             "cells_skipped": len(skipped), "wall_seconds": wall, "tasks": list(tasks),
+                             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
     return {"ran": ran, "skipped": skipped, "wall_seconds": wall}
 
 
@@ -319,7 +320,8 @@ def _fmt(mean, sd) -> str:
 def format_report(report: dict) -> str:
     lines = ["# RLSC ablation: which weighting", "",
              f"{report['cells']} cells; commit(s) {', '.join(report['commits'])}; machine(s) {'; '.join(report['machines'])}; "
-             f"cell time {report['cell_seconds']:.0f}s, wall time {report['wall_seconds']:.0f}s.", "",
+             f"cell time {report['cell_seconds']:.0f}s (sum over cells), worker time {report['wall_seconds']:.0f}s "
+             "(sum over the runs of `rlsc ablate` and its --jobs workers, which overlap in time).", "",
              "Each entry: mean ± sample standard deviation over seeds (no ± with one seed). Held-out test split; "
              "greedy rows count the greedy answer as all k samples; token entropy in nats at the row's temperature.", ""]
     for task in dict.fromkeys(r["task"] for r in report["rows"]):

@@ -44,8 +44,13 @@ BUILTINS: dict[str, tuple[Callable[[], list[tuple[str, str]]], int, str]] = {
     "mul": (lambda: _arith("*", range(2, 31), range(2, 12)), 24, PLAIN),
     "add": (lambda: _arith("+", range(2, 31), range(2, 31)), 24, PLAIN),
     "sub": (lambda: _arith("-", range(10, 60), range(2, 10)), 24, PLAIN),
-    # a second held-out set for `rlsc ablate`: larger two-digit factors than the demo's (a in 31..99, b in 3..9)
+    # `rlsc ablate`'s second task set: the demo's products divided back (a * b / b, a in 2..30, b in 2..11),
+    # chosen by probing (benchmarks/results/ablate-embedded.probe.json): pass@1 below maj@16. The three
+    # after it were probed and rejected (maj@16 at or barely above pass@1); they stay so the probe reruns.
+    "div": (lambda: [(f"What is {a * b} / {b}?", str(a)) for a in range(2, 31) for b in range(2, 12)], 24, PLAIN),
     "mul-big": (lambda: _arith("*", range(31, 100), range(3, 10)), 24, PLAIN),
+    "mul-teen": (lambda: _arith("*", range(2, 31), range(12, 20)), 24, PLAIN),
+    "add-big": (lambda: _arith("+", range(10, 100), range(10, 100)), 24, PLAIN),
 }
 
 

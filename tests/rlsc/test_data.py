@@ -88,8 +88,17 @@ def test_builtin_demo_train_and_test_splits_are_disjoint_and_deterministic():
 
 
 @pytest.mark.parametrize("name", sorted(BUILTINS))
-def test_every_builtin_set_has_answers(name):
-    assert all(p.answer for p in load_problems(f"builtin:{name}", "all"))
+def test_every_builtin_set_has_right_answers_and_disjoint_splits(name):
+    import operator
+
+    ops = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+    every = load_problems(f"builtin:{name}", "all")
+    for p in every:
+        a, op, b = p.question[len("What is "):-1].split(" ")
+        assert float(p.answer) == ops[op](int(a), int(b)) and p.answer == str(int(p.answer)), p
+    train, test = (load_problems(f"builtin:{name}", split) for split in ("train", "test"))
+    assert len(test) == BUILTINS[name][1] and not {p.question for p in train} & {p.question for p in test}
+    assert sorted(p.question for p in train + test) == sorted(p.question for p in every)
 
 
 def test_limit_takes_the_first_rows(tiny_prompts):
