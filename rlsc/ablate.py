@@ -20,8 +20,8 @@ alpha 0.1, 48-token cap, one question per step):
 The main rows (base and the five weightings) run once per seed; the others (greedy, which no seed
 changes, the lowered temperatures and the sensitivity rows) on the first seed only, unless
 --all-seeds. --jobs J runs the tasks in J worker processes at once, each on cores/J threads; it
-pays on many-core machines, not on 2 cores: there two 1-thread workers did ~0.9x the work per hour
-of one 2-thread process (decoding at batch 16 is memory-bound, and the two workers compete).
+is meant for many-core machines; on 2 cores two 1-thread workers did about the same work per hour
+as one 2-thread process (decoding at batch 16 is memory-bound, and the two workers compete).
 
 The trained model of a cell lives in memory only: the trainer runs with no final model, no
 optimizer state in its checkpoint, and its output directory is a temporary one removed with the
