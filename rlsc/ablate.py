@@ -15,7 +15,8 @@ Methods (the demo's settings: embedded SmolLM2-135M, T 0.5, 16 samples, lr 1e-5,
 alpha 0.1, 48-token cap, one question per step):
   greedy, T0.1, T0.2, T0.3, base   untrained: greedy decoding, sampling at T 0.1 / 0.2 / 0.3 / 0.5
   rlsc, rlsc-l1, entropy, length, group   the trainer's weightings at alpha 0.1, 10 steps
-  rlsc-alpha0, rlsc-alpha0.5, rlsc-steps20   the paper's weighting at other alpha / steps
+  rlsc-alpha0.5, rlsc-steps20               the paper's weighting at alpha 0.5 / 20 steps
+  (alpha 0 is the rlsc-l1 row: w = p_old + 0 is rlsc-l1's w = p_old, the same weights and gradients)
 
 The main rows (base and the five weightings) run once per seed; the others (greedy, which no seed
 changes, the lowered temperatures and the sensitivity rows) on the first seed only, unless
@@ -59,7 +60,6 @@ METHODS: dict[str, tuple[bool, dict, float | None]] = {
     "T0.3": (False, {}, 0.3),
     "base": (False, {}, None),
     **{w: (True, {"weighting": w}, None) for w in TRAINER_WEIGHTINGS},
-    "rlsc-alpha0": (True, {"weighting": "rlsc", "alpha": 0.0}, None),
     "rlsc-alpha0.5": (True, {"weighting": "rlsc", "alpha": 0.5}, None),
     "rlsc-steps20": (True, {"weighting": "rlsc", "steps": 20}, None),
 }
@@ -324,7 +324,8 @@ def format_report(report: dict) -> str:
              f"cell time {report['cell_seconds']:.0f}s (sum over cells), worker time {report['wall_seconds']:.0f}s "
              "(sum over the runs of `rlsc ablate` and its --jobs workers, which overlap in time).", "",
              "Each entry: mean ± sample standard deviation over seeds (no ± with one seed). Held-out test split; "
-             "greedy rows count the greedy answer as all k samples; token entropy in nats at the row's temperature.", ""]
+             "greedy rows count the greedy answer as all k samples; token entropy in nats at the row's temperature. "
+             "The paper's weighting at alpha 0 is the rlsc-l1 row (w = p_old + 0 = p_old).", ""]
     for task in dict.fromkeys(r["task"] for r in report["rows"]):
         rows = [r for r in report["rows"] if r["task"] == task]
         passes = sorted({key for r in rows for key in r if key.startswith("pass@") and not key.endswith("_sd")},

@@ -17,7 +17,7 @@ def test_every_trainer_weighting_and_baseline_is_a_method():
     from rlsc.config import TRAINER_WEIGHTINGS
 
     assert set(TRAINER_WEIGHTINGS) <= set(METHODS)
-    assert {"greedy", "T0.1", "T0.2", "T0.3", "base", "rlsc-alpha0", "rlsc-alpha0.5", "rlsc-steps20"} <= set(METHODS)
+    assert {"greedy", "T0.1", "T0.2", "T0.3", "base", "rlsc-alpha0.5", "rlsc-steps20"} <= set(METHODS)
     assert METHODS["rlsc-alpha0.5"][1]["alpha"] == 0.5 and METHODS["rlsc-steps20"][1]["steps"] == 20
 
 
@@ -164,3 +164,28 @@ def test_cli_ablate_rejects_bad_jobs_and_threads(tmp_path, capsys):
     assert "--jobs" in capsys.readouterr().err
     assert cli.main(["ablate", "--threads", "-1", "--output-dir", str(tmp_path)]) == 2
     assert "--threads" in capsys.readouterr().err
+
+
+def test_rlsc_at_alpha_zero_is_rlsc_l1():
+    """The ablation reports the alpha-0 row as rlsc-l1: same loss, weights and gradients."""
+    import torch
+
+    import rlsc_kernels as rk
+
+    torch.manual_seed(0)
+    h = (0.1 * torch.randn(37, 24)).requires_grad_()
+    w = (0.1 * torch.randn(8, 24)).requires_grad_()
+    t = torch.randint(0, 8, (37,))
+    seq = torch.arange(37) * 15 // 37  # 15 sequences of 2-3 tokens: p_old well above 0
+    outs = []
+    for weighting, alpha in (("rlsc", 0.0), ("rlsc-l1", 0.1)):
+        out = rk.linear_rlsc_loss(h, w, t, seq_index=seq, num_sequences=15, temperature=0.7, alpha=alpha,
+                                  weighting=weighting)
+        out.loss.backward()
+        outs.append((out.loss.detach(), out.seq_weight.detach(), h.grad.clone(), w.grad.clone()))
+        h.grad = w.grad = None
+    assert float(outs[0][1].min()) > 1e-3  # weights far from 0: the comparison has teeth
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    with_alpha = rk.linear_rlsc_loss(h, w, t, seq_index=seq, num_sequences=15, temperature=0.7, alpha=0.1)
+    assert not torch.allclose(with_alpha.seq_weight, outs[0][1])
