@@ -307,8 +307,8 @@ def verdict(rows: list[dict], reference: str = "rlsc") -> dict | None:
         d1, dk = r["pass@1"] - ref["pass@1"], r[top] - ref[top]
         if d1 > 0 and dk >= 0:
             sds = [x for x in (r.get("pass@1_sd"), ref.get("pass@1_sd")) if x is not None]
-            better.append({"method": r["method"], "d_pass@1": d1, f"d_{top}": dk,
-                           "pass@1_noise": max(sds) if sds else None})
+            better.append({"method": r["method"], "trained": bool(r.get("settings", {}).get("steps")),
+                           "d_pass@1": d1, f"d_{top}": dk, "pass@1_noise": max(sds) if sds else None})
     return {"reference": reference, "metric": top, "beats_reference": better}
 
 
@@ -339,11 +339,12 @@ def format_report(report: dict) -> str:
         v = report.get("verdicts", {}).get(task)
         if v:
             top = v["metric"]
-            wins = [f"{b['method']} (pass@1 {b['d_pass@1']:+.3f}, {top} {b['d_' + top]:+.3f}"
-                    + (f"; seed spread of pass@1 {b['pass@1_noise']:.3f}" if b["pass@1_noise"] is not None else "") + ")"
-                    for b in v["beats_reference"]]
-            lines += [f"Rows with a higher mean pass@1 than {v['reference']} and a mean {top} no lower: "
-                      + ("; ".join(wins) if wins else "none") + ".", ""]
+            for trained, what in ((True, "Trained variants"), (False, "Untrained baselines")):
+                wins = [f"{b['method']} (pass@1 {b['d_pass@1']:+.3f}, {top} {b['d_' + top]:+.3f}"
+                        + (f"; seed spread of pass@1 {b['pass@1_noise']:.3f}" if b["pass@1_noise"] is not None else "")
+                        + ")" for b in v["beats_reference"] if b["trained"] == trained]
+                lines += [f"{what} with a higher mean pass@1 than {v['reference']} and a mean {top} no lower: "
+                          + ("; ".join(wins) if wins else "none") + ".", ""]
     return "\n".join(lines)
 
 

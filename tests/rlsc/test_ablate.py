@@ -127,13 +127,18 @@ def test_verdict_names_rows_that_beat_rlsc_on_pass1_without_losing_pass16():
     assert verdict(rows[1:]) is None  # no rlsc row: nothing to compare with
     assert verdict([_row("rlsc", 0.5, 0.8), _row("group", 0.4, 0.9)])["beats_reference"] == []
     for r in rows:
-        r.update(seeds=[0], settings={"temperature": 0.5, "steps": 10})
-    md = format_report({"rows": rows, "verdicts": {"t": v}, "cells": 5, "commits": ["c"], "machines": ["m"],
+        r.update(seeds=[0], settings={"temperature": 0.5, "steps": 0 if r["method"].startswith("T") else 10})
+    v = verdict(rows)
+    assert [(b["method"], b["trained"]) for b in v["beats_reference"]] == [("length", True)]
+    rows.append(_row("base", 0.52, 0.95) | {"seeds": [0], "settings": {"temperature": 0.5, "steps": 0}})
+    v = verdict(rows)
+    md = format_report({"rows": rows, "verdicts": {"t": v}, "cells": 6, "commits": ["c"], "machines": ["m"],
                         "cell_seconds": 1.0, "wall_seconds": 1.0})
-    assert "Rows with a higher mean pass@1 than rlsc and a mean pass@16 no lower: length (pass@1 +0.050" in md
+    assert "Trained variants with a higher mean pass@1 than rlsc and a mean pass@16 no lower: length (pass@1 +0.050" in md
+    assert "Untrained baselines with a higher mean pass@1 than rlsc and a mean pass@16 no lower: base (pass@1 +0.020" in md
     md = format_report({"rows": rows[:1], "verdicts": {"t": verdict(rows[:1])}, "cells": 1, "commits": ["c"],
                         "machines": ["m"], "cell_seconds": 1.0, "wall_seconds": 1.0})
-    assert "pass@16 no lower: none." in md
+    assert "Trained variants with a higher mean pass@1 than rlsc and a mean pass@16 no lower: none." in md
 
 
 def test_jobs_run_tasks_in_worker_processes_and_resume(tiny_model_dir, tiny_prompts, tmp_path, capsys):
