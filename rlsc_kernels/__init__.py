@@ -6,6 +6,7 @@
     out.loss.backward()
 """
 from .api import LinearRLSCLoss, RLSCLossOutput, linear_logprobs, linear_rlsc_loss
+from .label_free import TokenStats, linear_self_certainty, linear_token_stats
 from .options import AUTO_FILTER_EPS, BlockConfigs, FusedOptions, KernelConfig
 from .vocab_parallel import VocabParallel
 from .weighting import WEIGHTINGS, rlsc_weights
@@ -13,6 +14,9 @@ from .weighting import WEIGHTINGS, rlsc_weights
 __all__ = [
     "linear_logprobs",
     "linear_rlsc_loss",
+    "linear_token_stats",
+    "linear_self_certainty",
+    "TokenStats",
     "LinearRLSCLoss",
     "RLSCLossOutput",
     "rlsc_weights",
