@@ -26,6 +26,8 @@ TRAINER_WEIGHTINGS = tuple(WEIGHTINGS) + ("group",)
 RESUME_MODES = ("no", "yes", "auto")
 ENGINES = ("thin", "trl")
 VLLM_MODES = ("off", "colocate", "server")
+#: training objectives (rlsc/objectives.py): RLSC and its label-free siblings
+OBJECTIVES = ("rlsc", "intuitor", "em-ft", "em-rl", "rent", "ttrl")
 
 
 def _f(default: Any, doc: str, commands: tuple = COMMANDS, **kw: Any) -> Any:
@@ -50,6 +52,12 @@ class RLSCConfig:
     # --- the loss ----------------------------------------------------------------------------
     alpha: float = _f(0.1, "Smoothing term of the L2 loss: weight = p_old + alpha.", TRAIN)
     weighting: str = _f("rlsc", "Sequence weight: rlsc (p+alpha), rlsc-l1 (p), entropy (1+log p), length (exp(log p / n)+alpha), group (softmax of log p over a question's samples + alpha).", TRAIN)
+    objective: str = _f("rlsc", "What to train on (rlsc/objectives.py): rlsc (this loss, --weighting), intuitor (self-certainty reward), em-ft (minimise token entropy), em-rl (reward -sum of token entropies), rent (reward -mean token entropy), ttrl (majority-vote reward); rewards get GRPO group advantages.", TRAIN)
+    stop_when: str = _f("", "Collapse guard (rlsc/guard.py): comma-separated rules like 'token_entropy<0.5x,agreement>0.95' on token_entropy, self_certainty, agreement, completion_tokens, weight_underflow (x: times the first step's value); the run stops before the update of a step where one holds. Empty = off.", TRAIN)
+    stop_patience: int = _f(1, "Steps in a row a --stop-when rule must hold before the run stops.", TRAIN)
+    eval_every: int = _f(0, "Evaluate on the held-out split before the first step and every K steps, keeping the best weights by pass@1 in output_dir/best_checkpoint.pt (0 = off; needs answers).", TRAIN)
+    eval_split: str = _f("test", "Held-out split for --eval-every.", TRAIN)
+    eval_max_questions: int = _f(0, "Evaluate --eval-every on the first N held-out questions (0 = all).", TRAIN)
     filter_eps: str = _f("auto", "Gradient filtering threshold of the fused op: 'auto', 'exact' (none), or a positive number.", TRAIN)
     backend: str = _f("auto", f"Backend of rlsc_kernels: {', '.join(BACKENDS)} (auto: Triton on CUDA, the native C++ backend on CPU, PyTorch where it is not built).", TRAIN)
     # --- optimisation ------------------------------------------------------------------------
@@ -163,6 +171,8 @@ def _field_problems(cfg: "RLSCConfig", command: str):
         if not getattr(cfg, name).strip():
             yield bad(name, "a non-empty value")
     yield from one_of("weighting", TRAINER_WEIGHTINGS)
+    yield from one_of("objective", OBJECTIVES)
+    yield from _label_free_problems(cfg, used, bad)
     yield from one_of("backend", BACKENDS)
     yield from one_of("precision", ("auto", "fp32", "bf16", "bf16-autocast"))
     yield from one_of("resume", RESUME_MODES)
@@ -200,6 +210,26 @@ def _field_problems(cfg: "RLSCConfig", command: str):
         yield bad("lora_target_modules", "module names or 'all-linear'")
     if cfg.prompt_template and "{question}" not in cfg.prompt_template:
         yield bad("prompt_template", "a template containing {question}")
+
+
+def _label_free_problems(cfg: "RLSCConfig", used: set, bad):
+    """The objective, collapse guard and held-out evaluation fields (rlsc/objectives.py, rlsc/guard.py)."""
+    from .guard import parse_rules
+
+    if "stop_when" in used:
+        try:
+            parse_rules(cfg.stop_when)
+        except ValueError as exc:
+            yield str(exc)
+    for name in ("stop_patience",):
+        if name in used and not getattr(cfg, name) >= 1:
+            yield bad(name, "an integer >= 1")
+    for name in ("eval_every", "eval_max_questions"):
+        if name in used and not getattr(cfg, name) >= 0:
+            yield bad(name, "an integer >= 0")
+    if "objective" in used and cfg.engine == "trl" and (cfg.objective != "rlsc" or cfg.stop_when or cfg.eval_every):
+        yield (f"{flag('objective')} {cfg.objective}, {flag('stop_when')} and {flag('eval_every')} run on --engine thin "
+               "only so far (the TRL engine trains RLSC)")
 
 
 def load_yaml_overrides(path: str | Path) -> dict[str, Any]:

@@ -305,14 +305,15 @@ def train_mode_without_dropout(model) -> None:
 
 
 def rlsc_step(model, tokenizer, optimizer, problems: list[Problem], *, template: str, num_samples: int,
-              max_new_tokens: int, opts: LossOptions) -> tuple[StepStats, float, float]:
-    """One full step of Algorithm 1: (stats, generation seconds, training seconds)."""
+              max_new_tokens: int, opts: LossOptions, update=None) -> tuple[StepStats, float, float]:
+    """One full step of Algorithm 1: (stats, generation seconds, training seconds). update: what
+    replaces rlsc_update (same arguments), e.g. another objective (rlsc/objectives.py)."""
     t0 = time.perf_counter()
     rollouts = sample(model, tokenizer, problems, template=template, num_samples=num_samples,  # 1. sample
                       max_new_tokens=max_new_tokens, temperature=opts.temperature,
                       autocast_dtype=opts.autocast_dtype, sampler=opts.sampler)
     t1 = time.perf_counter()
     train_mode_without_dropout(model)
-    stats = rlsc_update(model, optimizer, rollouts, opts)                            # 2-5
+    stats = (update or rlsc_update)(model, optimizer, rollouts, opts)                # 2-5
     model.eval()
     return stats, t1 - t0, time.perf_counter() - t1

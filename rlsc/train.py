@@ -19,10 +19,12 @@ import torch
 from .checkpoint import checkpoint_path, load_checkpoint, remove_stale_temporaries, restore, save_checkpoint
 from .config import RLSCConfig, parse_filter_eps
 from .data import Problem, default_template, load_problems
+from .guard import HeldOutEval, guard_from_config
 from .models import (apply_lora, check_model_spec, enable_activation_checkpointing, load_model, load_tokenizer,
                      resolve_device, resolve_precision)
 from .plot import plot_training_curves, read_metrics
 from .sampling import chat_prompt
+from .objectives import make_update
 from .step import LossOptions, check_head_matches_forward, rlsc_step
 
 METRICS = "metrics.jsonl"
@@ -169,13 +171,19 @@ def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> d
         if not r.get("skipped"):
             break
         skipped_in_a_row += 1
+    # label-free objectives, diagnostics and the collapse guard (rlsc/objectives.py, rlsc/guard.py)
+    update = make_update(cfg.objective, tokenizer, guard_from_config(cfg, history))
+    held_out = HeldOutEval(cfg, out_dir, log) if cfg.eval_every > 0 else None
+    if held_out is not None and start == 0:
+        held_out.evaluate(model, tokenizer, 0, loaded.autocast_dtype)  # the starting point (eval.jsonl)
 
     for step in range(start, cfg.steps):
         if loaded.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(loaded.device)
         batch = prompts_for_step(problems, step, cfg.num_prompts, cfg.seed)
         stats, gen_s, train_s = rlsc_step(model, tokenizer, optimizer, batch, template=template,
-                                          num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, opts=opts)
+                                          num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, opts=opts,
+                                          update=update)
         skipped_total += stats.skipped
         skipped_in_a_row = skipped_in_a_row + 1 if stats.skipped else 0
         row = {
@@ -199,7 +207,11 @@ def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> d
             "peak_memory_mb": round(_peak_memory_mb(loaded.device), 1),
             "samples": len(stats.seq_logp),
             "questions": [p.id for p in batch],
+            **stats.extra,
         }
+        guard_stop = stats.extra.get("guard_stop")
+        if held_out is not None and not guard_stop and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            row.update(held_out.evaluate(model, tokenizer, step + 1, loaded.autocast_dtype))
         with open(metrics_path, "a") as fh:
             fh.write(_json_line(row))
         log(f"step {step + 1}/{cfg.steps}: loss {row['loss']:.4g}  mean log p {row['mean_seq_logp']:.2f}  "
@@ -211,6 +223,11 @@ def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> d
                 f"{skipped_in_a_row} steps in a row (up to step {step + 1}) had a non-finite loss or gradient and were "
                 f"skipped; stopping. The weights are those of the last applied step. Try a lower --lr, --max-grad-norm, "
                 f"or --precision fp32 (--max-consecutive-skips sets how many skips in a row are tolerated)")
+        if guard_stop:  # the step's update was not applied: the weights are those after `step` updates
+            log(f"collapse guard: stopping before the update of step {step + 1}: {guard_stop}")
+            save_checkpoint(out_dir, model=model, optimizer=optimizer if cfg.save_optimizer_state else None,
+                            step=step, config=cfg.to_dict())
+            break
         last = step + 1 == cfg.steps
         if last or (cfg.checkpoint_every > 0 and (step + 1) % cfg.checkpoint_every == 0):
             save_checkpoint(out_dir, model=model, optimizer=optimizer if cfg.save_optimizer_state else None,
