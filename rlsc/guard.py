@@ -88,12 +88,12 @@ class Guard:
     def check(self, diag: dict) -> str | None:
         """Records one step's diagnostics; returns why to stop (a sentence), or None to go on.
         The first step sets the baselines of relative rules and never stops on them."""
-        for m in GUARD_METRICS:
-            if m in diag and m not in self.first:
-                self.first[m] = float(diag[m])
+        new = {m for m in GUARD_METRICS if m in diag and m not in self.first and diag[m] is not None}
+        for m in new:
+            self.first[m] = float(diag[m])
         fired = []
         for rule in self.rules:
-            limit = self.threshold(rule)
+            limit = None if rule.relative and rule.metric in new else self.threshold(rule)
             value = diag.get(rule.metric)
             holds = (limit is not None and value is not None and math.isfinite(value)
                      and (value < limit if rule.op == "<" else value > limit))
