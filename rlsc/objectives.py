@@ -11,6 +11,9 @@
     ttrl      TTRL (arXiv 2504.16084): reward 1 if the response's answer is the majority answer
               among the question's samples (math-verify equivalence, as maj@k in rlsc/evaluate.py), else 0
 
+For TRL's GRPOTrainer: ttrl_reward here, and rlsc_kernels.integrations.trl_rewards.LabelFreeReward
+(self-certainty, -mean entropy, -sum entropy from the policy's hidden states through the op).
+
 Reward objectives share one policy-gradient step (on-policy, one update per batch of fresh
 samples, so GRPO's ratio is 1 and its clip is inactive; no KL term, no reference model):
     A_i  = (r_i - mean_{j in q(i)} r_j) / (std_{j in q(i)} r_j + 1e-6)   (std unbiased, as TRL)
@@ -96,6 +99,17 @@ def majority_votes(texts: list[str], question_index: torch.Tensor) -> tuple[torc
             rewards[i] = float(k == winner)
         agreement.append(top / len(idx))
     return rewards, agreement
+
+
+def ttrl_reward(prompts, completions, **kwargs) -> list[float]:
+    """TTRL's majority-vote reward as a TRL GRPOTrainer reward function: completions of the same
+    prompt (GRPOTrainer repeats each prompt num_generations times) vote with their math-verify
+    answers; 1.0 for the majority answer, else 0.0. Conversational completions use their last
+    message's content."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    groups: dict[str, int] = {}
+    index = torch.tensor([groups.setdefault(repr(p), len(groups)) for p in prompts])
+    return majority_votes(texts, index)[0].tolist()
 
 
 def group_advantages(rewards: torch.Tensor, question_index: torch.Tensor, eps: float = ADVANTAGE_EPS) -> torch.Tensor:
