@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TRAINER_WEIGHTINGS, RLSCConfig
+from .config import OBJECTIVES, TRAINER_WEIGHTINGS, RLSCConfig
 from .data import default_template, load_problems
 from .evaluate import evaluate_problems
 from .sampling import chat_prompt
@@ -62,10 +62,26 @@ METHODS: dict[str, tuple[bool, dict, float | None]] = {
     **{w: (True, {"weighting": w}, None) for w in TRAINER_WEIGHTINGS},
     "rlsc-alpha0.5": (True, {"weighting": "rlsc", "alpha": 0.5}, None),
     "rlsc-steps20": (True, {"weighting": "rlsc", "steps": 20}, None),
+    # RLSC's label-free siblings (rlsc/objectives.py), at the same settings
+    **{o: (True, {"objective": o}, None) for o in OBJECTIVES if o != "rlsc"},
 }
 
 #: the rows that run once per seed; every other method runs on the first seed only (unless all_seeds)
 MAIN_METHODS = ("base", *TRAINER_WEIGHTINGS)
+
+#: --preset label-free: every objective and the untrained baselines, 5 seeds each (greedy, which no
+#: seed changes, once); its own cells and report, resumable across sessions like any ablation
+PRESETS = {
+    "label-free": {
+        "methods": ("greedy", "T0.2", "base", "rlsc", *(o for o in OBJECTIVES if o != "rlsc")),
+        "main": ("T0.2", "base", *OBJECTIVES),
+        "seeds": (0, 1, 2, 3, 4),
+        "output_dir": "runs/ablate-label-free",
+        "results": "benchmarks/results/label-free-embedded",
+    },
+}
+#: a trained seed "collapsed" when its pass@1 is below this fraction of the untrained (base) mean pass@1
+COLLAPSE_FRACTION = 0.5
 
 #: the fields of every report row (besides pass@j for j = 1, 2, 4, ... up to k)
 ROW_FIELDS = ("task", "method", "seeds", "greedy_accuracy", "pass@1", "maj@k", "mean_completion_tokens",
@@ -201,20 +217,20 @@ def machine() -> str:
             f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
-def plan(tasks, methods, seeds, all_seeds: bool = False) -> list[tuple[str, str, int]]:
+def plan(tasks, methods, seeds, all_seeds: bool = False, main=MAIN_METHODS) -> list[tuple[str, str, int]]:
     """The (task, method, seed) cells: main rows on every seed, the others on the first seed only."""
     return [(task, method, seed) for task in tasks for method in methods
-            for seed in (seeds if all_seeds or method in MAIN_METHODS else seeds[:1])]
+            for seed in (seeds if all_seeds or method in main else seeds[:1])]
 
 
 def run_ablation(*, tasks, methods, seeds, out_dir: Path, model: str = "embedded", device: str = "cpu",
                  overrides: dict | None = None, max_questions: int = 0, all_seeds: bool = False,
-                 log=log_to_stderr) -> dict:
+                 log=log_to_stderr, main=MAIN_METHODS) -> dict:
     """Runs every missing cell; returns {"ran": [...], "skipped": [...], "wall_seconds": s}."""
     t_start = time.perf_counter()
     base = base_config(model, device).updated(overrides or {})
     todo, skipped = [], []
-    for task, method, seed in plan(tasks, methods, seeds, all_seeds):
+    for task, method, seed in plan(tasks, methods, seeds, all_seeds, main):
         path = cell_path(out_dir, task, method, seed)
         (skipped if read_cell(path) is not None else todo).append((task, method, seed))
     log(f"ablation: {len(todo)} cells to run, {len(skipped)} already finished (in {out_dir})")
@@ -273,6 +289,11 @@ def build_report(out_dir: Path, results_prefix: Path) -> dict:
         for key in keys:
             row[key], row[key + "_sd"] = _mean_sd([m.get(key) for m in ms])
         row["maj@k"], row["maj@k_sd"] = _mean_sd([m.get(f"maj@{k}") for m in ms])
+        row["collapsed"] = None
+        base = [c["metrics"].get("pass@1") for c in cells if c["task"] == task and c["method"] == "base"]
+        if group[0].get("trains") and base and all(b is not None for b in base):
+            limit = COLLAPSE_FRACTION * sum(base) / len(base)
+            row["collapsed"] = sum(m.get("pass@1", 0.0) < limit for m in ms)
         row["train_seconds"] = sum(c["train_seconds"] for c in group)
         row["eval_seconds"] = sum(c["eval_seconds"] for c in group)
         rows.append(row)
@@ -315,6 +336,8 @@ def verdict(rows: list[dict], reference: str = "rlsc") -> dict | None:
 def _fmt(mean, sd) -> str:
     if mean is None:
         return "-"
+    if isinstance(mean, int):
+        return str(mean)
     return f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
 
 
@@ -325,12 +348,13 @@ def format_report(report: dict) -> str:
              "(sum over the runs of `rlsc ablate` and its --jobs workers, which overlap in time).", "",
              "Each entry: mean ± sample standard deviation over seeds (no ± with one seed). Held-out test split; "
              "greedy rows count the greedy answer as all k samples; token entropy in nats at the row's temperature. "
-             "The paper's weighting at alpha 0 is the rlsc-l1 row (w = p_old + 0 = p_old).", ""]
+             "The paper's weighting at alpha 0 is the rlsc-l1 row (w = p_old + 0 = p_old). collapsed: trained seeds "
+             f"whose pass@1 fell below {COLLAPSE_FRACTION} x the untrained (base) mean pass@1.", ""]
     for task in dict.fromkeys(r["task"] for r in report["rows"]):
         rows = [r for r in report["rows"] if r["task"] == task]
         passes = sorted({key for r in rows for key in r if key.startswith("pass@") and not key.endswith("_sd")},
                         key=lambda s: int(s[5:]))
-        cols = ["greedy_accuracy"] + passes + ["maj@k", "mean_completion_tokens", "token_entropy"]
+        cols = ["greedy_accuracy"] + passes + ["maj@k", "mean_completion_tokens", "token_entropy", "collapsed"]
         lines += [f"## {task}", "", "| method | seeds | T | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
         for r in rows:
             cells = [_fmt(r.get(c), r.get(c + "_sd")) for c in cols]
@@ -413,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/ablate", help="where the cells are written (and resumed from)")
     p.add_argument("--results", default="benchmarks/results/ablate-embedded",
                    help="prefix of the report files: PREFIX.json, PREFIX.md, PREFIX.png")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="label-free: every objective (rlsc/objectives.py) and the untrained baselines on 5 seeds, "
+                        "in runs/ablate-label-free -> benchmarks/results/label-free-embedded (flags given override it)")
     p.add_argument("--report", action="store_true", help="only build the report from the finished cells")
     p.add_argument("--no-report", action="store_true", help="do not build the report after running the cells")
     p.add_argument("--probe", default="", metavar="TASKS",
@@ -439,6 +466,7 @@ def run_jobs(args: argparse.Namespace, tasks: list[str], jobs: int) -> None:
     common = ["--methods", args.methods, "--seeds", args.seeds, "--output-dir", args.output_dir,
               "--max-questions", str(args.max_questions), "--model", args.model, "--device", args.device,
               "--threads", str(threads), "--no-report", *(["--all-seeds"] if args.all_seeds else []),
+              *(["--preset", args.preset] if args.preset else []),
               *[x for pair in args.set for x in ("--set", pair)]]
     procs = [subprocess.Popen([sys.executable, "-m", "rlsc.ablate", "--tasks", ",".join(g), *common]) for g in groups]
     failed = [",".join(g) for g, proc in zip(groups, procs) if proc.wait() != 0]
@@ -457,7 +485,16 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    main_methods = MAIN_METHODS
+    if args.preset:
+        preset = PRESETS[args.preset]
+        main_methods = preset["main"]
+        for name, value in (("methods", ",".join(preset["methods"])), ("seeds", ",".join(map(str, preset["seeds"]))),
+                            ("output_dir", preset["output_dir"]), ("results", preset["results"])):
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
     try:
         overrides = _overrides(args.set)
         base_config(args.model, args.device).updated(overrides).validate("demo")
@@ -496,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 run_ablation(tasks=tasks, methods=methods, seeds=seeds, out_dir=out_dir, model=args.model,
                              device=args.device, overrides=overrides, max_questions=args.max_questions,
-                             all_seeds=args.all_seeds)
+                             all_seeds=args.all_seeds, main=main_methods)
             if args.no_report:
                 return 0
         report = build_report(out_dir, results)

@@ -194,3 +194,32 @@ def test_rlsc_at_alpha_zero_is_rlsc_l1():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
     with_alpha = rk.linear_rlsc_loss(h, w, t, seq_index=seq, num_sequences=15, temperature=0.7, alpha=0.1)
     assert not torch.allclose(with_alpha.seq_weight, outs[0][1])
+
+
+def test_label_free_preset_plans_every_objective_and_baseline_on_five_seeds():
+    from rlsc.ablate import PRESETS, plan
+    from rlsc.config import OBJECTIVES
+
+    preset = PRESETS["label-free"]
+    assert set(OBJECTIVES) <= set(preset["methods"]) and {"greedy", "T0.2", "base"} <= set(preset["methods"])
+    assert all(METHODS[o][1] == {"objective": o} for o in OBJECTIVES if o != "rlsc")
+    cells = plan(["t"], preset["methods"], list(preset["seeds"]), main=preset["main"])
+    assert [c for c in cells if c[1] == "greedy"] == [("t", "greedy", 0)]  # no seed changes greedy decoding
+    assert all(sum(c[1] == m for c in cells) == 5 for m in preset["methods"] if m != "greedy")
+
+
+def test_report_counts_collapsed_seeds_against_the_untrained_row(tmp_path):
+    from rlsc.ablate import write_json_atomic
+
+    def cell(method, seed, p1, trains):
+        return {"task": "t", "method": method, "seed": seed, "trains": trains,
+                "settings": {"temperature": 0.5, "k": 2, "steps": 10 if trains else 0},
+                "metrics": {"pass@1": p1, "pass@2": p1, "maj@2": p1, "greedy_accuracy": p1},
+                "train_seconds": 1.0, "eval_seconds": 1.0, "commit": "x", "machine": "m"}
+    for seed, (base, rlsc) in enumerate([(0.4, 0.5), (0.4, 0.01), (0.4, 0.19)]):
+        write_json_atomic(cell_path(tmp_path, "t", "base", seed), cell("base", seed, base, False))
+        write_json_atomic(cell_path(tmp_path, "t", "rlsc", seed), cell("rlsc", seed, rlsc, True))
+    report = build_report(tmp_path, tmp_path / "r")
+    rows = {r["method"]: r for r in report["rows"]}
+    assert rows["rlsc"]["collapsed"] == 2 and rows["base"]["collapsed"] is None  # 0.01, 0.19 < 0.5 * 0.4
+    assert "| 2 |" in (tmp_path / "r.md").read_text()
