@@ -139,21 +139,86 @@ def _stats_flat(h, weight, bias, y, *, temperature: float, ignore_index, entropy
     sc = None
     if self_certainty:
         dt = output_dtype(h.dtype)
-        V = weight.shape[0]
         valid = y != ignore_index
-        y_safe = torch.where(valid, y, torch.zeros_like(y)).long()
-        z_y = _target_logit(h, weight, bias, y_safe, dt)
+        vp = options.get("vocab_parallel")
+        if vp is None:
+            V = weight.shape[0]
+            y_safe = torch.where(valid, y, torch.zeros_like(y)).long()
+            z_y, z_sum = _logit_pieces(h, weight, bias, y_safe, valid, softcap, dt)
+        else:
+            z_y, z_sum, V = _logit_pieces_vocab_parallel(h, weight, bias, y, valid, softcap, dt, vp)
         if softcap is not None:
             z_y = softcap * torch.tanh(z_y / softcap)
-            z_sum = _capped_logit_sum(h, weight, bias, softcap, dt)
-        else:
-            z_sum = h.to(dt) @ weight.to(dt).sum(0)
-            if bias is not None:
-                z_sum = z_sum + bias.to(dt).sum()
         lse = z_y / temperature - logp.to(dt)
-        sc = lse - z_sum / (V * temperature) - math.log(V)
+        log_v = math.log(V) if isinstance(V, int) else torch.log(V)
+        sc = lse - z_sum / (V * temperature) - log_v
         sc = torch.where(valid, sc, torch.zeros_like(sc))
     return TokenStats(logp, ent, sc)
+
+
+def _logit_pieces(h, weight, bias, y_safe, valid, softcap, dt):
+    """(target logit W_y . h + b_y, sum over the vocabulary of the (capped) logits W_v . h + b_v), [N] each,
+    before the temperature; the target logit is not capped yet."""
+    z_y = _target_logit(h, weight, bias, y_safe, dt)
+    if softcap is not None:
+        return z_y, _capped_logit_sum(h, weight, bias, softcap, dt)
+    z_sum = h.to(dt) @ weight.to(dt).sum(0)
+    if bias is not None:
+        z_sum = z_sum + bias.to(dt).sum()
+    return z_y, z_sum
+
+
+class _CopyToRanks(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient over the group's ranks (each rank's
+    gradient w.r.t. the replicated hidden states covers its own vocabulary slice only)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (SUM) forward; the backward passes the (replicated) gradient to the local part."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        import torch.distributed as dist
+
+        out = x.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _logit_pieces_vocab_parallel(h, weight, bias, y, valid, softcap, dt, vp):
+    """_logit_pieces on a vocabulary split over ranks: each rank computes its slice's part of the
+    target logit (0 unless the target is in its slice) and of the logit sum, and one SUM
+    all-reduce of 2 N + 1 values (the last: the global V) merges them. Every rank holds the same
+    tokens, so an empty batch makes no collective on any rank. V comes back as a 0-d tensor."""
+    N = h.shape[0]
+    if N == 0:
+        zero = h.new_zeros(0, dtype=dt) + h.to(dt).sum() * 0.0
+        return zero, zero, weight.shape[0]
+    hc = _CopyToRanks.apply(h, vp.group)
+    mine = valid & (y >= vp.start) & (y < vp.stop)
+    y_local = torch.where(mine, y - vp.start, torch.zeros_like(y)).long()
+    z_y, z_sum = _logit_pieces(hc, weight, bias, y_local, mine, softcap, dt)
+    z_y = torch.where(mine, z_y, torch.zeros_like(z_y))
+    packed = torch.cat([z_y, z_sum, torch.full((1,), float(weight.shape[0]), dtype=dt, device=h.device)])
+    total = _SumOverRanks.apply(packed, vp.group)
+    return total[:N], total[N:2 * N], total[-1].detach()  # V as a tensor: no host sync
 
 
 def _check_options(options: dict) -> dict:
@@ -196,8 +261,10 @@ def linear_token_stats(
       [B] for targets [B, T] (per row), or [S] together with seq_index (shaped like targets, ids
       in [0, S); per sequence of a packed batch). No gradient flows to a temperature tensor.
     options: linear_logprobs' execution keywords (backend, filter_eps, backward, grad_matmul,
-      buffer_bytes, check_values, block_configs, vocab_parallel). With vocab_parallel only logp
-      and entropy are available (self_certainty=False).
+      buffer_bytes, check_values, block_configs, vocab_parallel). With vocab_parallel the
+      self-certainty's two closed-form pieces (target logit, logit sum) are merged over the ranks
+      with one more SUM all-reduce of 8 bytes per token (fp32) + 4; its hidden-state gradient
+      is summed over the ranks in the backward (4 D bytes per token).
     Cost beyond linear_logprobs: self-certainty is two O(N D) dot products per token and one
     O(V D) column sum of the weight per call; with softcap, one more logits sweep (chunked PyTorch).
     """
@@ -207,9 +274,6 @@ def linear_token_stats(
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)
                                 or not 0 < float(softcap) < math.inf):
         raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
-    if self_certainty and options.get("vocab_parallel") is not None:
-        raise NotImplementedError("self_certainty with vocab_parallel is not implemented (the mean logit and the "
-                                  "target logit would need their own all-reduce); pass self_certainty=False")
     token_t = _token_temperature(temperature, targets, seq_index)
     if token_t is not None and options.get("check_values", True):
         bad = ~(torch.isfinite(token_t) & (token_t > 0))

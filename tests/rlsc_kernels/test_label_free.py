@@ -168,5 +168,3 @@ def test_bad_input_names_the_argument():
         rk.linear_token_stats(h, w, y, softcap=-1.0)
     with pytest.raises(TypeError, match="unexpected keyword"):
         rk.linear_token_stats(h, w, y, reduction="sum")
-    with pytest.raises(NotImplementedError, match="vocab_parallel"):
-        rk.linear_token_stats(h, w, y, vocab_parallel=rk.VocabParallel(0, 9))

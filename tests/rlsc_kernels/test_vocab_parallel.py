@@ -100,6 +100,12 @@ def _cases(world):
     for i, weighting in enumerate(["rlsc", "rlsc-l1", "entropy", "length", "tensor"]):
         cases.append(_rlsc_case(f"rlsc-{weighting}", 20 + i, weighting, ["mean", "sum"][i % 2]))
     cases.append(dict(_rlsc_case("rlsc-padded-form-module", 30, "rlsc", "mean", padded=True), module=True))
+    # linear_token_stats (rlsc_kernels/label_free.py): self-certainty's pieces merged over the ranks
+    cases.append(dict(_logprobs_case("token-stats-fp32-bias-T0.7", 13), op="token_stats"))
+    cases.append(dict(_logprobs_case("token-stats-fp64-softcap", 14, dtype=torch.float64, temperature=0.9,
+                                     options={"softcap": 2.0}), op="token_stats"))
+    cases.append(dict(_logprobs_case("token-stats-bf16-T1.2", 15, dtype=torch.bfloat16, temperature=1.2, bias=False),
+                      op="token_stats"))
     cases[1]["inputs"]["targets"] = cases[1]["inputs"]["targets"].int()
     empty = _logprobs_case("empty-batch", 9)
     for k in ("hidden", "targets", "grad_logp", "grad_entropy"):

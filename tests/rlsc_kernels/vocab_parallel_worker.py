@@ -52,7 +52,13 @@ def run_case(case, *, dtype=None, backend=None, vocab_parallel=None):
         (dh,) = torch.autograd.grad(logp.square().sum(), hh, create_graph=True)
         dh.sum().backward()
         raise AssertionError("double backward did not raise")
-    if case["op"] == "logprobs":
+    if case["op"] == "token_stats":  # rlsc_kernels.linear_token_stats: logp, entropy, self-certainty
+        st = rk.linear_token_stats(hh, ww, x["targets"], bias=bb, temperature=case["temperature"], backend=backend, **kw)
+        g = x["grad_logp"].to(st.logp.dtype)
+        e = x["grad_entropy"].to(st.logp.dtype)
+        ((st.logp * g).sum() + ENTROPY_WEIGHT * (st.entropy * e).sum() + (st.self_certainty * (g - e)).sum()).backward()
+        out = {"logp": st.logp, "entropy": st.entropy, "self_certainty": st.self_certainty}
+    elif case["op"] == "logprobs":
         return_entropy = case.get("return_entropy", True)
         res = rk.linear_logprobs(hh, ww, x["targets"], bias=bb, temperature=case["temperature"],
                                  return_entropy=return_entropy, backend=backend, **kw)
