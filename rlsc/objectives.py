@@ -11,7 +11,8 @@
     ttrl      TTRL (arXiv 2504.16084): reward 1 if the response's answer is the majority answer
               among the question's samples (math-verify equivalence, as maj@k in rlsc/evaluate.py), else 0
 
-For TRL's GRPOTrainer: ttrl_reward here, and rlsc_kernels.integrations.trl_rewards.LabelFreeReward
+--engine trl (rlsc/trl_engine.py) trains the reward objectives through sequence_sums and
+engine_weights below (em-ft: thin engine only). For TRL's GRPOTrainer: ttrl_reward here, and rlsc_kernels.integrations.trl_rewards.LabelFreeReward
 (self-certainty, -mean entropy, -sum entropy from the policy's hidden states through the op).
 
 Reward objectives share one policy-gradient step (on-policy, one update per batch of fresh
@@ -58,6 +59,34 @@ def _head_inputs(head: StepHead, mb: Rollouts, opts: LossOptions):
     return h, w, b, mb.completion_ids[mask], seq
 
 
+def sequence_sums(h, w, b, y, seq, S: int, *, temperature: float, backend: str, softcap=None) -> torch.Tensor:
+    """Per-sample sums [3, S] float64 of (log p, entropy, self-certainty) over the completion tokens
+    h [n, D] / y [n] / seq [n] of S samples, from the fused op (no gradient)."""
+    with torch.no_grad():
+        st = rk.linear_token_stats(h, w, y, bias=b, temperature=temperature, backend=backend, softcap=softcap,
+                                   filter_eps=None, check_values=False)
+        out = torch.zeros(3, S, dtype=torch.float64, device=h.device)
+        for row, values in enumerate((st.logp, st.entropy, st.self_certainty)):
+            out[row].index_add_(0, seq, values.double())
+    return out
+
+
+def engine_weights(objective: str, sums: torch.Tensor, rollouts: Rollouts, texts: list[str] | None,
+                   gather, gather_object, rank: int) -> torch.Tensor:
+    """--engine trl: the external weights A_i / n_i [n] float32 of this process's n samples, from its
+    per-sample sums [3, n] (sequence_sums) and every process's (gathered: a question's samples may
+    sit on several processes; gather concatenates in rank order, as the engine's group weights)."""
+    n = len(rollouts)
+    all_sums = gather(sums.T.contiguous()).T
+    all_n = gather(rollouts.completion_mask.sum(-1))
+    all_q = gather(rollouts.question_index)
+    all_texts = gather_object(texts) if texts is not None else None
+    scores = {"seq_logp": all_sums[0], "entropy": all_sums[1], "self_certainty": all_sums[2], "n_tokens": all_n}
+    rewards = rewards_for(objective, scores, all_texts, all_q)
+    coef = group_advantages(rewards, all_q) / all_n.double().clamp(min=1)
+    return coef[rank * n:(rank + 1) * n].float()
+
+
 @torch.no_grad()
 def score_rollouts(head: StepHead, rollouts: Rollouts, opts: LossOptions) -> dict:
     """Per-sample sums over the response tokens [S] float64, from the fused op at the sampling
@@ -68,10 +97,9 @@ def score_rollouts(head: StepHead, rollouts: Rollouts, opts: LossOptions) -> dic
     out["n_tokens"] = rollouts.completion_mask.sum(-1).long()
     for start, mb in _micro_batches(rollouts, opts.micro_batch_size):
         h, w, b, y, seq = _head_inputs(head, mb, opts)
-        st = rk.linear_token_stats(h, w, y, bias=b, temperature=head.temperature, backend=opts.backend,
-                                   filter_eps=None, check_values=False)
-        for key, values in (("seq_logp", st.logp), ("entropy", st.entropy), ("self_certainty", st.self_certainty)):
-            out[key].index_add_(0, seq + start, values.double())
+        sums = sequence_sums(h, w, b, y, seq, len(mb), temperature=head.temperature, backend=opts.backend)
+        for row, key in enumerate(("seq_logp", "entropy", "self_certainty")):
+            out[key][start:start + len(mb)] = sums[row]
     return out
 
 

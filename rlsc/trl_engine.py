@@ -57,7 +57,8 @@ import rlsc_kernels as rk
 from rlsc_kernels.integrations.transformers import head_inputs
 
 from .config import RLSCConfig, parse_filter_eps
-from .sampling import Rollouts, chat_prompt
+from .objectives import engine_weights, sequence_sums
+from .sampling import Rollouts, chat_prompt, decode_completions
 from .step import _packed, _trim, _underflow, completion_hidden_states, group_weights
 
 #: the only logits processing generation may do is the temperature (set from --temperature)
@@ -101,6 +102,9 @@ def _score(model, head, h, y, seq, req: _Request):
     inputs = head_inputs(model, h, head=head)
     extra = {"softcap": inputs.softcap} if inputs.softcap is not None else {}
     with torch.autocast(inputs.weight.device.type, enabled=False):
+        if req.mode == "stats":  # per-sample sums for the label-free objectives (rlsc/objectives.py)
+            return sequence_sums(inputs.hidden, inputs.weight, inputs.bias, y, seq, len(req.rollouts),
+                                 temperature=s["temperature"], backend=s["backend"], softcap=inputs.softcap)
         if req.mode == "score":
             logp = rk.linear_logprobs(inputs.hidden, inputs.weight, y, bias=inputs.bias, temperature=s["temperature"],
                                       backend=s["backend"], filter_eps=None, check_values=False, **extra)
@@ -232,9 +236,23 @@ def _trainer_class():
             self._step_stats["gen_seconds"] += time.perf_counter() - t0
             self._step_stats["questions"].extend(x["id"] for x in inputs)
             self._step_stats["t_train"] = time.perf_counter()
-            if self.rlsc.weighting == "group":
+            if self.rlsc.objective != "rlsc":  # reward objectives: A_i / n_i as external weights
+                out["group_weight"] = self._objective_weights(_rollouts(out))
+            elif self.rlsc.weighting == "group":
                 out["group_weight"] = self._group_weights(_rollouts(out))
             return out
+
+        @torch.no_grad()
+        def _objective_weights(self, rollouts: Rollouts) -> torch.Tensor:
+            """GRPO advantages / tokens (rlsc/objectives.py) for the local samples, rewards from every process."""
+            mbs = self.args.per_device_train_batch_size
+            with self.accelerator.autocast():
+                sums = torch.cat([self.model_wrapped(rlsc=_Request(_trim(rollouts.select(slice(i, i + mbs))), "stats",
+                                                                   settings=self._rlsc_settings))
+                                  for i in range(0, len(rollouts), mbs)], dim=1)
+            texts = decode_completions(self._tokenizer, rollouts) if self.rlsc.objective == "ttrl" else None
+            return engine_weights(self.rlsc.objective, sums, rollouts, texts, gather, gather_object,
+                                  self.accelerator.process_index)
 
         @torch.no_grad()
         def _group_weights(self, rollouts: Rollouts) -> torch.Tensor:
@@ -258,7 +276,7 @@ def _trainer_class():
                 raise ValueError("RLSCTrainer does not return outputs")
             mb = _rollouts(inputs)
             keep = _trim(mb)
-            weighting = inputs["group_weight"] if self.rlsc.weighting == "group" else self.rlsc.weighting
+            weighting = inputs["group_weight"] if "group_weight" in inputs else self.rlsc.weighting
             out = model(rlsc=_Request(keep, "loss", weighting=weighting, settings=self._rlsc_settings))
             st = self._step_stats
             st["loss_sum"].append(out.loss.detach().float())

@@ -88,6 +88,21 @@ def test_one_step_through_trl_equals_the_thin_trainer_two_processes(tmp_path, la
     _check_report(tmp_path, weightings, "DistributedType.MULTI_CPU")  # DDP on gloo
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_label_free_objectives_through_trl_equal_the_thin_trainer(tmp_path, processes):
+    """--objective intuitor / em-rl / rent on the TRL engine: rewards from every process, GRPO
+    advantages over each question's samples, the same gradient and update as the thin trainer
+    (rlsc/objectives.py). ttrl shares the path (its rewards come from texts; the fixed samples
+    here give no majority, hence no gradient to compare)."""
+    runs = ("objective=intuitor", "objective=em-rl", "objective=rent") if processes == 1 else ("objective=intuitor",)
+    cmd = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                   "2", "--master_port", str(_free_port())]
+    proc = subprocess.run(cmd + [str(WORKER), str(tmp_path), ",".join(runs)], env=_env(), capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    _check_report(tmp_path, runs, "DistributedType.NO" if processes == 1 else "DistributedType.MULTI_CPU")
+
+
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 @pytest.mark.parametrize("mode", ["fsdp", "fsdp-head"], ids=["root-unit-head", "head-own-unit"])
 def test_engine_loss_under_fully_shard_matches_the_thin_trainer(tmp_path, mode):

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from rlsc.config import RLSCConfig  # noqa: E402
 from rlsc.sampling import Rollouts, chat_prompt  # noqa: E402
+from rlsc.objectives import make_update  # noqa: E402
 from rlsc.step import LossOptions, rlsc_update, train_mode_without_dropout  # noqa: E402
 from rlsc.train import build_optimizer  # noqa: E402
 
@@ -110,11 +111,14 @@ def main(out_dir: str, weightings: list[str]) -> None:
     for label in weightings:
         # "W+lora": weighting W with LoRA adapters (rank 4, every linear layer) on the tiny model
         weighting, lora = label.split("+")[0], label.endswith("+lora")
+        # "objective=O": the label-free objective O (rlsc/objectives.py) instead of an RLSC weighting
+        objective = weighting.split("=")[1] if weighting.startswith("objective=") else "rlsc"
+        weighting = "rlsc" if objective != "rlsc" else weighting
         cfg = RLSCConfig(model="tiny", prompts=str(data), prompt_template=template, num_prompts=K, num_samples=N,
                          micro_batch_size=2, max_new_tokens=MAX_NEW, temperature=0.7, alpha=0.1,
                          weighting=weighting, filter_eps="exact", backend="torch", steps=1, lr=1e-2,
                          weight_decay=0.0, device="cpu", output_dir=str(Path(out_dir) / label),
-                         checkpoint_every=0, save_final_model=False, engine="trl", seed=0)
+                         checkpoint_every=0, save_final_model=False, engine="trl", seed=0, objective=objective)
         base = tiny_model(tok)
         if lora:
             from rlsc.models import apply_lora
@@ -131,9 +135,10 @@ def main(out_dir: str, weightings: list[str]) -> None:
         thin_grads = {}
         opt.register_step_pre_hook(lambda o, a, k: thin_grads.update(
             {n: p.grad.detach().clone() for n, p in thin.named_parameters() if p.grad is not None}))
-        stats = rlsc_update(thin, opt, thin_rollouts(tok, template, comps),
-                            LossOptions(temperature=cfg.temperature, alpha=cfg.alpha, weighting=weighting,
-                                        filter_eps=None, backend="torch", micro_batch_size=cfg.micro_batch_size))
+        update = rlsc_update if objective == "rlsc" else make_update(objective, tok)
+        stats = update(thin, opt, thin_rollouts(tok, template, comps),
+                       LossOptions(temperature=cfg.temperature, alpha=cfg.alpha, weighting=weighting,
+                                   filter_eps=None, backend="torch", micro_batch_size=cfg.micro_batch_size))
         # --- the TRL engine: same initial weights, samples looked up by (question, copy) ---
         used = []
 
