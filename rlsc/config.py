@@ -227,9 +227,8 @@ def _label_free_problems(cfg: "RLSCConfig", used: set, bad):
     for name in ("eval_every", "eval_max_questions"):
         if name in used and not getattr(cfg, name) >= 0:
             yield bad(name, "an integer >= 0")
-    if "objective" in used and cfg.engine == "trl" and (cfg.objective == "em-ft" or cfg.stop_when or cfg.eval_every):
-        yield (f"{flag('objective')} em-ft, {flag('stop_when')} and {flag('eval_every')} run on --engine thin only so far "
-               "(the TRL engine trains rlsc, intuitor, em-rl, rent and ttrl)")
+    if "stop_when" in used and cfg.engine == "trl" and (cfg.stop_when or cfg.eval_every):
+        yield f"{flag('stop_when')} and {flag('eval_every')} run on --engine thin only so far"
 
 
 def load_yaml_overrides(path: str | Path) -> dict[str, Any]:

@@ -148,6 +148,7 @@ class HeldOutEval:
             model.train(was_training)
         keys = [k for k in m if k.startswith(("pass@", "maj@")) or k == "greedy_accuracy"]
         out = {f"eval_{k}": m[k] for k in keys}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / EVAL_LOG, "a") as fh:
             fh.write(json.dumps({"step": step, **{k: m[k] for k in keys}, "seconds": m.get("seconds")}) + "\n")
         score = m.get("pass@1", m["greedy_accuracy"])

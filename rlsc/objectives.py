@@ -12,7 +12,7 @@
               among the question's samples (math-verify equivalence, as maj@k in rlsc/evaluate.py), else 0
 
 --engine trl (rlsc/trl_engine.py) trains the reward objectives through sequence_sums and
-engine_weights below (em-ft: thin engine only). For TRL's GRPOTrainer: ttrl_reward here, and rlsc_kernels.integrations.trl_rewards.LabelFreeReward
+engine_weights below, and em-ft through entropy_sums. For TRL's GRPOTrainer: ttrl_reward here, and rlsc_kernels.integrations.trl_rewards.LabelFreeReward
 (self-certainty, -mean entropy, -sum entropy from the policy's hidden states through the op).
 
 Reward objectives share one policy-gradient step (on-policy, one update per batch of fresh
@@ -69,6 +69,20 @@ def sequence_sums(h, w, b, y, seq, S: int, *, temperature: float, backend: str, 
         for row, values in enumerate((st.logp, st.entropy, st.self_certainty)):
             out[row].index_add_(0, seq, values.double())
     return out
+
+
+def entropy_sums(h, w, b, y, seq, S: int, settings: dict, softcap=None):
+    """--engine trl, em-ft: (loss = sum of the tokens' entropies, differentiable; seq_logp [S];
+    seq_weight zeros [S]; n_tokens [S]; token_entropy) in the shape of linear_rlsc_loss's output."""
+    logp, entropy = rk.linear_logprobs(h, w, y, bias=b, temperature=settings["temperature"], return_entropy=True,
+                                       filter_eps=settings["filter_eps"], backend=settings["backend"],
+                                       check_values=False, **({"softcap": softcap} if softcap is not None else {}))
+    zeros = torch.zeros(S, dtype=torch.float32, device=h.device)
+    # a dataclass output (not a namespace): DDP finds the tensors in it, as in linear_rlsc_loss's output
+    return rk.RLSCLossOutput(
+        loss=entropy.sum(), seq_logp=zeros.index_add(0, seq, logp.detach().float()), seq_weight=zeros,
+        token_logp=logp.detach(), token_entropy=entropy,
+        n_tokens=torch.zeros(S, dtype=torch.int64, device=h.device).index_add_(0, seq, torch.ones_like(seq)))
 
 
 def engine_weights(objective: str, sums: torch.Tensor, rollouts: Rollouts, texts: list[str] | None,

@@ -57,7 +57,7 @@ import rlsc_kernels as rk
 from rlsc_kernels.integrations.transformers import head_inputs
 
 from .config import RLSCConfig, parse_filter_eps
-from .objectives import engine_weights, sequence_sums
+from .objectives import engine_weights, entropy_sums, sequence_sums
 from .sampling import Rollouts, chat_prompt, decode_completions
 from .step import _packed, _trim, _underflow, completion_hidden_states, group_weights
 
@@ -105,6 +105,8 @@ def _score(model, head, h, y, seq, req: _Request):
         if req.mode == "stats":  # per-sample sums for the label-free objectives (rlsc/objectives.py)
             return sequence_sums(inputs.hidden, inputs.weight, inputs.bias, y, seq, len(req.rollouts),
                                  temperature=s["temperature"], backend=s["backend"], softcap=inputs.softcap)
+        if req.mode == "entropy":  # em-ft (rlsc/objectives.py): the op's entropies, differentiable
+            return entropy_sums(inputs.hidden, inputs.weight, inputs.bias, y, seq, len(req.rollouts), s, inputs.softcap)
         if req.mode == "score":
             logp = rk.linear_logprobs(inputs.hidden, inputs.weight, y, bias=inputs.bias, temperature=s["temperature"],
                                       backend=s["backend"], filter_eps=None, check_values=False, **extra)
@@ -236,7 +238,10 @@ def _trainer_class():
             self._step_stats["gen_seconds"] += time.perf_counter() - t0
             self._step_stats["questions"].extend(x["id"] for x in inputs)
             self._step_stats["t_train"] = time.perf_counter()
-            if self.rlsc.objective != "rlsc":  # reward objectives: A_i / n_i as external weights
+            if self.rlsc.objective == "em-ft":  # the step's tokens over every process: the loss's divisor
+                tokens = gather(out["completion_mask"].sum()[None]).sum()
+                out["step_tokens"] = tokens.expand(len(inputs)).clone()
+            elif self.rlsc.objective != "rlsc":  # reward objectives: A_i / n_i as external weights
                 out["group_weight"] = self._objective_weights(_rollouts(out))
             elif self.rlsc.weighting == "group":
                 out["group_weight"] = self._group_weights(_rollouts(out))
@@ -277,9 +282,16 @@ def _trainer_class():
             mb = _rollouts(inputs)
             keep = _trim(mb)
             weighting = inputs["group_weight"] if "group_weight" in inputs else self.rlsc.weighting
-            out = model(rlsc=_Request(keep, "loss", weighting=weighting, settings=self._rlsc_settings))
+            em_ft = self.rlsc.objective == "em-ft"
+            out = model(rlsc=_Request(keep, "entropy" if em_ft else "loss", weighting=weighting,
+                                      settings=self._rlsc_settings))
             st = self._step_stats
-            st["loss_sum"].append(out.loss.detach().float())
+            if em_ft:  # loss = sum of H over the step's N tokens / N; the row's loss is that mean
+                N, procs = inputs["step_tokens"][0].float(), self.accelerator.num_processes
+                st["loss_sum"].append(out.loss.detach().float() * len(mb) * self.current_gradient_accumulation_steps
+                                      * procs / N)
+            else:
+                st["loss_sum"].append(out.loss.detach().float())
             st["seq_logp"].append(out.seq_logp.detach().float())
             st["seq_weight"].append(out.seq_weight.detach().float())
             st["n_tokens"].append(out.n_tokens.detach())
@@ -291,6 +303,8 @@ def _trainer_class():
             # / (micro-batch size x accumulation steps) here (loss_is_scaled_for_ga: the Trainer does not
             # divide again), mean over processes by DDP/FSDP: the gradient of -(1/S) sum_s w_s L_s
             # over the step's S samples.
+            if em_ft:  # DDP / FSDP average over processes
+                return out.loss * self.accelerator.num_processes / inputs["step_tokens"][0].float()
             return out.loss / (len(mb) * self.current_gradient_accumulation_steps)
 
         loss_is_scaled_for_ga = True

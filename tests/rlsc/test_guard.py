@@ -113,7 +113,8 @@ def test_objective_and_guard_flags_are_validated():
     with pytest.raises(ValueError, match="--stop-patience"):
         RLSCConfig(stop_patience=0).validate("train")
     with pytest.raises(ValueError, match="engine thin"):
-        RLSCConfig(objective="em-ft", engine="trl").validate("train")
+        RLSCConfig(stop_when="agreement>0.9", engine="trl").validate("train")
+    RLSCConfig(objective="em-ft", engine="trl").validate("train")
 
 
 @pytest.mark.skipif(not RECORDED.is_file(), reason="the real collapsing run is not recorded yet")

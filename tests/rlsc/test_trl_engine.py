@@ -90,11 +90,12 @@ def test_one_step_through_trl_equals_the_thin_trainer_two_processes(tmp_path, la
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_label_free_objectives_through_trl_equal_the_thin_trainer(tmp_path, processes):
-    """--objective intuitor / em-rl / rent on the TRL engine: rewards from every process, GRPO
-    advantages over each question's samples, the same gradient and update as the thin trainer
-    (rlsc/objectives.py). ttrl shares the path (its rewards come from texts; the fixed samples
+    """--objective intuitor / em-rl / rent / em-ft on the TRL engine: rewards from every process, GRPO
+    advantages over each question's samples (em-ft: the entropy over every process's tokens), the
+    same gradient and update as the thin trainer (rlsc/objectives.py). ttrl shares the path (its rewards come from texts; the fixed samples
     here give no majority, hence no gradient to compare)."""
-    runs = ("objective=intuitor", "objective=em-rl", "objective=rent") if processes == 1 else ("objective=intuitor",)
+    runs = (("objective=intuitor", "objective=em-rl", "objective=rent", "objective=em-ft") if processes == 1
+            else ("objective=intuitor", "objective=em-ft"))
     cmd = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                                                    "2", "--master_port", str(_free_port())]
     proc = subprocess.run(cmd + [str(WORKER), str(tmp_path), ",".join(runs)], env=_env(), capture_output=True,
