@@ -58,6 +58,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: no spinning on oversubscribed cores)")
     p.add_argument("--rule", default=RULE)
     p.add_argument("--results", default="benchmarks/results/guard-collapse")
+    p.add_argument("--guarded-only", action="store_true",
+                   help="only the guarded run with --rule and the evaluation of its kept weights (another rule on the "
+                        "same seed, after a full run): writes RESULTS.json with those alone")
     args = p.parse_args()
 
     import torch
@@ -83,6 +86,22 @@ def main() -> int:
         evals[label] = {"after_updates": step, **{k[5:]: v for k, v in m.items() if k.startswith("eval_") and k != "eval_best"}}
         print(f"{label}: {evals[label]}", file=sys.stderr, flush=True)
 
+    if args.guarded_only:
+        train(cfg.updated({"output_dir": str(out / "guarded"), "stop_when": args.rule}), loaded=loaded)
+        grows = _rows(out / "guarded" / "metrics.jsonl")
+        stop = next((r["step"] for r in grows if r.get("guard_stop")), None)
+        evaluate("guarded_kept", (stop - 1) if stop else cfg.steps)
+        result = {"task": args.task, "seed": args.seed, "objective": args.objective, "weighting": args.weighting,
+                  "rule": args.rule, "eval": {"split": cfg.eval_split, "questions": args.eval_questions, "k": args.k},
+                  "guard_stop_step": stop, "guard_reason": next((r["guard_stop"] for r in grows if r.get("guard_stop")), None),
+                  "steps": [{"step": r["step"], **{k: r.get(k) for k in DIAG}} for r in grows],
+                  "evals": evals, "wall_seconds": round(time.time() - t0), "commit": git_commit(), "machine": machine(),
+                  "load_average_before": [round(x, 2) for x in load_before],
+                  "load_average_after": [round(x, 2) for x in os.getloadavg()],
+                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        Path(args.results + ".json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return 0
     evaluate("initial", 0)
     train(cfg.updated({"output_dir": str(out / "unguarded")}), loaded=loaded)
     rows = _rows(out / "unguarded" / "metrics.jsonl")
