@@ -188,7 +188,8 @@ def main(out_dir: str, weightings: list[str]) -> None:
             # AdamW's first step moves w by lr g / (|g| + eps): where |g| ~ eps = 1e-8 (em-ft reaches such
             # entries) a gradient difference within the tolerance above moves the update by up to
             # lr d eps / (|g| - d + eps)^2 (tests/rlsc/test_step.py: adamw_first_step_tolerance)
-            g, d = thin_grads[name], 1e-6 * float(thin_grads[name].abs().max()) + 1e-4 * thin_grads[name].abs()
+            g = thin_grads.get(name, torch.zeros_like(upd_thin))  # frozen under LoRA: no gradient
+            d = 1e-6 * float(g.abs().max()) + 1e-4 * g.abs()
             near_eps = cfg.lr * d * 1e-8 / ((g.abs() - d).clamp(min=0) + 1e-8) ** 2
             bound = 1e-6 * cfg.lr + 1e-4 * upd_thin.abs() + near_eps
             assert ((upd_ours - upd_thin).abs() <= bound).all(), f"{name}: update beyond the derived bound"
