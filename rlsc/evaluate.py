@@ -9,7 +9,7 @@ from pathlib import Path
 from .data import Problem, dataset_name, default_template, iter_batches
 from .grading import answer_keys, extract_answer, is_correct, majority_correct, pass_at_k
 from .sampling import decode_completions, sample
-from .static_sampling import resolve_sampler
+from .decoding import resolve_sampler
 
 
 def evaluate_problems(model, tokenizer, problems: list[Problem], *, template: str, k: int, temperature: float,
