@@ -50,6 +50,7 @@ class RLSCConfig:
     # --- the loss ----------------------------------------------------------------------------
     alpha: float = _f(0.1, "Smoothing term of the L2 loss: weight = p_old + alpha.", TRAIN)
     weighting: str = _f("rlsc", "Sequence weight: rlsc (p+alpha), rlsc-l1 (p), entropy (1+log p), length (exp(log p / n)+alpha), group (softmax of log p over a question's samples + alpha).", TRAIN)
+    mask_truncated: bool = _f(False, "Leave completions cut off at max_new_tokens out of the loss (no tokens scored, no gradient; the loss keeps its 1/S), as TRL's mask_truncated_completions; default: kept at full weight, flagged in frac_capped.", TRAIN)
     filter_eps: str = _f("auto", "Gradient filtering threshold of the fused op: 'auto', 'exact' (none), or a positive number.", TRAIN)
     backend: str = _f("auto", f"Backend of rlsc_kernels: {', '.join(BACKENDS)} (auto: Triton on CUDA, the native C++ backend on CPU, PyTorch where it is not built).", TRAIN)
     # --- optimisation ------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from .data import Problem, default_template, load_problems
 from .models import (apply_lora, check_model_spec, enable_activation_checkpointing, load_model, load_tokenizer,
                      resolve_device, resolve_precision)
 from .plot import plot_training_curves, read_metrics
-from .sampling import chat_prompt
+from .sampling import chat_prompt, encode_prompts
 from .step import LossOptions, check_head_matches_forward, rlsc_step
 
 METRICS = "metrics.jsonl"
@@ -81,7 +81,7 @@ def loss_options(cfg: RLSCConfig, loaded: Loaded) -> LossOptions:
     return LossOptions(temperature=cfg.temperature, alpha=cfg.alpha, weighting=cfg.weighting,
                        filter_eps=parse_filter_eps(cfg.filter_eps), backend=cfg.backend, micro_batch_size=cfg.micro_batch_size,
                        max_grad_norm=cfg.max_grad_norm, autocast_dtype=loaded.autocast_dtype,
-                       sampler=cfg.sampler)
+                       sampler=cfg.sampler, mask_truncated=cfg.mask_truncated)
 
 
 def prompts_for_step(problems: list[Problem], step: int, k: int, seed: int) -> list[Problem]:
@@ -140,7 +140,7 @@ def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> d
     loaded = loaded or load(cfg, log)
     prepare_for_training(loaded, cfg, log)
     model, tokenizer = loaded.model, loaded.tokenizer
-    check_head_matches_forward(model, _probe_ids(tokenizer, problems[0], template, loaded.device),
+    check_head_matches_forward(model, probe_ids(tokenizer, problems[0], template, loaded.device),
                                loaded.autocast_dtype)
     optimizer = build_optimizer(model, cfg)
     opts = loss_options(cfg, loaded)
@@ -225,11 +225,10 @@ def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> d
             "final_model": str(final_dir) if final_dir else None, "steps": cfg.steps}
 
 
-def _probe_ids(tokenizer, problem: Problem, template: str, device) -> torch.Tensor:
-    """The last 32 tokens of a real prompt [1, <=32]: input of the head-versus-forward check."""
-    text = chat_prompt(tokenizer, problem.question, template)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, -32:]
-    return ids.to(device)
+def probe_ids(tokenizer, problem: Problem, template: str, device) -> torch.Tensor:
+    """The last 32 tokens of a real prompt [1, <=32]: input of the start-of-run checks (both engines)."""
+    ids = encode_prompts(tokenizer, [chat_prompt(tokenizer, problem.question, template)])[0][-32:]
+    return torch.tensor([ids], dtype=torch.long, device=device)
 
 
 def _json_line(row: dict) -> str:
