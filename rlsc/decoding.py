@@ -80,36 +80,52 @@ class _Stepper:
         return self.head.logits(hidden[:, -1], self.temperature), new_cache
 
 
-def _draw(logits: torch.Tensor, greedy: bool, greedy_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Argmax when greedy or on `greedy_rows`; elsewhere one draw per row from softmax(logits) (the
-    logits are divided by T already), in row order (the random stream is consumed as if the
-    greedy rows were not there)."""
+def _draw(logits: torch.Tensor, greedy: bool, greedy_rows: torch.Tensor | None = None):
+    """(token [B], its log-probability [B] under log_softmax(logits)): argmax when greedy or on
+    `greedy_rows`; elsewhere one draw per row from softmax(logits) (the logits are divided by T
+    already), in row order (the random stream is consumed as if the greedy rows were not there).
+    Always in float32, outside autocast (CPU autocast would run softmax in bf16)."""
+    with torch.autocast(logits.device.type, enabled=False):
+        return _draw_fp32(logits.float(), greedy, greedy_rows)
+
+
+def _draw_fp32(logits, greedy, greedy_rows):
     if greedy:
-        return logits.argmax(-1)
-    if greedy_rows is None:
-        return torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(-1)
-    token = logits.argmax(-1)
-    sampled = ~greedy_rows
-    token[sampled] = torch.multinomial(torch.softmax(logits[sampled], dim=-1), 1).squeeze(-1)
-    return token
+        token = logits.argmax(-1)
+    elif greedy_rows is None:
+        token = torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(-1)
+    else:
+        token = logits.argmax(-1)
+        sampled = ~greedy_rows
+        token[sampled] = torch.multinomial(torch.softmax(logits[sampled], dim=-1), 1).squeeze(-1)
+    return token, torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
+
+
+def _finish(tokens: list, logps: list, return_logp: bool):
+    ids = torch.stack(tokens, dim=1)
+    return (ids, torch.stack(logps, dim=1)) if return_logp else ids
 
 
 @torch.no_grad()
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
            temperature: float | None, eos_ids: list[int], pad_id: int, sampler: str = "dynamic",
-           greedy_rows: torch.Tensor | None = None, compile: bool | None = None) -> torch.Tensor:
+           greedy_rows: torch.Tensor | None = None, compile: bool | None = None, return_logp: bool = False):
     """Completion block [B, L <= max_new_tokens] long after left-padded prompts prompt_ids [B, P]
     (prompt_mask [B, P], True on real tokens): token t+1 ~ softmax(FusedHead logits / temperature)
     (argmax when temperature is None), rows padded with pad_id after their first EOS, stopping once
     every row has one. Runs under the caller's autocast (if any); the model should be in eval mode.
     greedy_rows ([B] bool, "compact" only) take the argmax while the others sample. compile
-    ("static" only; default: on CUDA) records the decode step as a CUDA graph."""
+    ("static" only; default: on CUDA) records the decode step as a CUDA graph. return_logp=True
+    also returns each drawn token's log-probability [B, L] float32 under the distribution it was
+    drawn from (log_softmax of the logits / T; the argmax's under T = 1 when greedy): summed over
+    a completion, the sampler's own log p of the sample, which the loss must reproduce."""
     name = resolve_sampler(sampler, prompt_ids.device)
     if greedy_rows is not None and name != "compact":
         raise ValueError(f"greedy_rows needs the compact sampler, got sampler={sampler!r}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, eos_ids=eos_ids, pad_id=pad_id)
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, eos_ids=eos_ids, pad_id=pad_id,
+              return_logp=return_logp)
     if name == "static":
         return _static_loop(model, prompt_ids, prompt_mask, compile=prompt_ids.device.type == "cuda" if compile is None
                             else compile, **kw)
@@ -118,7 +134,7 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     return _dynamic_loop(model, prompt_ids, prompt_mask, **kw)
 
 
-def _dynamic_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_ids, pad_id):
+def _dynamic_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_ids, pad_id, return_logp):
     """Left-padded prompts get explicit position ids (cumulative count of real tokens), the same
     ones the training pass uses, so the sampled and the scored distributions see identical inputs."""
     B = prompt_ids.shape[0]
@@ -130,20 +146,22 @@ def _dynamic_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     logits, past = step(prompt_ids, attention, positions, None)
     next_position = positions[:, -1:] + 1
-    tokens = []
+    tokens, logps = [], []
     for i in range(max_new_tokens):
-        token = _draw(logits, temperature is None).masked_fill(finished, pad_id)
+        token, logp = _draw(logits, temperature is None)
+        token = token.masked_fill(finished, pad_id)
         tokens.append(token)
+        logps.append(logp)
         finished |= torch.isin(token, eos)
         if i + 1 == max_new_tokens or bool(finished.all()):
             break
         attention = torch.cat([attention, torch.ones(B, 1, dtype=attention.dtype, device=device)], dim=1)
         logits, past = step(token[:, None], attention, next_position, past)
         next_position = next_position + 1
-    return torch.stack(tokens, dim=1)
+    return _finish(tokens, logps, return_logp)
 
 
-def _compact_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_ids, pad_id, greedy_rows=None):
+def _compact_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_ids, pad_id, return_logp, greedy_rows=None):
     """The forward runs only on rows without an EOS yet; finished rows keep their last logits and
     their draws are discarded. `greedy_rows` take the argmax while the others sample: evaluation
     decodes its greedy answer in the same batch as the samples, and the samples get the tokens a
@@ -159,10 +177,12 @@ def _compact_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature
     logits = logits.clone()
     active = torch.arange(B, device=device)            # rows of the full batch still in the cache
     next_position = positions[:, -1:] + 1
-    tokens = []
+    tokens, logps = [], []
     for i in range(max_new_tokens):
-        token = _draw(logits, temperature is None, greedy_rows).masked_fill(finished, pad_id)
+        token, logp = _draw(logits, temperature is None, greedy_rows)
+        token = token.masked_fill(finished, pad_id)
         tokens.append(token)
+        logps.append(logp)
         finished |= torch.isin(token, eos)
         if i + 1 == max_new_tokens or bool(finished.all()):
             break
@@ -174,7 +194,7 @@ def _compact_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature
         row_logits, past = step(token[active, None], attention, next_position, past)
         logits[active] = row_logits
         next_position = next_position + 1
-    return torch.stack(tokens, dim=1)
+    return _finish(tokens, logps, return_logp)
 
 
 def _compute_dtype(model) -> torch.dtype:
@@ -207,7 +227,7 @@ class _StaticDecoder:
         return decoders[key]
 
 
-def _static_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_ids, pad_id, compile=False):
+def _static_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_ids, pad_id, return_logp, compile=False):
     B, P = prompt_ids.shape
     device = prompt_ids.device
     total = -(-(P + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
@@ -222,10 +242,12 @@ def _static_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature,
     logits, _ = step(prompt_ids, attention[:, :P], positions, decoder.cache,            # prefill: eager
                      cache_position=torch.arange(P, device=device))
     next_position = positions[:, -1:] + 1
-    tokens = []
+    tokens, logps = [], []
     for i in range(max_new_tokens):
-        token = _draw(logits, temperature is None).masked_fill(finished, pad_id)
+        token, logp = _draw(logits, temperature is None)
+        token = token.masked_fill(finished, pad_id)
         tokens.append(token)
+        logps.append(logp)
         finished |= torch.isin(token, eos)
         if i + 1 == max_new_tokens or bool(finished.all()):
             break
@@ -233,7 +255,7 @@ def _static_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature,
         logits, _ = step(token[:, None], attention, next_position, decoder.cache, fn=decoder.fn,
                          cache_position=torch.tensor([P + i], device=device))
         next_position = next_position + 1
-    return torch.stack(tokens, dim=1)
+    return _finish(tokens, logps, return_logp)
 
 
 def release_static_decoders(model) -> None:

@@ -31,13 +31,17 @@ class Rollouts:
     question_index: torch.Tensor   # [B] long, which question each sample answers: the position in the
                                    # batch's problem list of its first occurrence (a question posed twice
                                    # in one batch is one group: `group` weighting groups by this)
+    sampled_logp: torch.Tensor | None = None  # [B] float32, the sampler's own log p of each completion
+                                   # (sum over the completion mask of the log-probabilities it drew
+                                   # with); what the loss's L_s must reproduce. None when not recorded.
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
     def select(self, idx: torch.Tensor | slice) -> "Rollouts":
         return Rollouts(*(t[idx] for t in (self.prompt_ids, self.prompt_mask, self.completion_ids,
-                                           self.completion_mask, self.capped, self.question_index)))
+                                           self.completion_mask, self.capped, self.question_index)),
+                        sampled_logp=None if self.sampled_logp is None else self.sampled_logp[idx])
 
     @property
     def completion_lengths(self) -> torch.Tensor:
@@ -177,21 +181,22 @@ def sample(
     model.eval()
     try:
         with amp:
-            completion_ids = decode(model, rep_ids, rep_mask, max_new_tokens=max_new_tokens,
-                                    temperature=None if greedy else temperature, eos_ids=eos, pad_id=pad,
-                                    sampler=name, **extra)
+            completion_ids, token_logp = decode(model, rep_ids, rep_mask, max_new_tokens=max_new_tokens,
+                                                temperature=None if greedy else temperature, eos_ids=eos, pad_id=pad,
+                                                sampler=name, return_logp=True, **extra)
     finally:
         model.train(was_training)
     completion_mask, capped = completion_mask_from_ids(completion_ids, eos)
     completion_ids = completion_ids.masked_fill(~completion_mask, pad)
+    sampled_logp = (token_logp * completion_mask).sum(-1)
     first = {}
     group = torch.tensor([first.setdefault(p.id, i) for i, p in enumerate(problems)], device=device)
     question_index = group.repeat_interleave(n)
     if with_greedy:
         question_index = torch.cat([question_index, group])
-        every = Rollouts(rep_ids, rep_mask, completion_ids, completion_mask, capped, question_index)
+        every = Rollouts(rep_ids, rep_mask, completion_ids, completion_mask, capped, question_index, sampled_logp)
         return every.select(slice(0, n * len(problems))), every.select(slice(n * len(problems), None))
-    return Rollouts(rep_ids, rep_mask, completion_ids, completion_mask, capped, question_index)
+    return Rollouts(rep_ids, rep_mask, completion_ids, completion_mask, capped, question_index, sampled_logp)
 
 
 def decode_completions(tokenizer, rollouts: Rollouts) -> list[str]:

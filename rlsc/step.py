@@ -81,7 +81,7 @@ def _trim(rollouts: Rollouts) -> Rollouts:
     """Drops completion columns that are padding in every row of this micro-batch."""
     L = int(rollouts.completion_mask.sum(-1).max())
     return Rollouts(rollouts.prompt_ids, rollouts.prompt_mask, rollouts.completion_ids[:, :L],
-                    rollouts.completion_mask[:, :L], rollouts.capped, rollouts.question_index)
+                    rollouts.completion_mask[:, :L], rollouts.capped, rollouts.question_index, rollouts.sampled_logp)
 
 
 def _packed(hidden: torch.Tensor, rollouts: Rollouts, mask_truncated: bool = False):

@@ -246,21 +246,23 @@ class FusedHead:
         lm_head module would return if it computed as the op does."""
         lead = hidden.shape[:-1]
         h, w, b = self.inputs(hidden.reshape(-1, hidden.shape[-1]))
-        if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16):
-            z = torch.mm(h, w.T, out_dtype=torch.float32)   # no fp32 copy of the [V, D] weight
-        else:
-            z = h.float() @ w.float().T
-        if b is not None:
-            z = z + b.float()
+        with torch.autocast(h.device.type, enabled=False):   # autocast would round the logits to 16 bits
+            if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16):
+                z = torch.mm(h, w.T, out_dtype=torch.float32)   # no fp32 copy of the [V, D] weight
+            else:
+                z = h.float() @ w.float().T
+            if b is not None:
+                z = z + b.float()
         return z.reshape(*lead, z.shape[-1])
 
     def logits(self, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """float32 [n, V]: the logits / T the op scores, from hidden [n, D] (what a sampler draws from)."""
         opts = self.op_options(temperature)
         z = self.linear(hidden)
-        if opts["softcap"] is not None:
-            z = opts["softcap"] * torch.tanh(z / opts["softcap"])
-        return z / opts["temperature"]
+        with torch.autocast(z.device.type, enabled=False):
+            if opts["softcap"] is not None:
+                z = opts["softcap"] * torch.tanh(z / opts["softcap"])
+            return z / opts["temperature"]
 
 
 @dataclass
