@@ -127,7 +127,7 @@ def run_eval(cfg: RLSCConfig) -> int:
         loaded.model, loaded.tokenizer, [s for s in cfg.prompts.split(",") if s], split=cfg.split or "test",
         limit=cfg.max_prompts, template=cfg.prompt_template, k=cfg.k, temperature=temperature,
         max_new_tokens=cfg.max_new_tokens, batch_questions=cfg.eval_batch_questions,
-        autocast_dtype=loaded.autocast_dtype, output_dir=out_dir, sampler=cfg.sampler)
+        autocast_dtype=loaded.autocast_dtype, output_dir=out_dir, sampler=cfg.sampler, seed=cfg.seed)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "eval_results.json").write_text(json.dumps({"model": cfg.model, "results": results}, indent=2))

@@ -30,23 +30,29 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], *, template: st
             greedy = sample(model, tokenizer, batch, template=template, num_samples=1, max_new_tokens=max_new_tokens,
                             temperature=temperature, greedy=True, autocast_dtype=autocast_dtype, sampler=sampler)
         greedy_text = decode_completions(tokenizer, greedy)
-        sampled_text, sampled_len = [[] for _ in batch], [[] for _ in batch]
+        greedy_finished = (~greedy.capped).tolist()
+        sampled_text, sampled_len, sampled_finished = [[] for _ in batch], [[] for _ in batch], [[] for _ in batch]
         if k > 0:
             if not together:
                 r = sample(model, tokenizer, batch, template=template, num_samples=k, max_new_tokens=max_new_tokens,
                            temperature=temperature, autocast_dtype=autocast_dtype, sampler=sampler)
-            for q, text, n in zip(r.question_index.tolist(), decode_completions(tokenizer, r), r.completion_lengths.tolist()):
+            for q, text, n, cut in zip(r.question_index.tolist(), decode_completions(tokenizer, r),
+                                       r.completion_lengths.tolist(), r.capped.tolist()):
                 sampled_text[q].append(text)
                 sampled_len[q].append(n)
+                sampled_finished[q].append(not cut)
             n_gen_tokens += int(r.completion_lengths.sum())
             capped += int(r.capped.sum())
         for i, p in enumerate(batch):
-            correct = [is_correct(t, p.answer) for t in sampled_text[i]]
-            keys = answer_keys([extract_answer(t) for t in sampled_text[i]])
+            # a completion cut off at the cap has an answer only if it boxed one (rlsc/grading.py)
+            correct = [is_correct(t, p.answer, f) for t, f in zip(sampled_text[i], sampled_finished[i])]
+            keys = answer_keys([extract_answer(t, f) for t, f in zip(sampled_text[i], sampled_finished[i])])
             records.append({
                 "id": p.id, "question": p.question, "answer": p.answer,
-                "greedy": greedy_text[i], "greedy_correct": is_correct(greedy_text[i], p.answer),
+                "greedy": greedy_text[i], "greedy_correct": is_correct(greedy_text[i], p.answer, greedy_finished[i]),
+                "greedy_finished": greedy_finished[i],
                 "samples": sampled_text[i], "correct": correct, "keys": keys, "lengths": sampled_len[i],
+                "finished": sampled_finished[i],
             })
         done = len(records)
         log(f"  eval {label}: {done}/{len(problems)} questions, {done * k} samples "
@@ -79,11 +85,17 @@ def summarise(records: list[dict], k: int) -> dict:
 def evaluate_sources(model, tokenizer, sources: list[str], *, split: str, limit: int, template: str, k: int,
                      temperature: float, max_new_tokens: int, batch_questions: int = 1, autocast_dtype=None,
                      output_dir: Path | None = None, tag: str = "eval", log=print,
-                     sampler: str = "auto") -> dict[str, dict]:
+                     sampler: str = "auto", seed: int | None = None) -> dict[str, dict]:
+    """Metrics per source. seed: torch's generator is seeded with it before each source, so a
+    source's samples depend on the seed only (not on the sources before it); None leaves it as is."""
+    import torch
+
     from .data import load_problems
 
     results = {}
     for source in sources:
+        if seed is not None:
+            torch.manual_seed(seed)
         problems = load_problems(source, split=split, limit=limit)
         name = dataset_name(source)
         log(f"evaluating {name}: {len(problems)} questions, greedy + {k} samples at T={temperature}")

@@ -5,6 +5,8 @@ import json
 import math
 import os
 
+import pytest
+
 from rlsc import cli
 from rlsc.ablate import METHODS, ROW_FIELDS, build_report, cell_path, run_ablation
 
@@ -194,3 +196,16 @@ def test_rlsc_at_alpha_zero_is_rlsc_l1():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
     with_alpha = rk.linear_rlsc_loss(h, w, t, seq_index=seq, num_sequences=15, temperature=0.7, alpha=0.1)
     assert not torch.allclose(with_alpha.seq_weight, outs[0][1])
+
+
+def test_lora_cells_run_one_after_another(tiny_model_dir, tiny_prompts, tmp_path):
+    """`--set lora_rank=N`: the first cell leaves a PeftModel behind; the next cell starts from the
+    base model's initial weights again (it crashed on the weights' key names)."""
+    pytest.importorskip("peft")
+    out = tmp_path / "ablate"
+    task = str(tiny_prompts)
+    res = run_ablation(tasks=[task], methods=["rlsc", "rlsc-l1"], seeds=[0], out_dir=out, model=str(tiny_model_dir),
+                       overrides=dict(TINY, lora_rank=2), max_questions=2, **QUIET)
+    assert sorted(m for _, m, _ in res["ran"]) == ["rlsc", "rlsc-l1"]
+    cells = [json.loads(cell_path(out, task, m, 0).read_text()) for m in ("rlsc", "rlsc-l1")]
+    assert all(c["train"]["loss"] is not None for c in cells)

@@ -237,3 +237,21 @@ def test_eval_writes_no_file_unless_asked(tiny_model_dir, tiny_prompts, tmp_path
                  "--k", "2", "--max-new-tokens", "3", "--device", "cpu"]) == 0
     assert "| tiny |" in capsys.readouterr().out
     assert not list(work.iterdir()) and sorted(p.name for p in tiny_model_dir.iterdir()) == model_files
+
+
+def test_eval_seed_covers_sampling(tiny_model_dir, tiny_prompts, tmp_path):
+    """Two `rlsc eval` runs with one --seed write the same samples; another seed, other samples."""
+    import json
+
+    import torch
+
+    def run(seed, name):
+        torch.manual_seed(1000 + len(name))   # whatever state the process is in
+        out = tmp_path / name
+        assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(tiny_prompts), "--max-prompts", "2",
+                     "--k", "4", "--max-new-tokens", "6", "--temperature", "1.5", "--device", "cpu",
+                     "--seed", str(seed), "--output-dir", str(out)]) == 0
+        return [json.loads(line)["samples"] for line in (out / "eval_samples_tiny.jsonl").read_text().splitlines()]
+
+    assert run(3, "a") == run(3, "bb")
+    assert run(3, "a") != run(4, "c")
