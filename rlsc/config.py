@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rlsc_kernels.validation import BACKENDS
-from rlsc_kernels.weighting import WEIGHTINGS
+from rlsc_kernels import WEIGHTINGS
 
 from .decoding import SAMPLERS
 

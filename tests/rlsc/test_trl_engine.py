@@ -309,3 +309,19 @@ def test_generation_ignores_every_knob_of_the_checkpoints_generation_config(tmp_
         obs, exp = torch.cat([obs[:-2], obs[-2:].sum()[None]]), torch.cat([exp[:-2], exp[-2:].sum()[None]])
     chi2 = float(((obs - exp) ** 2 / exp).sum())
     assert chi2 < chi2_upper_quantile(obs.numel() - 1, z=3.719), (chi2, obs.numel() - 1)
+
+
+def test_engine_runs_the_start_of_run_head_check(tmp_path, tiny_tokenizer, tiny_prompts):
+    """As the thin trainer: a model that transforms its logits in a way the fused head does not know
+    is refused before training (rather than trained on another distribution)."""
+    from types import SimpleNamespace
+
+    from conftest import make_model
+
+    model = make_model(tiny_tokenizer, seed=1)
+    model.lm_head.register_forward_hook(lambda mod, args, out: out * 1.5)
+    cfg = RLSCConfig(model="x", prompts=str(tiny_prompts), num_prompts=1, num_samples=2, micro_batch_size=2,
+                     max_new_tokens=3, device="cpu", output_dir=str(tmp_path / "out"), engine="trl", steps=1)
+    with pytest.raises(NotImplementedError, match="transforms its logits"):
+        train_trl(cfg, loaded=SimpleNamespace(model=model, tokenizer=tiny_tokenizer))
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
