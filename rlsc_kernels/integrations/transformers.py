@@ -26,9 +26,10 @@ replace modules after the patch, and a config may be edited. Per call:
     [W, B] . [h, s A dropout(h)], so the op sees hidden' = cat(h, s * dropout(h) A^T) and
     weight' = cat(W, B) (one [V, D + r] copy of the head per call);
   - FSDP2: when the head's weight is a sharded DTensor at call time, the op runs inside the
-    forward of the FSDP module that owns it (run_in_owner_forward: ``register_fsdp_forward_method``): FSDP gathers the
-    weight in its ``param_dtype``, casts the inputs, re-gathers it for the backward and
-    reduce-scatters its gradient, exactly as for ``lm_head(hidden)``. No DTensor meets a Tensor;
+    forward of the FSDP module that owns it (run_in_owner_forward, through
+    ``register_fsdp_forward_method``): FSDP gathers the weight in its ``param_dtype``, casts the
+    inputs, re-gathers it for the backward and reduce-scatters its gradient, exactly as for
+    ``lm_head(hidden)``. No DTensor meets a Tensor;
   - the head may sit on another device than the body (``device_map``): hidden states and labels
     are moved to the head's device.
 Only the scored positions (label != -100) are sent to the head. A micro-batch with no scored
@@ -222,8 +223,9 @@ class FusedHead:
     def inputs(self, hidden: torch.Tensor):
         """(hidden' [n, D'], weight' [V, D'], bias' [V] or None) in the compute dtype, connected to the
         model's parameters, for hidden [n, D] (the body's final states)."""
-        if self.lora:
-            extra = [(dropout(hidden).to(a.dtype) @ a.T) * scaling for a, scaling, dropout in self.lora]
+        if self.lora:   # outside autocast, so samplers and the loss (inside or outside it) agree
+            with torch.autocast(hidden.device.type, enabled=False):
+                extra = [(dropout(hidden).to(a.dtype) @ a.T) * scaling for a, scaling, dropout in self.lora]
             hidden = torch.cat([hidden, *(e.to(hidden.dtype) for e in extra)], dim=-1)
         if self._prepared is not None:
             weight = _SharedWeight.apply(self._prepared, *self._sources)

@@ -233,6 +233,28 @@ def test_bf16_autocast_samples_from_fp32_logits_under_a_large_logit_offset(sampl
     _check(rollouts, thin, trl, "bf16-autocast")
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+def test_lora_on_the_head_samples_what_the_loss_scores(precision):
+    """PEFT LoRA on lm_head (and q_proj), adapters non-zero: the samplers draw through the adapter
+    exactly as the loss scores it, inside or outside autocast."""
+    pytest.importorskip("peft")
+    from rlsc.models import apply_lora
+
+    tok = make_tokenizer()
+    model = apply_lora(build("llama-offset", "sdpa", tok), rank=4, alpha=8.0, target_modules="lm_head,q_proj")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    autocast_dtype = torch.bfloat16 if precision == "bf16-autocast" else None
+    torch.manual_seed(1)
+    rollouts = sample(model, tok, PROBLEMS, template="{question}", num_samples=3, max_new_tokens=10, temperature=T,
+                      autocast_dtype=autocast_dtype, sampler="compact")
+    thin = _thin_scores(model, rollouts, autocast_dtype)
+    trl = _trl_scores(model, rollouts, precision)
+    _check(rollouts, thin, trl, precision)
+
+
 @pytest.mark.parametrize("family, precision", [("llama", "fp32"), ("gemma2-softcap", "bf16-autocast"),
                                                ("cohere-scaled", "bf16"), ("gpt2", "bf16-autocast"),
                                                ("llama-offset", "bf16-autocast"), ("llama-offset", "bf16")])
