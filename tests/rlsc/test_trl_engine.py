@@ -58,8 +58,9 @@ def _check_report(out: Path, weightings, distributed: str):
 def test_one_step_through_trl_equals_the_thin_trainer_one_process(tmp_path):
     """Fixed samples (EOS-terminated, EOS alone, capped; two prompt lengths): every weighting's
     gradient (rel. 1e-4) and AdamW update match rlsc_update (also with LoRA), and the metrics row
-    matches its stats."""
-    runs = (*ALL_WEIGHTINGS, "rlsc+lora")  # + LoRA adapters (peft) on every linear layer
+    matches its stats (also with --mask-truncated)."""
+    runs = (*ALL_WEIGHTINGS, "rlsc+lora", "rlsc+mask", "group+mask")  # + LoRA (peft) on every linear layer;
+    # + --mask-truncated (the capped completions leave the loss in both engines alike)
     proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path), ",".join(runs)], env=_env(),
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]

@@ -108,13 +108,14 @@ def main(out_dir: str, weightings: list[str]) -> None:
                                 for i, q in enumerate(QUESTIONS)))
     report = {}
     for label in weightings:
-        # "W+lora": weighting W with LoRA adapters (rank 4, every linear layer) on the tiny model
-        weighting, lora = label.split("+")[0], label.endswith("+lora")
+        # "W+lora": weighting W with LoRA adapters (rank 4, every linear layer) on the tiny model;
+        # "W+mask": weighting W with --mask-truncated (the capped completions out of the loss)
+        weighting, lora, mask = label.split("+")[0], label.endswith("+lora"), label.endswith("+mask")
         cfg = RLSCConfig(model="tiny", prompts=str(data), prompt_template=template, num_prompts=K, num_samples=N,
                          micro_batch_size=2, max_new_tokens=MAX_NEW, temperature=0.7, alpha=0.1,
                          weighting=weighting, filter_eps="exact", backend="torch", steps=1, lr=1e-2,
                          weight_decay=0.0, device="cpu", output_dir=str(Path(out_dir) / label),
-                         checkpoint_every=0, save_final_model=False, engine="trl", seed=0)
+                         checkpoint_every=0, save_final_model=False, engine="trl", seed=0, mask_truncated=mask)
         base = tiny_model(tok)
         if lora:
             from rlsc.models import apply_lora
@@ -133,7 +134,8 @@ def main(out_dir: str, weightings: list[str]) -> None:
             {n: p.grad.detach().clone() for n, p in thin.named_parameters() if p.grad is not None}))
         stats = rlsc_update(thin, opt, thin_rollouts(tok, template, comps),
                             LossOptions(temperature=cfg.temperature, alpha=cfg.alpha, weighting=weighting,
-                                        filter_eps=None, backend="torch", micro_batch_size=cfg.micro_batch_size))
+                                        filter_eps=None, backend="torch", micro_batch_size=cfg.micro_batch_size,
+                                        mask_truncated=mask))
         # --- the TRL engine: same initial weights, samples looked up by (question, copy) ---
         used = []
 
