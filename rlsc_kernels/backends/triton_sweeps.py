@@ -28,6 +28,9 @@ import torch
 import triton
 
 from ..kernels.backward_sweep import backward_sweep_kernel
+from ..kernels.configs import (  # noqa: F401 (re-exported)
+    BACKWARD_CONFIGS, FORWARD_CONFIGS, GRAD_LOGITS_CONFIGS, MATMUL_BLOCK_K, MATMUL_CONFIGS,
+)
 from ..kernels.forward_sweep import forward_sweep_kernel
 from ..kernels.grad_logits import grad_logits_kernel
 from ..kernels.grad_matmul import grad_hidden_kernel, grad_weight_kernel
@@ -43,34 +46,7 @@ GRAD_LOGITS_BYTES = 256 << 20
 MIN_SLICE_ROWS = 4096
 
 
-# The block sizes we ship (compiled for sm_90 in the test suite). 16-bit inputs get tensor-core
-# sized tiles. Measured on an H100 (triton 3.6, Qwen2.5-7B head, 16384 tokens; see
-# benchmarks/results/tuning/): forward 128x256x64/w16 40.1 ms, 64x256x64/w8 49.0 ms,
-# 128x128x64/w8 51-57 ms against a 24.2 ms logits GEMM. The large tile wins although the sm_90
-# build spills a little (python -m rlsc_kernels.kernels.aot): the sweep is bound by L2 traffic,
-# which grows as the tile shrinks. fp32 inputs get smaller tiles (an IEEE fp32 dot).
-FORWARD_CONFIGS = {
-    "16bit": KernelConfig(block_n=128, block_v=256, block_d=64, num_warps=16, num_stages=3, group_n=16),
-    "fp32": KernelConfig(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=2, group_n=16),
-}
-# Fused backward: 128x128x32 is the largest tile that does not spill with its two extra dot
-# accumulators; it measured 433 ms exact / 263 ms filtered at the 7B head (sliced: ~160 ms).
-BACKWARD_CONFIGS = {
-    "16bit": KernelConfig(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=2),
-    "fp32": KernelConfig(block_n=32, block_v=64, block_d=32, num_warps=4, num_stages=2),
-}
-# Tile kernel of the sliced backward (a GEMM with an epilogue, like the forward).
-GRAD_LOGITS_CONFIGS = {
-    "16bit": KernelConfig(block_n=128, block_v=256, block_d=64, num_warps=16, num_stages=3, group_n=16),
-    "fp32": KernelConfig(block_n=32, block_v=64, block_d=32, num_warps=4, num_stages=2, group_n=16),
-}
-# Block-sparse matmuls of the sliced backward: block_n = output rows (tokens or vocab), block_v
-# unused, block_d = output columns, plus the K step (must divide the grad-logits tile sizes).
-MATMUL_CONFIGS = {
-    "16bit": KernelConfig(block_n=128, block_v=0, block_d=128, num_warps=8, num_stages=3),
-    "fp32": KernelConfig(block_n=32, block_v=0, block_d=64, num_warps=4, num_stages=2),
-}
-MATMUL_BLOCK_K = {"16bit": 64, "fp32": 32}
+# The block sizes we ship live in kernels/configs.py (the ground floor, read by aot.py too).
 
 
 def config_for(kind: str, dtype: torch.dtype, opts: FusedOptions) -> KernelConfig:

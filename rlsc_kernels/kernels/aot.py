@@ -126,15 +126,13 @@ def compile_kernel(kernel: str, dtype: str, config, flags: Dict[str, bool], arch
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ..backends.triton_sweeps import GRAD_LOGITS_CONFIGS, matmul_block_k
     from .backward_sweep import backward_sweep_kernel
+    from .configs import GRAD_LOGITS_CONFIGS, MATMUL_BLOCK_K, dtype_key
     from .forward_sweep import forward_sweep_kernel
     from .grad_logits import grad_logits_kernel
     from .grad_matmul import grad_hidden_kernel, grad_weight_kernel
     from .single_pass_grad import single_pass_grad_kernel
     from .single_pass_stats import single_pass_stats_kernel
-
-    import torch
 
     ty = _DTYPE_NAMES[dtype]
     precision = "ieee"
@@ -153,7 +151,7 @@ def compile_kernel(kernel: str, dtype: str, config, flags: Dict[str, bool], arch
     elif kernel in ("grad_weight", "grad_hidden"):
         tile = GRAD_LOGITS_CONFIGS["fp32" if dtype == "float32" else "16bit"]
         constexprs = {"USE_MASK": flags.get("USE_MASK", True), "DOT_UPCAST": False, "DOT_PRECISION": precision,
-                      "BLOCK_D": config.block_d, "BLOCK_K": matmul_block_k(getattr(torch, dtype)),
+                      "BLOCK_D": config.block_d, "BLOCK_K": MATMUL_BLOCK_K[dtype_key(dtype == "float32")],
                       "MASK_BLOCK_N": tile.block_n, "MASK_BLOCK_V": tile.block_v}
         if kernel == "grad_weight":
             fn, sig = grad_weight_kernel, _grad_weight_signature(ty)
@@ -198,8 +196,7 @@ def compile_kernel(kernel: str, dtype: str, config, flags: Dict[str, bool], arch
 
 def shipped_variants() -> List[tuple]:
     """(kernel, dtype, config, flags) for every shipped block size and the flag combinations that matter."""
-    from ..backends.triton_single_pass import SHIPPED_CONFIGS as SINGLE_PASS_CONFIGS
-    from ..backends.triton_sweeps import BACKWARD_CONFIGS, FORWARD_CONFIGS, GRAD_LOGITS_CONFIGS, MATMUL_CONFIGS
+    from .configs import BACKWARD_CONFIGS, FORWARD_CONFIGS, GRAD_LOGITS_CONFIGS, MATMUL_CONFIGS, SINGLE_PASS_CONFIGS
 
     out = []
     for dtype in ("bfloat16", "float16", "float32"):
