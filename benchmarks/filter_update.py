@@ -20,12 +20,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
+
+from rlsc.provenance import git_commit  # noqa: E402
 
 QUESTIONS = [
     "What is 17 * 23? Answer with a number.",
@@ -158,7 +159,7 @@ def main(argv=None):
         "vocab": int(W0.shape[0]), "hidden": int(W0.shape[1]), "args": vars(args),
         "device": "cpu (Triton interpreter)", "torch": torch.__version__,
         "triton": __import__("triton").__version__, "python": platform.python_version(),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": git_commit(),
         "seconds": round(time.time() - start, 1), "rows": rows,
     }
     if args.out:
