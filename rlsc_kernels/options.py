@@ -3,7 +3,8 @@
 Every choice a caller may want (backward strategy, matmul choice, buffer budget, filter, block
 sizes for tuning) is a field here, set from a keyword argument of the public op: nothing is read
 from environment variables or module-level state at call time, so two threads may call the op
-with different options at once.
+with different options at once. (Triton's own TRITON_INTERPRET is read by Triton once, when the
+kernels are imported; backends.triton_interpreting() asks the kernels, not the environment.)
 """
 from __future__ import annotations
 

@@ -6,14 +6,24 @@ else; "reference" is the naive full-logits version.
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
+    """Whether our Triton kernels run in Triton's interpreter (on CPU tensors).
+
+    That is Triton's own switch, TRITON_INTERPRET, and Triton reads it once: when ``@triton.jit``
+    decorates a kernel, at the kernel module's first import. So this asks the kernel object what
+    Triton made of it, and reads no environment variable: setting TRITON_INTERPRET after the
+    kernels were imported changes nothing, here as in Triton (set it before importing
+    rlsc_kernels' Triton backend, as tests/conftest.py does)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from ..kernels.forward_sweep import forward_sweep_kernel
+
+    return isinstance(forward_sweep_kernel, InterpretedFunction)
 
 
 def triton_available() -> bool:
@@ -71,7 +81,8 @@ def resolve(backend: str, hidden: torch.Tensor) -> str:
         if not (hidden.is_cuda or triton_interpreting()):
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (hidden is on {hidden.device}); "
-                "set TRITON_INTERPRET=1 to run the kernels on CPU tensors in Triton's interpreter"
+                "set TRITON_INTERPRET=1 before the kernels are first imported to run them on CPU tensors in Triton's "
+                "interpreter"
             )
         if hidden.dtype == torch.float64:
             raise TypeError("backend='triton' accepts bfloat16, float16 and float32 inputs, got float64")
