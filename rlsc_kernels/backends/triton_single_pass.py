@@ -47,11 +47,11 @@ import torch
 import triton
 
 from ..kernels.configs import GRAD_CONFIG, SINGLE_PASS_CONFIGS, STATS_CONFIG, RowConfig  # noqa: F401 (re-exported)
+from ..kernels.interpreter import triton_interpreting
 from ..kernels.single_pass_grad import single_pass_grad_kernel
 from ..kernels.single_pass_stats import single_pass_stats_kernel
 from ..options import FusedOptions
 from ..single_pass import SinglePassResult
-from . import triton_interpreting
 
 #: Default budget (bytes) for one chunk's fp32 logits block: one 1024-token sequence at the
 #: Qwen2.5-7B head (V = 152064) fits (594 MiB).

@@ -34,8 +34,8 @@ from ..kernels.configs import (  # noqa: F401 (re-exported)
 from ..kernels.forward_sweep import forward_sweep_kernel
 from ..kernels.grad_logits import grad_logits_kernel
 from ..kernels.grad_matmul import grad_hidden_kernel, grad_weight_kernel
+from ..kernels.interpreter import triton_interpreting
 from ..options import BACKWARD_STRATEGIES, GRAD_MATMULS, FusedOptions, KernelConfig  # noqa: F401 (re-exported)
-from . import triton_interpreting
 
 #: Largest fp32 dweight slice held at once when the weight is 16-bit ("fused" backward).
 VOCAB_SLICE_BYTES = 128 << 20
