@@ -22,7 +22,7 @@ from .train import load, log_to_stderr, train
 def demo_config() -> RLSCConfig:
     """The demo's settings (every one can still be overridden by a flag): the paper's recipe
     (16 samples at T = 0.5, alpha 0.1, AdamW lr 1e-5, 10 steps) with one question per step and a
-    48-token cap, so that eval + train + eval fits in ~10 minutes on 2 CPU cores. Evaluation
+    48-token cap, so that eval + train + eval fits in minutes on a CPU (rlsc.cli.DEMO_TIME). Evaluation
     batches one question's 16 samples at a time: measured faster on CPU than left-padded
     multi-question batches."""
     return RLSCConfig(
