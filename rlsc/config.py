@@ -71,7 +71,7 @@ class RLSCConfig:
     seed: int = _f(0, "Seed for prompt order, sampling and initialisation.")
     output_dir: str = _f("runs/rlsc", "Directory for metrics.jsonl, checkpoints, plots, results and the final model (eval: results and samples; '' = no files).")
     resume: str = _f("no", "Continue from the checkpoint in output_dir: no (start afresh), yes (error if there is none), auto (resume if one exists).", TRAIN)
-    checkpoint_every: int = _f(5, "Write a checkpoint every N steps (and always after the last; 0 = only after the last).", TRAIN)
+    checkpoint_every: int = _f(5, "Write a checkpoint every N steps and after the last (0 = only after the last); a run shorter than N steps that saves its final model writes none.", TRAIN)
     save_optimizer_state: bool = _f(True, "Keep AdamW's moments in the checkpoint (2/3 of its size; without them a resumed run restarts the moments).", TRAIN)
     max_consecutive_skips: int = _f(3, "Stop the run after this many steps in a row skipped for a non-finite loss or gradient.", TRAIN)
     save_final_model: bool = _f(True, "Save the trained model with save_pretrained (plus tokenizer) into output_dir/final.", TRAIN)
