@@ -188,3 +188,16 @@ def test_metrics_line_torn_by_a_kill_is_dropped_but_a_bad_middle_line_is_an_erro
     path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
     with pytest.raises(ValueError, match="metrics.jsonl:2: not valid JSON"):
         read_metrics(path)
+
+
+def test_demo_writes_the_table_and_plots_the_before_after_evaluation(tiny_model_dir, tiny_prompts, tmp_path, capsys):
+    from rlsc.demo import demo
+
+    cfg = tiny_config(tiny_model_dir, tiny_prompts, tmp_path / "demo", steps=1, num_prompts=1, num_samples=2,
+                      max_new_tokens=4, k=2, save_final_model=False, checkpoint_every=0)
+    result = demo(cfg, log=lambda m: None)
+    out = tmp_path / "demo"
+    assert set(result["before"]) == set(result["after"]) == {"tiny"}
+    assert (out / "before_after.png").stat().st_size > 1000 and (out / "training_curves.png").is_file()
+    assert "->" in (out / "results.md").read_text()
+    assert "before_after.png" in capsys.readouterr().out
