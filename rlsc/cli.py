@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def flags_markdown() -> str:
-    """The README's table of flags: which subcommands take each one, and each one's defaults."""
+    """docs/cli.md's table of flags: which subcommands take each one, and each one's defaults."""
     bases = {c: base_config(c) for c in ("train", "eval", "demo")}
     docs = RLSCConfig.field_docs()
     lines = ["| flag | train | eval | demo | meaning |", "|---|---|---|---|---|"]
