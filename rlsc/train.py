@@ -226,14 +226,6 @@ def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> d
             "final_model": str(final_dir) if final_dir else None, "steps": cfg.steps}
 
 
-def _checkpoint_at_end(cfg: RLSCConfig) -> bool:
-    """After the last step, a checkpoint (for a later --resume with more --steps), except for a run
-    shorter than --checkpoint-every that saves its final model: a smoke run keeps final/ only, not
-    another copy of the weights with AdamW's moments (three times their size). Such a run had no
-    checkpoint to lose anyway; without final/ the checkpoint is written, so no run ends with nothing."""
-    return cfg.checkpoint_every == 0 or cfg.steps >= cfg.checkpoint_every or not cfg.save_final_model
-
-
 def _probe_ids(tokenizer, problem: Problem, template: str, device) -> torch.Tensor:
     """The last 32 tokens of a real prompt [1, <=32]: input of the head-versus-forward check."""
     text = chat_prompt(tokenizer, problem.question, template)
@@ -245,6 +237,14 @@ def _json_line(row: dict) -> str:
     """One metrics row; non-finite floats (a skipped step's loss) as null, so the file stays JSON."""
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
     return json.dumps(clean) + "\n"
+
+
+def _checkpoint_at_end(cfg: RLSCConfig) -> bool:
+    """After the last step, a checkpoint (for a later --resume with more --steps), except for a run
+    shorter than --checkpoint-every that saves its final model: a smoke run keeps final/ only, not
+    another copy of the weights with AdamW's moments (three times their size). Such a run had no
+    checkpoint to lose anyway; without final/ the checkpoint is written, so no run ends with nothing."""
+    return cfg.checkpoint_every == 0 or cfg.steps >= cfg.checkpoint_every or not cfg.save_final_model
 
 
 def save_final(model, tokenizer, path: Path) -> Path:
