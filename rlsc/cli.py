@@ -78,6 +78,12 @@ class _Parser(argparse.ArgumentParser):
     the closest flag that subcommand has (difflib), e.g. `--stpes` -> did you mean `--steps`?"""
 
     def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        commands = list(self._subparsers._group_actions[0].choices)
+        if args and not args[0].startswith("-") and args[0] not in commands:
+            close = difflib.get_close_matches(args[0], commands, n=1, cutoff=0.5)
+            self.error(f"unknown command {args[0]!r} (choose from {', '.join(commands)})"
+                       + (f"; did you mean {close[0]}?" if close else ""))
         parsed, extra = self.parse_known_args(args, namespace)
         if extra:
             sub = self._subparsers._group_actions[0].choices.get(getattr(parsed, "command", None), self)

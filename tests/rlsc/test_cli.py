@@ -273,6 +273,9 @@ def test_a_misspelled_flag_gets_its_subcommands_usage_and_a_suggestion(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--temprature=0.3"])
     assert "did you mean --temperature?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["trian", "--steps", "3"])
+    assert "unknown command 'trian'" in (err := capsys.readouterr().err) and "did you mean train?" in err
 
 
 def test_top_level_help_lists_every_command(capsys):
