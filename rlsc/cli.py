@@ -34,7 +34,8 @@ DESCRIPTIONS = {
 }
 EXAMPLES = {
     "train": "example:\n  rlsc train --model Qwen/Qwen2.5-Math-1.5B --prompts HuggingFaceH4/aime_2024 --steps 10 --output-dir runs/x\n"
-             "  rlsc train --output-dir runs/x --resume          # continue that run from its checkpoint",
+             "  rlsc train --model Qwen/Qwen2.5-Math-1.5B --prompts HuggingFaceH4/aime_2024 --steps 20 --output-dir runs/x --resume\n"
+             "                                                    # the same flags, more steps: continue from its checkpoint",
     "eval": "example:\n  rlsc eval --model runs/x/final --prompts HuggingFaceH4/MATH-500,examples/arithmetic.jsonl --k 16 --output-dir runs/x/eval",
     "demo": f"example:\n  rlsc demo                       # {DEMO_TIME}, results in runs/demo\n"
             "  rlsc demo --steps 5 --output-dir runs/demo5",
