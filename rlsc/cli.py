@@ -20,10 +20,12 @@ from .config import RESUME_MODES, RLSCConfig, load_yaml_overrides
 #: benchmarks/results/demo-cpu.json (338 s on 2 idle CPU cores at 797f285); the README and --help
 #: quote this string (tests/test_readme.py checks both).
 DEMO_TIME = "about 6 minutes on 2 CPU cores"
-#: `rlsc eval --max-new-tokens 0` (its default): the cap by device. On CUDA the paper's cap; on a
-#: CPU a cap that keeps the builtin sets (short answers) quick while a long completion is still
-#: visible in the samples.
-EVAL_AUTO_MAX_NEW_TOKENS = {"cuda": 3072, "cpu": 256}
+#: `rlsc eval --max-new-tokens 0` (its default): the cap by device. On CUDA the paper's cap. On a
+#: CPU a decode step of the embedded model costs about the same for 1 or 17 rows, so the time is
+#: the number of steps, which the longest of a question's 16 samples sets: the paper's cap took
+#: ~7 min for builtin:demo (the longest sample ~170 tokens on average), the demo's 48 about 3 min;
+#: 128 keeps a builtin answer (10-40 tokens) and a short explanation and cuts the rambling samples.
+EVAL_AUTO_MAX_NEW_TOKENS = {"cuda": 3072, "cpu": 128}
 
 DESCRIPTIONS = {
     "train": "RLSC training: sample, mask, score, weigh, step.",

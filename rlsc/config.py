@@ -44,7 +44,7 @@ class RLSCConfig:
     max_prompts: int = _f(0, "Use only the first N questions of the source (0 = all).")
     # --- sampling ----------------------------------------------------------------------------
     num_samples: int = _f(16, "Completions sampled per question (the paper: 16).", TRAIN)
-    max_new_tokens: int = _f(3072, "Generation cap per completion; capped completions are kept and flagged (eval: 0 = by device, the paper's cap on CUDA, 256 on CPU).")
+    max_new_tokens: int = _f(3072, "Generation cap per completion; capped completions are kept and flagged (eval: 0 = by device, the paper's cap on CUDA, 128 on CPU).")
     temperature: float = _f(0.5, "Sampling temperature; log p(y|x) is scored under log_softmax(logits / T) at the same T.")
     sampler: str = _f("auto", "Decode loop (all draw from softmax(logits / T)): static (StaticCache, CUDA graphs on CUDA), compact (finished rows leave the batch), dynamic (plain KV-cache loop), auto (static on CUDA, dynamic elsewhere).")
     # --- the loss ----------------------------------------------------------------------------

@@ -259,10 +259,10 @@ def test_eval_progress_has_an_eta_and_the_default_cap_suits_the_device(tiny_mode
     captured = capsys.readouterr()
     # not a terminal here: one line per question with the time so far and the ETA (a tqdm bar on a terminal)
     assert "eval tiny: 1/2 questions, 1 samples (" in captured.out and ", ETA " in captured.out
-    assert "completions capped at 256 tokens on cpu" in captured.err
+    assert "completions capped at 128 tokens on cpu" in captured.err
     lengths = [n for line in (tmp_path / "eval_samples_tiny.jsonl").read_text().splitlines()
                for n in json.loads(line)["lengths"]]
-    assert lengths and max(lengths) <= 256
+    assert lengths and max(lengths) <= 128
 
 
 def test_a_misspelled_flag_gets_its_subcommands_usage_and_a_suggestion(capsys):
