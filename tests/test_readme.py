@@ -58,7 +58,7 @@ def test_the_demo_time_is_one_number_from_the_recorded_run():
 def test_readme_is_a_ten_minute_read_and_points_at_the_reference():
     text = README.read_text()
     prose = [line for line in text.splitlines() if not line.startswith("|")]  # generated tables aside
-    assert len(prose) <= 240, "keep the README short: reference material goes to docs/"
+    assert len(prose) <= 260, "keep the README short: reference material goes to docs/"
     for name in REFERENCE_DOCS:
         assert f"(docs/{name})" in text, f"the README should link docs/{name}"
     assert "| flag | train | eval | demo |" not in text, "the flags table lives in docs/cli.md"
