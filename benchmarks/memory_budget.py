@@ -4,7 +4,7 @@ A randomly initialised model of the Qwen2.5-Math-1.5B shape (benchmarks/train_st
 untied head; no download) in bf16, gradient checkpointing on, AdamW (lr 1e-5, states in bf16 like
 the weights). One step = sample n_samples completions of exactly L tokens (random weights never
 emit EOS, so the lengths are forced: no EOS stops a row) with the thin trainer's static-cache
-sampler (rlsc.decoding.decode(sampler="static"); CUDA graphs on CUDA), then the update over micro-batches with
+sampler (rlsc/decoding.py; CUDA graphs on CUDA), then the update over micro-batches with
 gradients accumulated exactly: ours (the body's hidden states + rlsc_kernels.linear_rlsc_loss)
 or naive (Algorithm 1: full logits, fp32 log_softmax, gather), full fine-tuning or LoRA r16.
 
@@ -142,7 +142,7 @@ def prepare(model_name, layers, mode, device, dtype, grad_ckpt=True):
 
 def generate(model, prompt_ids, length, sampler, device) -> tuple[torch.Tensor, float]:
     """Completion block [B, length] of forced length (no EOS) and its wall seconds."""
-    from rlsc.decoding import decode  # the trainer's public decode loops
+    from rlsc.decoding import decode
 
     mask = torch.ones_like(prompt_ids, dtype=torch.bool)
     kw = dict(max_new_tokens=length, temperature=TEMPERATURE, eos_ids=[], pad_id=0)

