@@ -8,7 +8,7 @@
 them (``torch.compiler.is_compiling()``); eager calls keep the autograd.Function route. Two ops:
     rlsc_kernels::logprobs_forward(hidden [N, D], weight [V, D], bias [V]?, targets [N], options, backend)
         -> (logp [N], entropy [N] or [0], lse [N], mean_z [N] or [0])
-    rlsc_kernels::logprobs_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp?, grad_entropy?,
+    rlsc_kernels::logprobs_backward(hidden, weight, bias, targets, lse, logp, mean_z, grad_logp?, grad_entropy?,
         options, backend, need_hidden, need_weight, need_bias) -> (dhidden, dweight, dbias; [0] when not needed)
 tied together with torch.library.register_autograd. Their fake (meta) versions give output shapes
 in terms of N, so a new token count is a new symbolic size, not a recompilation (after Dynamo's
@@ -113,8 +113,8 @@ def _(hidden, weight, bias, targets, options, backend):
 
 @torch.library.custom_op(f"{_LIB}::logprobs_backward", mutates_args=())
 def logprobs_backward(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor, mean_z: Tensor,
-    grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], options: str, backend: str,
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor, logp: Tensor,
+    mean_z: Tensor, grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], options: str, backend: str,
     need_hidden: bool, need_weight: bool, need_bias: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     opts, _ = decode_options(options)
@@ -128,7 +128,7 @@ def logprobs_backward(
     g = torch.where(valid, grad_logp, 0.0) if grad_logp is not None else None
     e = torch.where(valid, grad_entropy, 0.0) if grad_entropy is not None else None
     module = backends.get(backends.resolve(backend, hidden))
-    saved = (lse, mean_z if opts.return_entropy else None)
+    saved = (lse, mean_z if opts.return_entropy else None, logp)
     dh, dw, db = module.backward(hidden, weight, bias, targets, saved, g, e, opts, (need_hidden, need_weight, need_bias))
     return (dh.to(hidden.dtype) if dh is not None else _empty(hidden),
             dw.to(weight.dtype) if dw is not None else _empty(weight),
@@ -136,7 +136,7 @@ def logprobs_backward(
 
 
 @logprobs_backward.register_fake
-def _(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_entropy, options, backend,
+def _(hidden, weight, bias, targets, lse, logp, mean_z, grad_logp, grad_entropy, options, backend,
       need_hidden, need_weight, need_bias):
     need_bias = need_bias and bias is not None
     return (torch.empty_like(hidden) if need_hidden else _empty(hidden),
@@ -146,17 +146,17 @@ def _(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_entropy, optio
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, options, backend = inputs
-    _, _, lse, mean_z = output
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, mean_z)
+    logp, _, lse, mean_z = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, logp, mean_z)
     ctx.options, ctx.backend = options, backend
     ctx.return_entropy = decode_options(options)[0].return_entropy
 
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_lse, _grad_mean_z):
-    hidden, weight, bias, targets, lse, mean_z = ctx.saved_tensors
+    hidden, weight, bias, targets, lse, logp, mean_z = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     dh, dw, db = logprobs_backward(
-        hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_entropy if ctx.return_entropy else None,
+        hidden, weight, bias, targets, lse, logp, mean_z, grad_logp, grad_entropy if ctx.return_entropy else None,
         ctx.options, ctx.backend, need_h, need_w, need_b and bias is not None,
     )
     return (dh if need_h else None, dw if need_w else None, db if (need_b and bias is not None) else None,
