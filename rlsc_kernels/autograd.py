@@ -44,10 +44,17 @@ def not_differentiable(grads, what: str):
     return tuple(out)
 
 
+def scored(targets: torch.Tensor, ignore_index: int, vocab_size: int) -> torch.Tensor:
+    """Tokens that are scored: target in [0, V). ignore_index, and with check_values=False any
+    id outside the vocabulary, count as ignored (an elementwise mask: no sync, no extra pass)."""
+    return (targets != ignore_index) & (targets >= 0) & (targets < vocab_size)
+
+
 class LinearLogprobsFunction(torch.autograd.Function):
-    """Ignored tokens (targets == ignore_index) are handled here, once for every backend: their
-    outputs are 0 and their upstream gradients are zeroed before the backend's backward, so
-    they contribute nothing to any gradient. Zero tokens (an empty batch) never reach a
+    """Ignored tokens (targets == ignore_index, and ids outside [0, V) that check_values=False
+    let through) are handled here, once for every backend: their outputs are 0 and their
+    upstream gradients are zeroed before the backend's backward, so they contribute nothing to
+    any gradient. The backends' kernels never read or write out of bounds for any id. Zero tokens (an empty batch) never reach a
     backend: the outputs are empty and every gradient is zero."""
 
     @staticmethod
@@ -58,7 +65,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
             entropy, saved = (logp.clone() if opts.return_entropy else None), ()
         else:
             logp, entropy, saved = backend.forward(hidden, weight, bias, targets, opts)
-            valid = targets != opts.ignore_index
+            valid = scored(targets, opts.ignore_index, weight.shape[0])
             logp, entropy = _zero_ignored(logp, valid), _zero_ignored(entropy, valid)
         ctx.backend = backend
         ctx.opts = opts
@@ -88,7 +95,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
             zeros = [torch.zeros_like(t) if (need and t is not None) else None
                      for t, need in zip((hidden, weight, bias), needs)]
             return (*zeros, None, None, None)
-        valid = targets != opts.ignore_index
+        valid = scored(targets, opts.ignore_index, weight.shape[0])
         grad_logp, grad_entropy = _zero_ignored(grad_logp, valid), _zero_ignored(grad_entropy, valid)
         dh, dw, db = ctx.backend.backward(hidden, weight, bias, targets, tuple(saved), grad_logp, grad_entropy, opts, needs)
         dh = dh.to(hidden.dtype) if dh is not None else None

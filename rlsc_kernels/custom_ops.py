@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .autograd import scored
 from .options import BlockConfigs, FusedOptions, KernelConfig
 from .reference import output_dtype
 
@@ -108,7 +109,7 @@ def logprobs_forward(
         run_value_checks(hidden, weight, bias, targets, opts.ignore_index)
     module = backends.get(backends.resolve(backend, hidden))
     logp, entropy, (lse, mean_z, *_) = module.forward(hidden, weight, bias, targets, opts)
-    valid = targets != opts.ignore_index
+    valid = scored(targets, opts.ignore_index, weight.shape[0])
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     logp = torch.where(valid, logp, zero)
     entropy = torch.where(valid, entropy, zero) if entropy is not None else _empty(hidden, out)
@@ -138,7 +139,7 @@ def logprobs_backward(
         dw = torch.zeros_like(weight) if need_weight else _empty(weight)
         db = torch.zeros_like(bias) if need_bias else _empty(weight)
         return dh, dw, db
-    valid = targets != opts.ignore_index
+    valid = scored(targets, opts.ignore_index, weight.shape[0])
     g = torch.where(valid, grad_logp, 0.0) if grad_logp is not None else None
     e = torch.where(valid, grad_entropy, 0.0) if grad_entropy is not None else None
     module = backends.get(backends.resolve(backend, hidden))

@@ -41,7 +41,8 @@ def reference_logprobs(
         z = opts.softcap * torch.tanh(z / opts.softcap)
     z = z / (opts.temperature if temperature is None else temperature)
     log_probs = torch.log_softmax(z, dim=-1)
-    valid = targets != opts.ignore_index
+    # ids outside [0, V) (let through by check_values=False) count as ignored, as in autograd.py
+    valid = (targets != opts.ignore_index) & (targets >= 0) & (targets < weight.shape[0])
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
     logp = log_probs.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
