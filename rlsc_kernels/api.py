@@ -20,6 +20,7 @@ from .plan import (
     LogprobsPlan,
     LossPlan,
     RLSCLossOutput,
+    cast_for_autocast,
     check_alpha,
     check_reduction,
     check_temperature,
@@ -42,15 +43,21 @@ _AUTOCAST_DOC = """
 """
 
 
-def _logprobs_flat(hidden2d, weight, bias, targets1d, plan: LogprobsPlan):
-    """Per-token (logp, entropy|None) for flat inputs hidden [N, D], targets [N]; inputs already checked."""
+def _logprobs_flat(hidden2d, weight, bias, targets1d, plan: LogprobsPlan, masters=None):
+    """Per-token (logp, entropy|None) for flat inputs hidden [N, D], targets [N]; inputs already
+    checked. masters: under autocast, the same (hidden2d, weight, bias) before the autocast cast:
+    the fused Function casts them itself and returns their gradients unrounded (autograd.py)."""
     opts = plan.opts
     name = backends.resolve(plan.backend, hidden2d)
     if plan.vocab_parallel is not None:
         return vocab_parallel_logprobs(hidden2d, weight, bias, targets1d, opts, name, plan.vocab_parallel)
     if name == "reference":
         return reference_logprobs(hidden2d, weight, bias, targets1d, opts)
-    logp, entropy = LinearLogprobsFunction.apply(hidden2d, weight, bias, targets1d, opts, backends.get(name))
+    if plan.compute_dtype is not None and masters is not None:
+        logp, entropy = LinearLogprobsFunction.apply(*masters[:3], targets1d, opts, backends.get(name),
+                                                     plan.compute_dtype)
+    else:
+        logp, entropy = LinearLogprobsFunction.apply(hidden2d, weight, bias, targets1d, opts, backends.get(name))
     return logp, (entropy if opts.return_entropy else None)
 
 
@@ -129,6 +136,7 @@ def linear_logprobs(
     (rlsc_kernels/custom_ops.py): same results and gradients, a new token count is not a new
     compilation, and the value checks run inside the op.
     """
+    masters = (hidden, weight, bias)
     hidden, weight, bias, autocast_off, plan = plan_logprobs(
         hidden, weight, bias, targets, temperature=temperature, ignore_index=ignore_index,
         return_entropy=return_entropy, filter_eps=filter_eps, backend=backend, softcap=softcap, backward=backward,
@@ -137,11 +145,12 @@ def linear_logprobs(
     if plan.tracing:  # traced by Dynamo: the registered custom ops (custom_ops.py)
         from .custom_ops import traced_logprobs
 
-        return traced_logprobs(hidden, weight, bias, targets, plan, autocast_off)
+        return traced_logprobs(hidden, weight, bias, targets, plan, autocast_off, masters)
     _value_checks(hidden, weight, bias, targets, plan)
     lead_shape = targets.shape
     with autocast_off:
-        logp, entropy = _logprobs_flat(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), plan)
+        logp, entropy = _logprobs_flat(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), plan,
+                                       (masters[0].reshape(-1, masters[0].shape[-1]), masters[1], masters[2]))
     logp = logp.reshape(lead_shape)
     if return_entropy:
         return logp, entropy.reshape(lead_shape)
@@ -269,6 +278,7 @@ def linear_rlsc_loss(
     token_entropy hold every position of the input (0 where unscored) rather than the scored
     tokens only, and the packed form needs num_sequences=.
     """
+    masters = (hidden, weight, bias)
     hidden, weight, bias, autocast_off, plan = plan_loss(
         hidden, weight, bias, targets, temperature=temperature, alpha=alpha, weighting=weighting, reduction=reduction,
         ignore_index=ignore_index, filter_eps=filter_eps, backend=backend, return_entropy=return_entropy,
@@ -278,17 +288,20 @@ def linear_rlsc_loss(
     if plan.op.tracing:  # traced by Dynamo: the registered custom ops (custom_ops.py)
         from .custom_ops import traced_rlsc_loss
 
-        return traced_rlsc_loss(hidden, weight, bias, targets, completion_mask, seq_index, plan, autocast_off)
-    return _run_loss(hidden, weight, bias, targets, completion_mask, seq_index, plan, autocast_off)
+        return traced_rlsc_loss(hidden, weight, bias, targets, completion_mask, seq_index, plan, autocast_off, masters)
+    return _run_loss(hidden, weight, bias, targets, completion_mask, seq_index, plan, autocast_off, masters)
 
 
-def _run_loss(hidden, weight, bias, targets, completion_mask, seq_index, plan: LossPlan, autocast_off):
+def _run_loss(hidden, weight, bias, targets, completion_mask, seq_index, plan: LossPlan, autocast_off, masters):
     """The eager loss: select the scored tokens, check values (one sync), then the single pass
-    where the plan allows it, else the per-token op and the weights on top."""
+    where the plan allows it, else the per-token op and the weights on top. masters: the
+    (hidden, weight, bias) before an autocast cast (see _logprobs_flat)."""
     op = plan.op
     ignore_index = op.opts.ignore_index
-    h, y, seq, S, seq_checks = _select_tokens(hidden, targets, completion_mask, seq_index, plan.num_sequences,
-                                              ignore_index)
+    selected_from = masters[0] if op.compute_dtype is not None else hidden
+    h_master, y, seq, S, seq_checks = _select_tokens(selected_from, targets, completion_mask, seq_index,
+                                                     plan.num_sequences, ignore_index)
+    h = cast_for_autocast(h_master, op.compute_dtype) if op.compute_dtype is not None else h_master
     y = y.long()  # int32 targets are legal; every path below sees int64
     weighting = plan.weighting
     if isinstance(weighting, torch.Tensor):
@@ -306,7 +319,7 @@ def _run_loss(hidden, weight, bias, targets, completion_mask, seq_index, plan: L
             loss, token_logp, seq_logp, seq_weight, token_entropy = single
             # detached on every path (a custom Function's non-differentiable output keeps a grad_fn)
             return RLSCLossOutput(loss, seq_logp, seq_weight.detach(), token_logp, n_tokens, token_entropy)
-        token_logp, token_entropy = _logprobs_flat(h, weight, bias, y, op)
+        token_logp, token_entropy = _logprobs_flat(h, weight, bias, y, op, (h_master, masters[1], masters[2]))
         seq_logp = torch.zeros(S, dtype=token_logp.dtype, device=h.device).index_add(0, seq, token_logp)
         seq_weight = rlsc_weights(seq_logp, n_tokens, weighting, plan.alpha)
         loss = -(seq_weight.to(seq_logp.dtype) * seq_logp).sum()

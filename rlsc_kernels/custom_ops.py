@@ -56,18 +56,20 @@ _LIB = "rlsc_kernels"
 _FIELDS = tuple(f.name for f in dataclasses.fields(FusedOptions))
 
 
-def encode_options(opts: FusedOptions, check_values: bool) -> str:
-    """The options as the JSON string the ops take (traceable: see _encode)."""
-    return _encode(bool(check_values), *(getattr(opts, name) for name in _FIELDS))
+def encode_options(opts: FusedOptions, check_values: bool, compute_dtype: Optional[torch.dtype] = None) -> str:
+    """The options as the JSON string the ops take (traceable: see _encode). compute_dtype: the
+    autocast dtype the ops cast hidden, weight and bias to (they take the master tensors)."""
+    dtype_name = None if compute_dtype is None else str(compute_dtype).replace("torch.", "")
+    return _encode(bool(check_values), dtype_name, *(getattr(opts, name) for name in _FIELDS))
 
 
 # Dynamo cannot trace json; the string depends on constants only, so it is computed at trace time
 # and baked into the graph. Fields go one by one: Dynamo passes a dataclass built inside the
 # traced frame to such a function with its default field values.
 @torch._dynamo.assume_constant_result
-def _encode(check_values, *values) -> str:
+def _encode(check_values, compute_dtype, *values) -> str:
     fields = {name: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for name, v in zip(_FIELDS, values)}
-    return json.dumps({"opts": fields, "check_values": check_values}, sort_keys=True)
+    return json.dumps({"opts": fields, "check_values": check_values, "compute_dtype": compute_dtype}, sort_keys=True)
 
 
 def decode_options(text: str, temperature: Optional[Tensor] = None) -> Tuple[FusedOptions, bool]:
@@ -89,6 +91,19 @@ def decode_options(text: str, temperature: Optional[Tensor] = None) -> Tuple[Fus
     return FusedOptions(**fields), data["check_values"]
 
 
+def _compute_inputs(hidden, weight, bias, options: str):
+    """(hidden, weight, bias, opts) as the backend sees them: cast to the autocast dtype the
+    options name (masters in, so the gradients go back unrounded: autograd.py), with
+    dweight_fp32 for an fp32 master weight."""
+    dtype_name = json.loads(options).get("compute_dtype")
+    if dtype_name is None:
+        return hidden, weight, bias, False
+    dtype = getattr(torch, dtype_name)
+    wide = weight.dtype == torch.float32 and dtype != torch.float32
+    cast = lambda t: t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t  # noqa: E731
+    return cast(hidden), cast(weight), cast(bias), wide
+
+
 def _empty(like: Tensor, dtype=None) -> Tensor:
     return like.new_empty(0, dtype=dtype or like.dtype)
 
@@ -99,6 +114,7 @@ def logprobs_forward(
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     opts, check_values = decode_options(options, temperature)
+    hidden, weight, bias, _ = _compute_inputs(hidden, weight, bias, options)
     N = hidden.shape[0]
     out = output_dtype(hidden.dtype)
     if N == 0:
@@ -139,12 +155,17 @@ def logprobs_backward(
         dw = torch.zeros_like(weight) if need_weight else _empty(weight)
         db = torch.zeros_like(bias) if need_bias else _empty(weight)
         return dh, dw, db
+    masters = (hidden, weight, bias)
+    hidden, weight, bias, wide = _compute_inputs(hidden, weight, bias, options)
+    if wide:
+        opts = dataclasses.replace(opts, dweight_fp32=True)
     valid = scored(targets, opts.ignore_index, weight.shape[0])
     g = torch.where(valid, grad_logp, 0.0) if grad_logp is not None else None
     e = torch.where(valid, grad_entropy, 0.0) if grad_entropy is not None else None
     module = backends.get(backends.resolve(backend, hidden))
     saved = (lse, mean_z if opts.return_entropy else None, logp)
     dh, dw, db = module.backward(hidden, weight, bias, targets, saved, g, e, opts, (need_hidden, need_weight, need_bias))
+    hidden, weight, bias = masters  # the one rounding: to the masters' dtypes
     return (dh.to(hidden.dtype) if dh is not None else _empty(hidden),
             dw.to(weight.dtype) if dw is not None else _empty(weight),
             db.to(bias.dtype) if db is not None else _empty(weight))
@@ -182,12 +203,13 @@ torch.library.register_autograd(f"{_LIB}::logprobs_forward", _backward, setup_co
 
 
 def fused_logprobs(hidden2d, weight, bias, targets1d, opts: FusedOptions, backend: str, check_values: bool,
-                   temperature: Tensor):
+                   temperature: Tensor, compute_dtype: Optional[torch.dtype] = None):
     """(logp [N], entropy [N] | None) through the custom ops; inputs already checked for shape/dtype.
     temperature: 0-d tensor (opts.temperature is ignored: the options string stays one constant
-    while a schedule changes the temperature)."""
+    while a schedule changes the temperature). compute_dtype: under autocast, hidden2d, weight
+    and bias are the masters and the ops cast them."""
     logp, entropy, _, _ = logprobs_forward(hidden2d, weight, bias, targets1d, temperature,
-                                           encode_options(opts, check_values), backend)
+                                           encode_options(opts, check_values, compute_dtype), backend)
     return logp, (entropy if opts.return_entropy else None)
 
 
@@ -203,14 +225,19 @@ def _temperature_tensor(temperature) -> Tensor:
     return torch.ones((), dtype=torch.float64) * temperature
 
 
-def traced_logprobs(hidden, weight, bias, targets, plan, autocast_off):
-    """linear_logprobs under Dynamo: hidden, weight, bias already cast and checked by the plan."""
+def traced_logprobs(hidden, weight, bias, targets, plan, autocast_off, masters=None):
+    """linear_logprobs under Dynamo: hidden, weight, bias already cast and checked by the plan;
+    masters: the same before an autocast cast (the ops then cast, and return unrounded grads)."""
     opts = plan.opts
     h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     temperature = _temperature_tensor(plan.temperature)
     with autocast_off:
         if plan.backend == "reference":
             logp, entropy = reference_logprobs_scaled(h, weight, bias, y, opts, temperature)
+        elif plan.compute_dtype is not None and masters is not None:
+            mh = masters[0].reshape(-1, masters[0].shape[-1])
+            logp, entropy = fused_logprobs(mh, masters[1], masters[2], y, opts, plan.backend, plan.check_values,
+                                           temperature, plan.compute_dtype)
         else:
             logp, entropy = fused_logprobs(h, weight, bias, y, opts, plan.backend, plan.check_values, temperature)
     logp = logp.reshape(targets.shape)
@@ -224,7 +251,7 @@ def reference_logprobs_scaled(hidden, weight, bias, targets, opts, temperature: 
     return reference_logprobs(hidden, weight, bias, targets, opts, temperature=temperature)
 
 
-def traced_rlsc_loss(hidden, weight, bias, targets, completion_mask, seq_index, plan, autocast_off):
+def traced_rlsc_loss(hidden, weight, bias, targets, completion_mask, seq_index, plan, autocast_off, masters=None):
     """linear_rlsc_loss under Dynamo, from the per-token custom op (module docstring)."""
     from .plan import MASK_DTYPES, RLSCLossOutput
     from .validation import check_tensor
@@ -259,7 +286,7 @@ def traced_rlsc_loss(hidden, weight, bias, targets, completion_mask, seq_index, 
             seq, S = seq_index.long(), plan.num_sequences
     else:
         raise ValueError(f"hidden must be [B, T, D] (padded form) or [N, D] (packed form), got shape {list(hidden.shape)}")
-    token_out = traced_logprobs(hidden, weight, bias, targets, op, autocast_off)
+    token_out = traced_logprobs(hidden, weight, bias, targets, op, autocast_off, masters)
     token_logp, token_entropy = token_out if op.opts.return_entropy else (token_out, None)
     flat_logp = token_logp.reshape(-1)
     valid = targets.reshape(-1) != ignore_index

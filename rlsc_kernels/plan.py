@@ -78,6 +78,11 @@ def autocast_dtype(hidden) -> Optional[torch.dtype]:
         return None
 
 
+def cast_for_autocast(t, dtype):
+    """t in the autocast dtype if it is a castable float tensor (differentiable), else t."""
+    return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_CASTABLE else t
+
+
 def autocast_inputs(hidden, weight, bias):
     """Like F.linear under torch.autocast: hidden, weight and bias in the region's dtype (the
     casts are differentiable, so an fp32 master weight gets its gradient in fp32). The op then
@@ -86,9 +91,7 @@ def autocast_inputs(hidden, weight, bias):
     if dtype is None:
         return hidden, weight, bias, contextlib.nullcontext()
 
-    def cast(t):
-        return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_CASTABLE else t
-
+    cast = lambda t: cast_for_autocast(t, dtype)  # noqa: E731
     return cast(hidden), cast(weight), cast(bias), torch.autocast(hidden.device.type, enabled=False)
 
 
@@ -176,6 +179,7 @@ class LogprobsPlan:
     vocab_parallel: Any
     tracing: bool
     temperature: Any  # float (eager); float, SymFloat or 0-d tensor (tracing)
+    compute_dtype: Optional[torch.dtype] = None  # the autocast dtype, where autocast is on
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,7 @@ def plan_logprobs(hidden, weight, bias, targets, *, temperature, ignore_index, r
     """Validates a per-token call and plans it. Returns (hidden, weight, bias, autocast_off,
     plan): the tensors cast as autocast would (differentiably), the context the run goes in."""
     tracing = torch.compiler.is_compiling()
+    compute_dtype = autocast_dtype(hidden)
     hidden, weight, bias, autocast_off = autocast_inputs(hidden, weight, bias)
     check_head(hidden, weight, bias, targets, ignore_index)
     check_backend(backend)
@@ -226,7 +231,7 @@ def plan_logprobs(hidden, weight, bias, targets, *, temperature, ignore_index, r
         softcap=check_softcap(softcap),
     )
     _check_vocab_parallel(vocab_parallel, weight, bias, tracing)
-    plan = LogprobsPlan(opts, backend, check_values, vocab_parallel, tracing, temperature)
+    plan = LogprobsPlan(opts, backend, check_values, vocab_parallel, tracing, temperature, compute_dtype)
     return hidden, weight, bias, autocast_off, plan
 
 

@@ -254,7 +254,8 @@ def _backward_sliced(hidden, weight, bias, targets, lse, logp, mean_z, g, e, opt
     tile_mask = torch.empty(n_nblocks * triton.cdiv(slice_rows, tile.block_v), dtype=torch.int8, device=dev)
     one = torch.ones((), dtype=torch.float32, device=dev)
     dh = torch.zeros(N, D, dtype=torch.float32, device=dev) if need_h else None
-    dw = torch.empty(V, D, dtype=weight.dtype, device=dev) if need_w else None
+    dw_dtype = torch.float32 if opts.dweight_fp32 else weight.dtype
+    dw = torch.empty(V, D, dtype=dw_dtype, device=dev) if need_w else None
     db = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
     flags = dict(DOT_UPCAST=upcast, DOT_PRECISION=precision)
     for v_lo in range(0, V, slice_rows):
@@ -327,10 +328,17 @@ def _library_matmuls(grad_logits, hidden, weight_slice, dh, dw_slice, sigma=None
     unit upstream gradient's result, so it neither overflows nor flushes, and the scaling by the
     power of two sigma is exact (no fp32 temporary the size of the slice: at small N a slice can
     hold the whole vocabulary)."""
-    if dw_slice is not None:
+    if dw_slice is not None and dw_slice.dtype == grad_logits.dtype:
         torch.mm(grad_logits.T, hidden, out=dw_slice)
         if sigma is not None:
             dw_slice.mul_(sigma)
+    elif dw_slice is not None:  # fp32 dweight of 16-bit inputs (opts.dweight_fp32): blocks of rows
+        for r0 in range(0, dw_slice.shape[0], MIN_SLICE_ROWS):
+            r1 = min(dw_slice.shape[0], r0 + MIN_SLICE_ROWS)
+            part = dw_slice[r0:r1]
+            part.copy_(_mm_fp32_out(grad_logits[:, r0:r1].T, hidden))
+            if sigma is not None:
+                part.mul_(sigma)
     if dh is not None:
         dh += _mm_fp32_out(grad_logits, weight_slice)
 
@@ -346,8 +354,10 @@ def _backward_fused(hidden, weight, bias, targets, lse, logp, mean_z, g, e, opts
     upcast, precision = _dot_flags(hidden.dtype)
     dh = torch.zeros(N, D, dtype=torch.float32, device=dev) if need_h else None
     db = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
-    slice_rows = _vocab_slice_rows(V, D, cfg.block_v, weight.dtype, need_w, opts.buffer_bytes)
-    if need_w and weight.dtype == torch.float32:
+    wide_dw = weight.dtype == torch.float32 or opts.dweight_fp32
+    slice_rows = _vocab_slice_rows(V, D, cfg.block_v, torch.float32 if wide_dw else weight.dtype, need_w,
+                                   opts.buffer_bytes)
+    if need_w and wide_dw:
         dw = torch.zeros(V, D, dtype=torch.float32, device=dev)
         dw_slice = dw
     elif need_w:
@@ -384,4 +394,6 @@ def _backward_fused(hidden, weight, bias, targets, lse, logp, mean_z, g, e, opts
             if sigma is not None:
                 dw_slice.mul_(sigma)  # fp32, before the one rounding to the weight dtype
             dw[v_lo:v_hi].copy_(dw_slice[: v_hi - v_lo])
+    if dw is not None and dw is dw_slice and sigma is not None:
+        dw.mul_(sigma)
     return dh, dw, db
