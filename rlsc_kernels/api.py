@@ -49,6 +49,8 @@ def _logprobs_flat(hidden2d, weight, bias, targets1d, plan: LogprobsPlan, master
     the fused Function casts them itself and returns their gradients unrounded (autograd.py)."""
     opts = plan.opts
     name = backends.resolve(plan.backend, hidden2d)
+    if plan.vocab_parallel is not None and name != "reference" and plan.compute_dtype is not None and masters:
+        return vocab_parallel_logprobs(*masters[:3], targets1d, opts, name, plan.vocab_parallel, plan.compute_dtype)
     if plan.vocab_parallel is not None:
         return vocab_parallel_logprobs(hidden2d, weight, bias, targets1d, opts, name, plan.vocab_parallel)
     if name == "reference":
@@ -356,12 +358,13 @@ class LinearRLSCLoss(torch.nn.Module):
         unknown = sorted(set(execution) - set(allowed))
         if unknown:
             raise TypeError(f"LinearRLSCLoss got unexpected keyword arguments {unknown}; execution options are {allowed}")
-        check_temperature(temperature)
+        tracing = torch.compiler.is_compiling()  # built inside a compiled step: floats stay symbolic
+        check_temperature(temperature, tracing=tracing)
         check_backend(backend)
         check_weighting(weighting)
         check_reduction(reduction)
         self.options = dict(
-            temperature=temperature, alpha=check_alpha(alpha), weighting=weighting, reduction=reduction,
+            temperature=temperature, alpha=check_alpha(alpha, tracing=tracing), weighting=weighting, reduction=reduction,
             ignore_index=ignore_index, filter_eps=filter_eps, backend=backend, return_entropy=return_entropy,
             **execution,
         )

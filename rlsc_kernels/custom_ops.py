@@ -113,6 +113,13 @@ def logprobs_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: Tensor, options: str,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    # the backends pick their own precisions: an autocast region around a direct call of the op
+    # must not recast their fp32 matmuls (the autocast dtype comes in the options)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _logprobs_forward(hidden, weight, bias, targets, temperature, options, backend)
+
+
+def _logprobs_forward(hidden, weight, bias, targets, temperature, options, backend):
     opts, check_values = decode_options(options, temperature)
     hidden, weight, bias, _ = _compute_inputs(hidden, weight, bias, options)
     N = hidden.shape[0]
@@ -148,6 +155,13 @@ def logprobs_backward(
     mean_z: Tensor, grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], temperature: Tensor, options: str,
     backend: str, need_hidden: bool, need_weight: bool, need_bias: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
+    with torch.autocast(hidden.device.type, enabled=False):  # as in logprobs_forward
+        return _logprobs_backward(hidden, weight, bias, targets, lse, logp, mean_z, grad_logp, grad_entropy,
+                                  temperature, options, backend, need_hidden, need_weight, need_bias)
+
+
+def _logprobs_backward(hidden, weight, bias, targets, lse, logp, mean_z, grad_logp, grad_entropy, temperature,
+                       options, backend, need_hidden, need_weight, need_bias):
     opts, _ = decode_options(options, temperature)
     need_bias = need_bias and bias is not None
     if hidden.shape[0] == 0 or (grad_logp is None and grad_entropy is None):

@@ -180,6 +180,9 @@ def _local_targets(targets: torch.Tensor, vocab_parallel: VocabParallel, ignore_
     return local, in_slice
 
 
+_CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class _ReferenceSlice:
     """The naive full-logits sweeps on one slice (backend="reference" under vocab_parallel):
     the slice's [N, stop - start] logits are materialised; GEMM in the input dtype and softmax
@@ -237,8 +240,16 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
     Ignored tokens get 0 outputs and no gradient, as in autograd.LinearLogprobsFunction."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, opts: FusedOptions, backend, vocab_parallel: VocabParallel):
+    def forward(ctx, hidden, weight, bias, targets, opts: FusedOptions, backend, vocab_parallel: VocabParallel,
+                compute_dtype=None):
         ctx.set_materialize_grads(False)  # an output nobody backpropagates through costs nothing
+        # autocast: masters in, cast here, gradients back in the masters' dtypes (autograd.py)
+        ctx.grad_dtypes = tuple(None if t is None else t.dtype for t in (hidden, weight, bias))
+        if compute_dtype is not None:
+            if weight.dtype == torch.float32 and compute_dtype != torch.float32:
+                opts = replace(opts, dweight_fp32=True)
+            hidden, weight, bias = (t.to(compute_dtype) if t is not None and t.dtype in _CASTABLE else t
+                                    for t in (hidden, weight, bias))
         ctx.backend = backend
         ctx.opts = opts
         ctx.vocab_parallel = vocab_parallel
@@ -295,7 +306,9 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
             # asked, no collective.
             hidden, weight, bias = ctx.saved_tensors[:3]
             zero = lambda x, i: torch.zeros_like(x) if x is not None and ctx.needs_input_grad[i] else None  # noqa: E731
-            return zero(hidden, 0), zero(weight, 1), zero(bias, 2), None, None, None, None
+            grads = [zero(hidden, 0), zero(weight, 1), zero(bias, 2)]
+            grads = [g.to(d) if g is not None else None for g, d in zip(grads, ctx.grad_dtypes)]
+            return (*grads, None, None, None, None, None)
         hidden, weight, bias, targets, local, lse, logp, mean_z = ctx.saved_tensors
         valid = targets != opts.ignore_index
         grad_logp, grad_entropy = _zero_ignored(grad_logp, valid), _zero_ignored(grad_entropy, valid)
@@ -305,13 +318,15 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
         if dh is not None:
             dh = dh.to(output_dtype(hidden.dtype))  # fp32 (fp64 for fp64 inputs) on the wire
             dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.vocab_parallel.group)
-            dh = dh.to(hidden.dtype)
-        dw = dw.to(weight.dtype) if dw is not None else None
-        db = db.to(bias.dtype) if db is not None else None
-        return dh, dw, db, None, None, None, None
+        h_dtype, w_dtype, b_dtype = ctx.grad_dtypes  # the one rounding: to the callers' dtypes
+        dh = dh.to(h_dtype) if dh is not None else None
+        dw = dw.to(w_dtype) if dw is not None else None
+        db = db.to(b_dtype) if db is not None else None
+        return dh, dw, db, None, None, None, None, None
 
 
-def vocab_parallel_logprobs(hidden, weight, bias, targets, opts: FusedOptions, backend_name: str, vocab_parallel):
+def vocab_parallel_logprobs(hidden, weight, bias, targets, opts: FusedOptions, backend_name: str, vocab_parallel,
+                            compute_dtype=None):
     """Per-token (logp [N], entropy [N] | None) for flat, checked inputs: hidden [N, D] and
     targets [N] (global ids) replicated on every rank, weight [stop - start, D] and bias the
     rank's slice. backend_name: a resolved backend ("torch", "triton", "native", "reference")."""
@@ -321,5 +336,6 @@ def vocab_parallel_logprobs(hidden, weight, bias, targets, opts: FusedOptions, b
         from . import backends
 
         backend = backends.get(backend_name)
-    logp, entropy = VocabParallelLogprobsFunction.apply(hidden, weight, bias, targets, opts, backend, vocab_parallel)
+    logp, entropy = VocabParallelLogprobsFunction.apply(hidden, weight, bias, targets, opts, backend, vocab_parallel,
+                                                        compute_dtype)
     return logp, (entropy if opts.return_entropy else None)

@@ -33,6 +33,8 @@ position returns zeros that are connected to the graph (backward works, gradient
 """
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import types
 from dataclasses import dataclass
@@ -194,12 +196,21 @@ def scaled_op_inputs(hidden, weight, bias, scale: float, dtype: Optional[torch.d
 def _score_tokens(model, head, hidden: torch.Tensor, targets: torch.Tensor, settings: _HeadSettings):
     """Per-token (log_probs, entropy|None) of the scored tokens: hidden [n, D], targets [n] (all
     scored, n >= 1). Runs where the head's parameters are plain tensors."""
-    inputs = head_inputs(model, hidden, head=head, dtype=torch.float32 if settings.cast_lm_head_to_fp32 else None)
+    # Under autocast the op itself casts (so the head's fp32 master gradient is never rounded to
+    # 16 bits: a GradScaler-scaled gradient neither overflows nor flushes); without autocast, or
+    # with cast_lm_head_to_fp32, the inputs are cast here and the op runs with autocast off.
+    keep_autocast = torch.is_autocast_enabled(hidden.device.type) and not settings.cast_lm_head_to_fp32
+    if keep_autocast:
+        dtype = (head if head is not None else model.get_output_embeddings()).weight.dtype
+    else:
+        dtype = torch.float32 if settings.cast_lm_head_to_fp32 else None
+    inputs = head_inputs(model, hidden, head=head, dtype=dtype)
     kwargs = dict(settings.op_kwargs)
     if inputs.softcap is not None:
         kwargs["softcap"] = inputs.softcap
     want_entropy = "entropy" in settings.outputs
-    with torch.autocast(inputs.weight.device.type, enabled=False):
+    region = contextlib.nullcontext() if keep_autocast else torch.autocast(inputs.weight.device.type, enabled=False)
+    with region:
         result = linear_logprobs(inputs.hidden, inputs.weight, targets, bias=inputs.bias,
                                  temperature=settings.temperature, return_entropy=want_entropy, **kwargs)
     return result if want_entropy else (result, None)
