@@ -104,7 +104,9 @@ def regimes_markdown(gpu_status: str = "written (tests/rlsc_kernels/test_gpu.py)
     for dim, values in DIMENSIONS.items():
         for value in values:
             n = sum(1 for c in cases if c[dim] == value)
-            lines.append(f"| {dim} | {value} | {n} matrix cases | {gpu_status} |")
+            here = f"{n} matrix cases" + (" (interpreter)" if value == "triton" else "")
+            gpu = "n/a: the CPU backend (its cases run on Triton there)" if value == "native" else gpu_status
+            lines.append(f"| {dim} | {value} | {here} | {gpu} |")
     lines.append("")
     lines.append("| Not supported | Why |")
     lines.append("|---|---|")

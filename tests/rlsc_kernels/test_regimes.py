@@ -184,3 +184,12 @@ def test_the_op_is_planned_below_api_and_custom_ops_and_nothing_climbs_back():
     plan_imports = set(_imports(root / "plan.py"))
     assert not plan_imports & {"api", "custom_ops", "single_pass", "vocab_parallel.api"}
     assert "custom_ops" not in plan_imports
+
+
+def test_readme_regimes_table_is_generated_from_the_matrix():
+    from .regime_matrix import regimes_markdown
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    texts = [root.joinpath("README.md").read_text()] + [p.read_text() for p in sorted(root.glob("docs/*.md"))]
+    assert any(regimes_markdown() in t for t in texts), (
+        "regenerate the README's 'Supported regimes' table with tests/rlsc_kernels/regime_matrix.py:regimes_markdown()")
