@@ -84,7 +84,10 @@ _OPTION_DOCS = """
       block; Triton: the logit-gradient slice, or the fused backward's fp32 dweight slice);
       None = the backend's default.
     check_values: True (default) checks target ids and finiteness with one device-to-host sync;
-      False skips them (garbage in, garbage out) for a trusted hot loop.
+      False skips them for a trusted hot loop: no sync and no extra pass, and never memory
+      corruption: no kernel reads or writes out of bounds for any target id. On the two-sweep
+      paths an id outside [0, V) that is not ignore_index counts as ignored (log-prob 0,
+      entropy 0, no gradient); NaN / inf inputs give NaN outputs.
     block_configs: rlsc_kernels.BlockConfigs of Triton block sizes for this call (tests and
       tuning); None = the shipped ones.
     vocab_parallel: rlsc_kernels.VocabParallel(start, stop, group) when weight (and bias) hold
@@ -134,9 +137,16 @@ def linear_logprobs(
     Any layout of any tensor argument (sliced, transposed, expanded, offset) gives the result of
     its contiguous copy. Zero tokens are legal: the outputs are empty and still differentiable
     (zero gradients). With check_values=False the call makes no device-to-host sync.
+    temperature: a float > 0, or a 0-d float tensor (a schedule's value; a CUDA tensor costs one
+    host read in an eager call).
     Under torch.compile (also fullgraph=True) the op runs as registered custom ops
     (rlsc_kernels/custom_ops.py): same results and gradients, a new token count is not a new
-    compilation, and the value checks run inside the op.
+    compilation, nor is a new temperature (a Python float Dynamo makes dynamic, or a 0-d
+    tensor), and the value checks run inside the op.
+    Precision: logits, their gradient and the gradient accumulations are fp32; the upstream
+    gradient meets them in fp32 (a GradScaler's 2^16 cannot overflow a 16-bit intermediate) and
+    the gradients are rounded once, to the dtypes of the tensors passed (under autocast, the fp32
+    masters: not rounded to 16 bits at all).
     """
     masters = (hidden, weight, bias)
     hidden, weight, bias, autocast_off, plan = plan_logprobs(
@@ -257,6 +267,8 @@ def linear_rlsc_loss(
       empty micro-batch must take part in the backward).
     weighting: "rlsc" (w = exp(L) + alpha), "rlsc-l1" (exp(L)), "entropy" (1 + L), "length"
       (exp(L / n_tokens) + alpha), or a float tensor [S] of external weights; always detached.
+    temperature, alpha: floats, or 0-d float tensors (a schedule's values); under torch.compile
+      new values do not recompile.
     reduction: "sum", or "mean" = the sum divided by S, the number of sequences, counting those
       with no scored token (so micro-batches compose), and by 1 when S = 0. For micro-batches of
       one batch use "sum" and scale by 1 / S_total: each weight depends on its own sequence
