@@ -24,6 +24,11 @@ The temperature is a 0-d float64 tensor argument, not part of the options string
 that changes it every step (a Python float Dynamo makes dynamic, or a 0-d tensor) is a new value
 of a graph input, not a new graph. Alpha only enters the weights, plain tensor arithmetic.
 
+Autocast: the public ops pass the fp32 master tensors and name the autocast dtype in the options
+string; the ops cast inside and return the masters' gradients unrounded. The ops' bodies run with
+autocast off, so a direct call of torch.ops.rlsc_kernels.logprobs_forward inside an autocast
+region computes in its inputs' dtypes unless the options name a compute dtype.
+
 The module is imported by the first traced call (it imports torch._dynamo, which a plain
 ``import rlsc_kernels`` should not pay for); import it yourself to have the ops registered up front.
 
