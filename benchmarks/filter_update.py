@@ -80,7 +80,7 @@ def head_grad(weight_master, hidden, targets, seq, S, temperature, filter_eps, b
     h16, w16 = hidden.bfloat16(), weight_master.detach().bfloat16()
     opts = FusedOptions(temperature=temperature, filter_eps=filter_eps, backward=backward, grad_matmul=grad_matmul)
     with torch.no_grad():
-        logp, _, (lse, _) = torch_chunked.forward(h16, w16, None, targets, opts)
+        logp, _, (lse, _, _) = torch_chunked.forward(h16, w16, None, targets, opts)
         seq_logp = torch.zeros(S).index_add(0, seq, logp)
         n_tokens = torch.bincount(seq, minlength=S)
         seq_weight = rk.rlsc_weights(seq_logp, n_tokens, "rlsc", 0.1)

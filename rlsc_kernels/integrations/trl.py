@@ -110,10 +110,14 @@ class RlscChunkedLogProb:
                     *(empty.detach().clone() if name in outputs else None
                       for name in ("log_sum_sq_probs", "mean_logits", "is_top1")))
         device_type = hidden.device.type
-        h, w, b = scaled_op_inputs(hidden, weight, bias, logit_scale, None, default_dtype=hidden.dtype)
+        # Under autocast the op casts: the masters' gradients are never rounded to 16 bits (a
+        # GradScaler-scaled gradient neither overflows nor flushes). Else one dtype here.
+        keep_autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.promote_types(hidden.dtype, weight.dtype) if keep_autocast else None
+        h, w, b = scaled_op_inputs(hidden, weight, bias, logit_scale, dtype, default_dtype=hidden.dtype)
         want_entropy = "entropy" in outputs
         softcap = {"softcap": float(final_logit_softcapping)} if final_logit_softcapping is not None else {}
-        with torch.autocast(device_type, enabled=False):
+        with contextlib.nullcontext() if keep_autocast else torch.autocast(device_type, enabled=False):
             result = linear_logprobs(h, w, targets, bias=b, temperature=temperature, return_entropy=want_entropy,
                                      filter_eps=None, **softcap)
         logprobs, entropy = result if want_entropy else (result, None)

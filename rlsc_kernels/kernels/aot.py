@@ -51,7 +51,8 @@ def _forward_signature(ty: str):
 
 def _backward_signature(ty: str):
     sig = {"hidden_ptr": f"*{ty}", "weight_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "targets_ptr": "*i64"}
-    for name in ("lse_ptr", "mean_z_ptr", "grad_logp_ptr", "grad_entropy_ptr", "dhidden_ptr", "dweight_ptr", "dbias_ptr"):
+    for name in ("lse_ptr", "logp_ptr", "mean_z_ptr", "grad_logp_ptr", "grad_entropy_ptr", "dhidden_ptr", "dweight_ptr",
+                 "dbias_ptr"):
         sig[name] = "*fp32"
     for name in ("N", "D", "v_lo", "v_hi", "stride_hn", "stride_hd", "stride_wv", "stride_wd", "stride_dhn", "stride_dwv"):
         sig[name] = "i32"
@@ -63,7 +64,7 @@ def _backward_signature(ty: str):
 
 def _grad_logits_signature(ty: str):
     sig = {"hidden_ptr": f"*{ty}", "weight_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "targets_ptr": "*i64"}
-    for name in ("lse_ptr", "mean_z_ptr", "grad_logp_ptr", "grad_entropy_ptr"):
+    for name in ("lse_ptr", "logp_ptr", "mean_z_ptr", "grad_logp_ptr", "grad_entropy_ptr"):
         sig[name] = "*fp32"
     sig.update(grad_logits_ptr=f"*{ty}", tile_mask_ptr="*i8", dbias_ptr="*fp32")
     for name in ("N", "D", "v_lo", "v_hi", "n_vblocks", "stride_hn", "stride_hd", "stride_wv", "stride_wd", "stride_gn"):
@@ -75,7 +76,8 @@ def _grad_logits_signature(ty: str):
 
 
 def _grad_weight_signature(ty: str):
-    sig = {"grad_logits_ptr": f"*{ty}", "hidden_ptr": f"*{ty}", "tile_mask_ptr": "*i8", "dweight_ptr": f"*{ty}"}
+    sig = {"grad_logits_ptr": f"*{ty}", "hidden_ptr": f"*{ty}", "tile_mask_ptr": "*i8", "dweight_ptr": f"*{ty}",
+           "scale_ptr": "*fp32"}
     for name in ("N", "D", "VS", "n_mask_vblocks", "stride_gn", "stride_hn", "stride_hd", "stride_dwv"):
         sig[name] = "i32"
     return sig
@@ -161,14 +163,14 @@ def compile_kernel(kernel: str, dtype: str, config, flags: Dict[str, bool], arch
             constexprs["BLOCK_N"] = config.block_n
     elif kernel == "grad_logits":
         fn, sig = grad_logits_kernel, _grad_logits_signature(ty)
-        constexprs.update(GROUP_N=config.group_n, COMPUTE_DB=flags.get("COMPUTE_DB", False), FILTER=flags.get("FILTER", True),
+        constexprs.update(GROUP_N=config.group_n, HAS_LOGP=True, COMPUTE_DB=flags.get("COMPUTE_DB", False), FILTER=flags.get("FILTER", True),
                           ZERO_SKIPPED=flags.get("ZERO_SKIPPED", True))
     elif kernel == "forward_sweep":
         fn, sig = forward_sweep_kernel, _forward_signature(ty)
         constexprs["GROUP_N"] = config.group_n
     elif kernel == "backward_sweep":
         fn, sig = backward_sweep_kernel, _backward_signature(ty)
-        constexprs.update(COMPUTE_DH=flags.get("COMPUTE_DH", True), COMPUTE_DW=flags.get("COMPUTE_DW", True),
+        constexprs.update(HAS_LOGP=True, COMPUTE_DH=flags.get("COMPUTE_DH", True), COMPUTE_DW=flags.get("COMPUTE_DW", True),
                           COMPUTE_DB=flags.get("COMPUTE_DB", False), FILTER=flags.get("FILTER", True),
                           GROUP_N=config.group_n)
     else:
