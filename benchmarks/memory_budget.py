@@ -39,7 +39,9 @@ from pathlib import Path
 
 import torch
 
-from .compare import _commit, _error_text, device_name
+from rlsc.provenance import git_commit
+
+from .compare import _error_text, device_name
 from .inputs import ALPHA, TEMPERATURE
 from .timing import _quantile
 from .train_step import build_model
@@ -389,7 +391,7 @@ def main(argv=None):
     out = args.out or Path(__file__).parent / "results" / f"memory_budget-{device.type}.json"
     png = args.png or out.with_suffix(".png")
     deadline = time.time() + args.time_budget_s
-    doc = {"device": device_name(device), "torch": torch.__version__, "commit": _commit(),
+    doc = {"device": device_name(device), "torch": torch.__version__, "commit": git_commit(),
            "date": datetime.date.today().isoformat(),
            "config": {"shape": args.shape, "layers": args.layers, "dtype": str(dtype), "sampler": args.sampler,
                       "grad_checkpointing": not args.no_grad_checkpointing, "optimizer": "AdamW lr 1e-5",

@@ -46,6 +46,7 @@ import torch
 from .config import TRAINER_WEIGHTINGS, RLSCConfig
 from .data import default_template, load_problems
 from .evaluate import evaluate_problems
+from .provenance import git_commit
 from .sampling import chat_prompt, encode_prompts
 from .train import load, log_to_stderr, train
 
@@ -189,14 +190,6 @@ def run_cell(loaded, initial_state: dict, base: RLSCConfig, task: str, method: s
         "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
         "commit": git_commit(), "machine": machine(),
     }
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def machine() -> str:

@@ -44,7 +44,7 @@ class RLSCConfig:
     max_prompts: int = _f(0, "Use only the first N questions of the source (0 = all).")
     # --- sampling ----------------------------------------------------------------------------
     num_samples: int = _f(16, "Completions sampled per question (the paper: 16).", TRAIN)
-    max_new_tokens: int = _f(3072, "Generation cap per completion; capped completions are kept and flagged.")
+    max_new_tokens: int = _f(3072, "Generation cap per completion; capped completions are kept and flagged (eval: 0 = by device, the paper's cap on CUDA, 128 on CPU).")
     temperature: float = _f(0.5, "Sampling temperature; log p(y|x) is scored under log_softmax(logits / T) at the same T.")
     sampler: str = _f("auto", "Decode loop (all draw from softmax(logits / T)): static (StaticCache, CUDA graphs on CUDA), compact (finished rows leave the batch), dynamic (plain KV-cache loop), auto (dynamic: the static loop is opt-in until a GPU run records it correct and faster).")
     # --- the loss ----------------------------------------------------------------------------
@@ -70,9 +70,9 @@ class RLSCConfig:
     # --- running -----------------------------------------------------------------------------
     device: str = _f("auto", "cuda, cpu, or auto (cuda when available).")
     seed: int = _f(0, "Seed for prompt order, sampling and initialisation.")
-    output_dir: str = _f("runs/rlsc", "Directory for metrics.jsonl, checkpoints, plots, results and the final model.")
+    output_dir: str = _f("runs/rlsc", "Directory for metrics.jsonl, checkpoints, plots, results and the final model (eval: results and samples; '' = no files).")
     resume: str = _f("no", "Continue from the checkpoint in output_dir: no (start afresh), yes (error if there is none), auto (resume if one exists).", TRAIN)
-    checkpoint_every: int = _f(5, "Write a checkpoint every N steps (and always after the last; 0 = only after the last).", TRAIN)
+    checkpoint_every: int = _f(5, "Write a checkpoint every N steps and after the last (0 = only after the last); a run shorter than N steps that saves its final model writes none.", TRAIN)
     save_optimizer_state: bool = _f(True, "Keep AdamW's moments in the checkpoint (2/3 of its size; without them a resumed run restarts the moments).", TRAIN)
     max_consecutive_skips: int = _f(3, "Stop the run after this many steps in a row skipped for a non-finite loss or gradient.", TRAIN)
     save_final_model: bool = _f(True, "Save the trained model with save_pretrained (plus tokenizer) into output_dir/final.", TRAIN)
@@ -181,9 +181,10 @@ def _field_problems(cfg: "RLSCConfig", command: str):
             parse_filter_eps(cfg.filter_eps)
         except ValueError as exc:
             yield str(exc)
-    for name in ("steps", "num_prompts", "num_samples", "max_new_tokens", "micro_batch_size", "eval_batch_questions",
+    for name in ("steps", "num_prompts", "num_samples", "micro_batch_size", "eval_batch_questions",
                  "max_consecutive_skips"):
         yield from at_least(name, 1)
+    yield from at_least("max_new_tokens", 0 if command == "eval" else 1)  # eval: 0 = by device
     for name in ("max_prompts", "checkpoint_every", "lora_rank", "threads", "k"):
         yield from at_least(name, 0)
     for name in ("temperature", "lr", "adam_eps", "lora_alpha"):
@@ -201,6 +202,19 @@ def _field_problems(cfg: "RLSCConfig", command: str):
         yield bad("lora_target_modules", "module names or 'all-linear'")
     if cfg.prompt_template and "{question}" not in cfg.prompt_template:
         yield bad("prompt_template", "a template containing {question}")
+    yield from _source_problems(cfg.prompts)
+
+
+def _source_problems(prompts: str):
+    """What can be known about --prompts before anything loads: builtin names, JSONL files that exist."""
+    from .data import BUILTINS
+
+    for source in (s.strip() for s in prompts.split(",") if s.strip()):
+        if source.startswith("builtin:") and source[len("builtin:"):] not in BUILTINS:
+            yield (f"--prompts: unknown builtin task set {source!r}; available: "
+                   + ", ".join(f"builtin:{name}" for name in BUILTINS))
+        elif source.endswith((".jsonl", ".json")) and not Path(source).is_file():
+            yield f"--prompts: prompt file not found: {source}"
 
 
 def load_yaml_overrides(path: str | Path) -> dict[str, Any]:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
 
 from .data import Problem, dataset_name, default_template, iter_batches
 from .grading import answer_keys, extract_answer, is_correct, majority_correct, pass_at_k
@@ -22,6 +24,9 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], *, template: st
     capped = 0
     # the compact sampler decodes the greedy answers in the same batch as the samples (same tokens, one loop)
     together = k > 0 and resolve_sampler(sampler, next(model.parameters()).device) == "compact"
+    # a progress bar with an ETA on a terminal; elsewhere (logs, CI) one line per batch, with the ETA
+    bar = tqdm(total=len(problems), desc=f"eval {label}", unit="question", file=sys.stderr, disable=None,
+               dynamic_ncols=True)
     for batch in iter_batches(problems, max(batch_questions, 1)):
         if together:
             r, greedy = sample(model, tokenizer, batch, template=template, num_samples=k, max_new_tokens=max_new_tokens,
@@ -55,8 +60,12 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], *, template: st
                 "finished": sampled_finished[i],
             })
         done = len(records)
-        log(f"  eval {label}: {done}/{len(problems)} questions, {done * k} samples "
-            f"({time.perf_counter() - t0:.0f}s)")
+        bar.update(len(batch))
+        if bar.disable:
+            elapsed = time.perf_counter() - t0
+            log(f"  eval {label}: {done}/{len(problems)} questions, {done * k} samples "
+                f"({elapsed:.0f}s, ETA {_clock(elapsed / done * (len(problems) - done))})")
+    bar.close()
     if samples_path is not None:
         samples_path.parent.mkdir(parents=True, exist_ok=True)
         with open(samples_path, "w") as fh:
@@ -67,6 +76,11 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], *, template: st
         "mean_completion_tokens": n_gen_tokens / max(len(records) * k, 1),
         "frac_capped": capped / max(len(records) * k, 1),
     }
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds}s"
 
 
 def summarise(records: list[dict], k: int) -> dict:

@@ -130,7 +130,8 @@ def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> d
     has_checkpoint = checkpoint_path(out_dir).is_file()
     if cfg.resume == "yes" and not has_checkpoint:
         raise FileNotFoundError(f"--resume: there is no checkpoint in {out_dir} (use --resume auto to start "
-                                "afresh when there is none)")
+                                "afresh when there is none; a run shorter than --checkpoint-every that saved "
+                                "final/ writes none)")
     if loaded is None:
         check_model_spec(cfg.model)
     log(f"training on {cfg.prompts}: {len(problems)} questions, {cfg.num_prompts} x {cfg.num_samples} samples per step")
@@ -212,7 +213,7 @@ def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> d
                 f"skipped; stopping. The weights are those of the last applied step. Try a lower --lr, --max-grad-norm, "
                 f"or --precision fp32 (--max-consecutive-skips sets how many skips in a row are tolerated)")
         last = step + 1 == cfg.steps
-        if last or (cfg.checkpoint_every > 0 and (step + 1) % cfg.checkpoint_every == 0):
+        if (cfg.checkpoint_every > 0 and (step + 1) % cfg.checkpoint_every == 0) or (last and _checkpoint_at_end(cfg)):
             save_checkpoint(out_dir, model=model, optimizer=optimizer if cfg.save_optimizer_state else None,
                             step=step + 1, config=cfg.to_dict())
 
@@ -235,6 +236,14 @@ def _json_line(row: dict) -> str:
     """One metrics row; non-finite floats (a skipped step's loss) as null, so the file stays JSON."""
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
     return json.dumps(clean) + "\n"
+
+
+def _checkpoint_at_end(cfg: RLSCConfig) -> bool:
+    """After the last step, a checkpoint (for a later --resume with more --steps), except for a run
+    shorter than --checkpoint-every that saves its final model: a smoke run keeps final/ only, not
+    another copy of the weights with AdamW's moments (three times their size). Such a run had no
+    checkpoint to lose anyway; without final/ the checkpoint is written, so no run ends with nothing."""
+    return cfg.checkpoint_every == 0 or cfg.steps >= cfg.checkpoint_every or not cfg.save_final_model
 
 
 def save_final(model, tokenizer, path: Path) -> Path:

@@ -37,6 +37,7 @@ position returns zeros that are connected to the graph (backward works, gradient
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import types
@@ -137,6 +138,11 @@ def _lora_parts(head) -> list:
 
 def _is_lora_layer(head) -> bool:
     return hasattr(head, "base_layer") and hasattr(head, "lora_A")
+
+
+def _head_weight(head) -> torch.Tensor:
+    """The [V, D] weight of a head (of its base layer under PEFT LoRA)."""
+    return (head.base_layer if _is_lora_layer(head) else head).weight
 
 
 class _SharedWeight(torch.autograd.Function):
@@ -365,11 +371,20 @@ def run_in_owner_forward(model, module, fn, *args):
 def _score_tokens(model, head, hidden: torch.Tensor, targets: torch.Tensor, settings: _HeadSettings):
     """Per-token (log_probs, entropy|None) of the scored tokens: hidden [n, D], targets [n] (all
     scored, n >= 1). Runs where the head's parameters are plain tensors."""
-    fused = FusedHead(model, head=head, dtype=torch.float32 if settings.cast_lm_head_to_fp32 else None)
+    # Under autocast the op itself casts (so the head's fp32 master gradient is never rounded to
+    # 16 bits: a GradScaler-scaled gradient neither overflows nor flushes); without autocast, or
+    # with cast_lm_head_to_fp32, the inputs are cast here and the op runs with autocast off.
+    keep_autocast = torch.is_autocast_enabled(hidden.device.type) and not settings.cast_lm_head_to_fp32
+    if keep_autocast:
+        dtype = _head_weight(head if head is not None else model.get_output_embeddings()).dtype
+    else:
+        dtype = torch.float32 if settings.cast_lm_head_to_fp32 else None
+    fused = FusedHead(model, head=head, dtype=dtype)
     h, w, b = fused.inputs(hidden)
     kwargs = dict(settings.op_kwargs, **fused.op_options(settings.temperature))
     want_entropy = "entropy" in settings.outputs
-    with torch.autocast(w.device.type, enabled=False):
+    region = contextlib.nullcontext() if keep_autocast else torch.autocast(w.device.type, enabled=False)
+    with region:
         result = linear_logprobs(h, w, targets, bias=b, return_entropy=want_entropy, **kwargs)
     return result if want_entropy else (result, None)
 
@@ -403,6 +418,7 @@ def _fused_head_forward(model, settings: _HeadSettings, args, kwargs, labels, sh
         raise TypeError(f"{type(model).__name__}.base_model is the model itself: no backbone to take hidden states from")
     body_out = body(*args, **kwargs)
     hidden = body_out.last_hidden_state if hasattr(body_out, "last_hidden_state") else body_out[0]
+    body_hidden = hidden
     if shift_labels is None:
         hidden, targets = hidden[:, :-1], labels[:, 1:]
     else:
@@ -416,17 +432,26 @@ def _fused_head_forward(model, settings: _HeadSettings, args, kwargs, labels, sh
         raise ValueError(f"{type(model).__name__} has no output embeddings (get_output_embeddings() is None)")
     head_device = head.weight.device
     hidden, targets = hidden.to(head_device), targets.to(head_device)
-    if hidden.shape[0] * hidden.shape[1] == 0:
-        raise ValueError(f"fused_lm_head=True needs at least one position to score, got hidden states {list(hidden.shape)}")
     mask = targets != -100
     n_scored = int(mask.sum())  # the one host sync; boolean indexing below needs it anyway
     if n_scored > 0:
         h, y = hidden[mask], targets[mask]
     else:
-        # No scored position: score one dummy token that masked_scatter then drops, so the zeros
-        # returned stay connected to the body and the head (backward works, every gradient is 0,
-        # and under FSDP every rank reduces the head's gradient as usual).
-        h, y = hidden.reshape(-1, hidden.shape[-1])[:1], torch.zeros(1, dtype=targets.dtype, device=head_device)
+        # No scored position (every label -100, or none left after the label shift: one-token
+        # inputs), as TRL: a zero loss. Score one dummy token that masked_scatter then drops, so
+        # the zeros stay connected to the body and the head (backward works, every gradient is 0,
+        # and under FSDP every rank reduces the head's gradient as usual; a raising rank would
+        # kill a DDP job).
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        if rows.shape[0] == 0:
+            rows = body_hidden.to(head_device).reshape(-1, body_hidden.shape[-1])
+        if rows.shape[0] == 0:  # no position at all (an empty batch): zeros tied to the head
+            zero = head.weight.sum() * 0.0 + body_hidden.sum().to(head_device) * 0.0
+            log_probs = zero.expand(mask.shape).to(torch.float32)
+            entropy = log_probs if "entropy" in settings.outputs else None
+            return FusedLMHeadOutput(loss=zero.float(), log_probs=log_probs, entropy=entropy, label_mask=mask,
+                                     aux_loss=None)
+        h, y = rows[:1], torch.zeros(1, dtype=targets.dtype, device=head_device)
     score = functools.partial(_score_tokens, model, head, settings=settings)
     token_logp, token_entropy = run_in_owner_forward(model, head, score, h, y)
     log_probs = _scatter(token_logp, mask)
