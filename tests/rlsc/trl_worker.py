@@ -102,10 +102,12 @@ def main(out_dir: str, weightings: list[str]) -> None:
     template = "{question}"
     comps = fixed_completions(tok)
     data = Path(out_dir) / "questions.jsonl"
-    if rank == 0:
-        data.parent.mkdir(parents=True, exist_ok=True)
-        data.write_text("".join(json.dumps({"id": f"q{i}", "question": q, "answer": "0"}) + "\n"
-                                for i, q in enumerate(QUESTIONS)))
+    # every rank writes the same file (atomically): the config check reads it before any barrier
+    data.parent.mkdir(parents=True, exist_ok=True)
+    tmp = data.with_suffix(f".{rank}.tmp")
+    tmp.write_text("".join(json.dumps({"id": f"q{i}", "question": q, "answer": "0"}) + "\n"
+                           for i, q in enumerate(QUESTIONS)))
+    os.replace(tmp, data)
     report = {}
     for label in weightings:
         # "W+lora": weighting W with LoRA adapters (rank 4, every linear layer) on the tiny model;
