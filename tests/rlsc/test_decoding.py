@@ -15,7 +15,7 @@ from test_sampling import _model_with_every_generation_knob, chi2_upper_quantile
 LOOPS = ("static", "compact")
 
 
-def _ancestral_loop(model, ids, mask, **kw):
+def _dynamic(model, ids, mask, **kw):
     return decode(model, ids, mask, sampler="dynamic", **kw)
 
 
@@ -47,7 +47,7 @@ def test_same_tokens_as_the_dynamic_loop(tiny_tokenizer, name, temperature):
     ids, mask = _left_padded_batch(tok, ["What is 12 * 7?", "Hi", "A longer question, with more tokens?"], 5)
     kw = dict(max_new_tokens=23, temperature=temperature, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
     torch.manual_seed(31)
-    ref = _ancestral_loop(model, ids, mask, **kw)
+    ref = _dynamic(model, ids, mask, **kw)
     torch.manual_seed(31)
     got = decode(model, ids, mask, sampler=name, **kw)
     assert torch.equal(got, ref)
@@ -119,7 +119,7 @@ def test_static_cache_is_reset_between_calls(tiny_tokenizer):
     for questions in (["A long question about numbers?", "Hi"], ["Short", "x"]):
         ids, mask = _left_padded_batch(tok, questions, 3)
         torch.manual_seed(8)
-        ref = _ancestral_loop(model, ids, mask, **kw)
+        ref = _dynamic(model, ids, mask, **kw)
         torch.manual_seed(8)
         assert torch.equal(decode(model, ids, mask, sampler="static", **kw), ref)
     assert len(model.__dict__["_rlsc_static_decoders"]) == 1
@@ -136,8 +136,8 @@ def test_greedy_rows_in_the_sampled_batch_match_separate_calls(tiny_tokenizer):
     g_ids, g_mask = _left_padded_batch(tok, ["What is 6 * 7?", "Hi there"], 1)
     kw = dict(max_new_tokens=17, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
     torch.manual_seed(21)
-    sampled = _ancestral_loop(model, ids, mask, temperature=0.8, **kw)
-    greedy = _ancestral_loop(model, g_ids, g_mask, temperature=None, **kw)
+    sampled = _dynamic(model, ids, mask, temperature=0.8, **kw)
+    greedy = _dynamic(model, g_ids, g_mask, temperature=None, **kw)
     torch.manual_seed(21)
     both = decode(model, torch.cat([ids, g_ids]), torch.cat([mask, g_mask]), temperature=0.8, sampler="compact",
                   greedy_rows=torch.tensor([False] * 8 + [True] * 2), **kw)
