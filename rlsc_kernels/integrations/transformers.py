@@ -255,9 +255,13 @@ class FusedHead:
         lead = hidden.shape[:-1]
         h, w, b = self.inputs(hidden.reshape(-1, hidden.shape[-1]))
         with torch.autocast(h.device.type, enabled=False):   # autocast would round the logits to 16 bits
+            z = None
             if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16):
-                z = torch.mm(h, w.T, out_dtype=torch.float32)   # no fp32 copy of the [V, D] weight
-            else:
+                try:   # fp32 output of a 16-bit GEMM: no fp32 copy of the [V, D] weight
+                    z = torch.mm(h, w.T, out_dtype=torch.float32)
+                except (RuntimeError, TypeError, NotImplementedError):
+                    z = None
+            if z is None:
                 z = h.float() @ w.float().T
             if b is not None:
                 z = z + b.float()
