@@ -13,10 +13,12 @@ $(VENV)/.installed: pyproject.toml setup.py scripts/setup_env.sh $(wildcard csrc
 # trainer on the embedded model. GPU tests run where a GPU is present.
 test: setup
 	$(PY) -m pytest -q tests
+	@echo "The rlsc command is in $(VENV)/bin: run $(VENV)/bin/rlsc --help, or 'source $(VENV)/bin/activate' first."
 
 # The main job: eval before, RLSC training, eval after, on the embedded model, on CPU.
 demo: setup
 	$(PY) -m rlsc demo --output-dir runs/demo
+	@echo "The rlsc command is in $(VENV)/bin: run $(VENV)/bin/rlsc --help, or 'source $(VENV)/bin/activate' first."
 
 bench: setup
 	$(PY) -m pytest -q benchmarks --benchmark-only

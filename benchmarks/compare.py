@@ -24,13 +24,14 @@ import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
+
+from rlsc.provenance import git_commit
 
 from . import impls as I
 from .inputs import HEADS, TEMPERATURE, default_target_entropy, make_inputs
@@ -89,16 +90,6 @@ def _versions() -> dict:
             out[dist] = None
     out["torch"] = torch.__version__
     return out
-
-
-def _commit() -> str:
-    if os.environ.get("RLSC_COMMIT"):
-        return os.environ["RLSC_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def device_name(device: torch.device) -> str:
@@ -257,7 +248,7 @@ def main(argv=None):
                 continue
     if doc is None:
         doc = {"device": device_name(device), "torch": torch.__version__, "triton": _versions().get("triton"),
-               "commit": _commit(), "date": datetime.date.today().isoformat(), "label": args.label,
+               "commit": git_commit(), "date": datetime.date.today().isoformat(), "label": args.label,
                "versions": _versions(), "temperature": TEMPERATURE, "alpha": I.ALPHA,
                "target_entropy": target_entropy, "n_seqs": args.n_seqs,
                "reference": f"float64 on the first {args.ref_tokens} tokens as {args.ref_seqs} sequences; "

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from rlsc.provenance import git_commit
+
 from . import impls as I
-from .compare import _commit, _versions, device_name
+from .compare import _versions, device_name
 from .inputs import HEADS, make_inputs
 from .timing import cleanup, peak_memory_mb
 
@@ -72,7 +74,7 @@ def main(argv=None):
                      "peak_mem_mb": mem, "code_path": paths[n]})
         print(f"{n}: median {rows[-1]['median_s']:.2f} s [{ts[0]:.2f}, {ts[-1]:.2f}], peak {mem:.0f} MB", flush=True)
     doc = {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "versions": _versions(), "commit": _commit(), "date": datetime.date.today().isoformat(),
+           "versions": _versions(), "commit": git_commit(), "date": datetime.date.today().isoformat(),
            "utc": datetime.datetime.utcnow().isoformat(timespec="seconds"), "note": args.note,
            "rounds": args.rounds, "peak_mem_note": "resident-set growth of the process during one call",
            "results": rows}

@@ -20,12 +20,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
+
+from rlsc.provenance import git_commit  # noqa: E402
 
 QUESTIONS = [
     "What is 17 * 23? Answer with a number.",
@@ -79,7 +80,7 @@ def head_grad(weight_master, hidden, targets, seq, S, temperature, filter_eps, b
     h16, w16 = hidden.bfloat16(), weight_master.detach().bfloat16()
     opts = FusedOptions(temperature=temperature, filter_eps=filter_eps, backward=backward, grad_matmul=grad_matmul)
     with torch.no_grad():
-        logp, _, (lse, _) = torch_chunked.forward(h16, w16, None, targets, opts)
+        logp, _, (lse, _, _) = torch_chunked.forward(h16, w16, None, targets, opts)
         seq_logp = torch.zeros(S).index_add(0, seq, logp)
         n_tokens = torch.bincount(seq, minlength=S)
         seq_weight = rk.rlsc_weights(seq_logp, n_tokens, "rlsc", 0.1)
@@ -158,7 +159,7 @@ def main(argv=None):
         "vocab": int(W0.shape[0]), "hidden": int(W0.shape[1]), "args": vars(args),
         "device": "cpu (Triton interpreter)", "torch": torch.__version__,
         "triton": __import__("triton").__version__, "python": platform.python_version(),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": git_commit(),
         "seconds": round(time.time() - start, 1), "rows": rows,
     }
     if args.out:

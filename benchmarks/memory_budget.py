@@ -4,7 +4,7 @@ A randomly initialised model of the Qwen2.5-Math-1.5B shape (benchmarks/train_st
 untied head; no download) in bf16, gradient checkpointing on, AdamW (lr 1e-5, states in bf16 like
 the weights). One step = sample n_samples completions of exactly L tokens (random weights never
 emit EOS, so the lengths are forced: no EOS stops a row) with the thin trainer's static-cache
-sampler (rlsc/static_sampling.py; CUDA graphs on CUDA), then the update over micro-batches with
+sampler (rlsc/decoding.py; CUDA graphs on CUDA), then the update over micro-batches with
 gradients accumulated exactly: ours (the body's hidden states + rlsc_kernels.linear_rlsc_loss)
 or naive (Algorithm 1: full logits, fp32 log_softmax, gather), full fine-tuning or LoRA r16.
 
@@ -39,7 +39,9 @@ from pathlib import Path
 
 import torch
 
-from .compare import _commit, _error_text, device_name
+from rlsc.provenance import git_commit
+
+from .compare import _error_text, device_name
 from .inputs import ALPHA, TEMPERATURE
 from .timing import _quantile
 from .train_step import build_model
@@ -140,8 +142,7 @@ def prepare(model_name, layers, mode, device, dtype, grad_ckpt=True):
 
 def generate(model, prompt_ids, length, sampler, device) -> tuple[torch.Tensor, float]:
     """Completion block [B, length] of forced length (no EOS) and its wall seconds."""
-    from rlsc.sampling import _ancestral_loop
-    from rlsc.static_sampling import static_loop
+    from rlsc.decoding import decode
 
     mask = torch.ones_like(prompt_ids, dtype=torch.bool)
     kw = dict(max_new_tokens=length, temperature=TEMPERATURE, eos_ids=[], pad_id=0)
@@ -150,9 +151,9 @@ def generate(model, prompt_ids, length, sampler, device) -> tuple[torch.Tensor, 
     t0 = time.perf_counter()
     with torch.no_grad():
         if sampler == "static":
-            out = static_loop(model, prompt_ids, mask, compile=device.type == "cuda", **kw)
+            out = decode(model, prompt_ids, mask, sampler="static", compile=device.type == "cuda", **kw)
         elif sampler == "dynamic":
-            out = _ancestral_loop(model, prompt_ids, mask, **kw)
+            out = decode(model, prompt_ids, mask, sampler="dynamic", **kw)
         elif sampler == "generate":  # transformers' eager generate, sampling at T, forced length
             out = model.generate(input_ids=prompt_ids, attention_mask=mask.long(), do_sample=True,
                                  temperature=TEMPERATURE, top_k=0, top_p=1.0, max_new_tokens=length,
@@ -252,7 +253,7 @@ def run_group(args, device, dtype, budgets, mode, length, heads, rows, write, de
                 if row.get("fits") and not args.all_micro_batches:
                     break
     set_budget(device, None)
-    from rlsc.static_sampling import release_static_decoders
+    from rlsc.decoding import release_static_decoders
 
     release_static_decoders(inner)
     del model, inner, initial
@@ -390,7 +391,7 @@ def main(argv=None):
     out = args.out or Path(__file__).parent / "results" / f"memory_budget-{device.type}.json"
     png = args.png or out.with_suffix(".png")
     deadline = time.time() + args.time_budget_s
-    doc = {"device": device_name(device), "torch": torch.__version__, "commit": _commit(),
+    doc = {"device": device_name(device), "torch": torch.__version__, "commit": git_commit(),
            "date": datetime.date.today().isoformat(),
            "config": {"shape": args.shape, "layers": args.layers, "dtype": str(dtype), "sampler": args.sampler,
                       "grad_checkpointing": not args.no_grad_checkpointing, "optimizer": "AdamW lr 1e-5",

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .compare import _commit, _error_text, device_name
+from rlsc.provenance import git_commit
+
+from .compare import _error_text, device_name
 from .inputs import ALPHA, TEMPERATURE, default_target_entropy, fit_logit_scale, sample_targets
 from .timing import _quantile, cleanup
 
@@ -172,7 +174,7 @@ def main(argv=None):
     print(f"# model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params) ready in "
           f"{time.time() - t0:.1f} s; batch {args.n_seqs} x ({args.prompt_len} + {args.completion_len}); "
           f"mean token entropy {entropy:.3f} nats at T={TEMPERATURE}", flush=True)
-    doc = {"device": device_name(device), "torch": torch.__version__, "commit": _commit(),
+    doc = {"device": device_name(device), "torch": torch.__version__, "commit": git_commit(),
            "date": datetime.date.today().isoformat(),
            "config": {"model": args.model, **cfg, "tie_word_embeddings": False, "n_seqs": args.n_seqs,
                       "prompt_len": args.prompt_len, "completion_len": args.completion_len, "dtype": str(dtype),

@@ -22,10 +22,11 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 
 import torch
+
+from rlsc.provenance import git_commit
 
 from .timing import cleanup, peak_memory_mb, time_call
 
@@ -127,14 +128,7 @@ def environment(device: torch.device) -> dict:
         except Exception:  # noqa: BLE001 - a missing optional package is recorded, not fatal
             env[name] = None
     env["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    commit = os.environ.get("RLSC_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    check=True).stdout.strip()
-        except Exception:  # noqa: BLE001
-            commit = "unknown"
-    env["commit"] = commit
+    env["commit"] = git_commit()
     try:  # which of our backends backend="auto" picks for this device (CPU: native if built, else torch)
         from rlsc_kernels import backends
 

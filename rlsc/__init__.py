@@ -5,7 +5,7 @@
     rlsc demo  --output-dir runs/demo
 
 Modules: config (the one dataclass), data (prompt sources), models (loading), sampling
-(`generate`), step (Algorithm 1), train (the loop, checkpoints), evaluate, grading, plot, cli.
+(prompts and rollouts), decoding (the decode loops, `decode`), step (Algorithm 1), train (the loop, checkpoints), evaluate, grading, plot, cli.
 """
 from .config import RLSCConfig
 

@@ -46,7 +46,8 @@ import torch
 from .config import OBJECTIVES, TRAINER_WEIGHTINGS, RLSCConfig
 from .data import default_template, load_problems
 from .evaluate import evaluate_problems
-from .sampling import chat_prompt
+from .provenance import git_commit
+from .sampling import chat_prompt, encode_prompts
 from .train import load, log_to_stderr, train
 
 DEFAULT_TASKS = ("builtin:demo", "builtin:div")
@@ -130,7 +131,7 @@ def token_entropy(model, tokenizer, records: list[dict], template: str, temperat
     for rec in records:
         if not rec["samples"]:
             continue
-        prompt = tokenizer(chat_prompt(tokenizer, rec["question"], template), add_special_tokens=False)["input_ids"]
+        prompt = encode_prompts(tokenizer, [chat_prompt(tokenizer, rec["question"], template)])[0]
         comps = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in rec["samples"]]
         width = len(prompt) + max(len(c) for c in comps)
         if max(len(c) for c in comps) == 0:
@@ -158,6 +159,8 @@ def run_cell(loaded, initial_state: dict, base: RLSCConfig, task: str, method: s
     temperature = eval_t if eval_t is not None else cfg.temperature
     k = 0 if method == "greedy" else cfg.k
     template = cfg.prompt_template or default_template(task)
+    if hasattr(loaded.model, "get_base_model"):   # a LoRA cell before (--set lora_rank=N) left a PeftModel
+        loaded.model = loaded.model.unload()         # its adapters removed, unmerged: the base model again
     model = loaded.model
     model.load_state_dict(initial_state)
     model.eval()
@@ -168,6 +171,7 @@ def run_cell(loaded, initial_state: dict, base: RLSCConfig, task: str, method: s
             train(cfg.updated({"output_dir": tmp}), loaded=loaded, log=log)
             rows = [json.loads(line) for line in open(Path(tmp) / "metrics.jsonl") if line.strip()]
         train_s = time.perf_counter() - t0
+        model = loaded.model   # with LoRA, the PeftModel the training wrapped around it
         train_stats = {key: rows[-1].get(key) for key in ("loss", "mean_seq_logp", "mean_weight",
                                                            "frac_weight_underflow", "mean_token_entropy",
                                                            "mean_completion_tokens", "skipped_steps")}
@@ -202,14 +206,6 @@ def run_cell(loaded, initial_state: dict, base: RLSCConfig, task: str, method: s
         "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
         "commit": git_commit(), "machine": machine(),
     }
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def machine() -> str:

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from rlsc_kernels.validation import BACKENDS
-from rlsc_kernels.weighting import WEIGHTINGS
+from rlsc_kernels import WEIGHTINGS
 
-from .static_sampling import SAMPLERS
+from .decoding import SAMPLERS
 
 COMMANDS = ("train", "eval", "demo")
 TRAIN = ("train", "demo")
@@ -46,9 +46,9 @@ class RLSCConfig:
     max_prompts: int = _f(0, "Use only the first N questions of the source (0 = all).")
     # --- sampling ----------------------------------------------------------------------------
     num_samples: int = _f(16, "Completions sampled per question (the paper: 16).", TRAIN)
-    max_new_tokens: int = _f(3072, "Generation cap per completion; capped completions are kept and flagged.")
+    max_new_tokens: int = _f(3072, "Generation cap per completion; capped completions are kept and flagged (eval: 0 = by device, the paper's cap on CUDA, 128 on CPU).")
     temperature: float = _f(0.5, "Sampling temperature; log p(y|x) is scored under log_softmax(logits / T) at the same T.")
-    sampler: str = _f("auto", "Decode loop (all draw from softmax(logits / T)): static (StaticCache, CUDA graphs on CUDA), compact (finished rows leave the batch), dynamic (plain KV-cache loop), auto (static on CUDA, dynamic elsewhere).")
+    sampler: str = _f("auto", "Decode loop (all draw from softmax(logits / T)): static (StaticCache, CUDA graphs on CUDA), compact (finished rows leave the batch), dynamic (plain KV-cache loop), auto (dynamic: the static loop is opt-in until a GPU run records it correct and faster).")
     # --- the loss ----------------------------------------------------------------------------
     alpha: float = _f(0.1, "Smoothing term of the L2 loss: weight = p_old + alpha.", TRAIN)
     weighting: str = _f("rlsc", "Sequence weight: rlsc (p+alpha), rlsc-l1 (p), entropy (1+log p), length (exp(log p / n)+alpha), group (softmax of log p over a question's samples + alpha).", TRAIN)
@@ -58,6 +58,7 @@ class RLSCConfig:
     eval_every: int = _f(0, "Evaluate on the held-out split before the first step and every K steps, keeping the best weights by pass@1 in output_dir/best_checkpoint.pt (0 = off; needs answers).", TRAIN)
     eval_split: str = _f("test", "Held-out split for --eval-every.", TRAIN)
     eval_max_questions: int = _f(0, "Evaluate --eval-every on the first N held-out questions (0 = all).", TRAIN)
+    mask_truncated: bool = _f(False, "Leave completions cut off at max_new_tokens out of the loss (no tokens scored, no gradient; the loss keeps its 1/S), as TRL's mask_truncated_completions; default: kept at full weight, flagged in frac_capped.", TRAIN)
     filter_eps: str = _f("auto", "Gradient filtering threshold of the fused op: 'auto', 'exact' (none), or a positive number.", TRAIN)
     backend: str = _f("auto", f"Backend of rlsc_kernels: {', '.join(BACKENDS)} (auto: Triton on CUDA, the native C++ backend on CPU, PyTorch where it is not built).", TRAIN)
     # --- optimisation ------------------------------------------------------------------------
@@ -77,9 +78,9 @@ class RLSCConfig:
     # --- running -----------------------------------------------------------------------------
     device: str = _f("auto", "cuda, cpu, or auto (cuda when available).")
     seed: int = _f(0, "Seed for prompt order, sampling and initialisation.")
-    output_dir: str = _f("runs/rlsc", "Directory for metrics.jsonl, checkpoints, plots, results and the final model.")
+    output_dir: str = _f("runs/rlsc", "Directory for metrics.jsonl, checkpoints, plots, results and the final model (eval: results and samples; '' = no files).")
     resume: str = _f("no", "Continue from the checkpoint in output_dir: no (start afresh), yes (error if there is none), auto (resume if one exists).", TRAIN)
-    checkpoint_every: int = _f(5, "Write a checkpoint every N steps (and always after the last; 0 = only after the last).", TRAIN)
+    checkpoint_every: int = _f(5, "Write a checkpoint every N steps and after the last (0 = only after the last); a run shorter than N steps that saves its final model writes none.", TRAIN)
     save_optimizer_state: bool = _f(True, "Keep AdamW's moments in the checkpoint (2/3 of its size; without them a resumed run restarts the moments).", TRAIN)
     max_consecutive_skips: int = _f(3, "Stop the run after this many steps in a row skipped for a non-finite loss or gradient.", TRAIN)
     save_final_model: bool = _f(True, "Save the trained model with save_pretrained (plus tokenizer) into output_dir/final.", TRAIN)
@@ -190,9 +191,10 @@ def _field_problems(cfg: "RLSCConfig", command: str):
             parse_filter_eps(cfg.filter_eps)
         except ValueError as exc:
             yield str(exc)
-    for name in ("steps", "num_prompts", "num_samples", "max_new_tokens", "micro_batch_size", "eval_batch_questions",
+    for name in ("steps", "num_prompts", "num_samples", "micro_batch_size", "eval_batch_questions",
                  "max_consecutive_skips"):
         yield from at_least(name, 1)
+    yield from at_least("max_new_tokens", 0 if command == "eval" else 1)  # eval: 0 = by device
     for name in ("max_prompts", "checkpoint_every", "lora_rank", "threads", "k"):
         yield from at_least(name, 0)
     for name in ("temperature", "lr", "adam_eps", "lora_alpha"):
@@ -210,6 +212,19 @@ def _field_problems(cfg: "RLSCConfig", command: str):
         yield bad("lora_target_modules", "module names or 'all-linear'")
     if cfg.prompt_template and "{question}" not in cfg.prompt_template:
         yield bad("prompt_template", "a template containing {question}")
+    yield from _source_problems(cfg.prompts)
+
+
+def _source_problems(prompts: str):
+    """What can be known about --prompts before anything loads: builtin names, JSONL files that exist."""
+    from .data import BUILTINS
+
+    for source in (s.strip() for s in prompts.split(",") if s.strip()):
+        if source.startswith("builtin:") and source[len("builtin:"):] not in BUILTINS:
+            yield (f"--prompts: unknown builtin task set {source!r}; available: "
+                   + ", ".join(f"builtin:{name}" for name in BUILTINS))
+        elif source.endswith((".jsonl", ".json")) and not Path(source).is_file():
+            yield f"--prompts: prompt file not found: {source}"
 
 
 def _label_free_problems(cfg: "RLSCConfig", used: set, bad):

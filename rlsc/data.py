@@ -38,7 +38,7 @@ def _arith(op: str, a_range: range, b_range: range) -> list[tuple[str, str]]:
 
 # name -> (generator of (question, answer) pairs, number of held-out test questions, default template)
 BUILTINS: dict[str, tuple[Callable[[], list[tuple[str, str]]], int, str]] = {
-    # The demo's task set, chosen by measurement (README, "Why this task set"): the embedded model gets
+    # The demo's task set, chosen by measurement (docs/benchmarks.md, "Why this task set"): the embedded model gets
     # pass@1 ~0.38 and maj@16 ~0.50 on it, so sharpening the mode has room to help.
     "demo": (lambda: _arith("*", range(2, 31), range(2, 12)), 24, PLAIN),
     "mul": (lambda: _arith("*", range(2, 31), range(2, 12)), 24, PLAIN),

@@ -16,13 +16,14 @@ import torch
 
 from .config import RLSCConfig
 from .evaluate import evaluate_sources, format_table
+from .plot import plot_before_after
 from .train import load, log_to_stderr, train
 
 
 def demo_config() -> RLSCConfig:
     """The demo's settings (every one can still be overridden by a flag): the paper's recipe
     (16 samples at T = 0.5, alpha 0.1, AdamW lr 1e-5, 10 steps) with one question per step and a
-    48-token cap, so that eval + train + eval fits in ~10 minutes on 2 CPU cores. Evaluation
+    48-token cap, so that eval + train + eval fits in minutes on a CPU (rlsc.cli.DEMO_TIME). Evaluation
     batches one question's 16 samples at a time: measured faster on CPU than left-padded
     multi-question batches."""
     return RLSCConfig(
@@ -78,6 +79,8 @@ def demo(cfg: RLSCConfig, log=log_to_stderr) -> dict:
     timings["total_seconds"] = round(time.perf_counter() - t_start, 1)
 
     table = format_table(after, before=before)
+    plot = plot_before_after(before, after, out_dir / "before_after.png",
+                             title=f"{cfg.prompts} held out: before -> after {cfg.steps} RLSC steps")
     result = {
         "before": before, "after": after, "timings": timings, "train": summary, "config": cfg.to_dict(),
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
@@ -90,6 +93,7 @@ def demo(cfg: RLSCConfig, log=log_to_stderr) -> dict:
         f"total time {timings['total_seconds']:.0f}s ({json.dumps(timings)})\n")
     print(f"\nRLSC demo ({cfg.model}, {cfg.prompts} held-out, before -> after {cfg.steps} steps):\n")
     print(table)
-    print(f"\ntotal {timings['total_seconds']:.0f}s; results, metrics and training_curves.png in {out_dir}")
+    print(f"\ntotal {timings['total_seconds']:.0f}s; in {out_dir}: results.md, {plot.name if plot else 'no plot'} "
+          "(the table as bars), training_curves.png, metrics.jsonl")
     sys.stdout.flush()
     return result

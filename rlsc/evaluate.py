@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
 
 from .data import Problem, dataset_name, default_template, iter_batches
 from .grading import answer_keys, extract_answer, is_correct, majority_correct, pass_at_k
 from .sampling import decode_completions, sample
-from .static_sampling import resolve_sampler
+from .decoding import resolve_sampler
 
 
 def evaluate_problems(model, tokenizer, problems: list[Problem], *, template: str, k: int, temperature: float,
@@ -22,6 +24,9 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], *, template: st
     capped = 0
     # the compact sampler decodes the greedy answers in the same batch as the samples (same tokens, one loop)
     together = k > 0 and resolve_sampler(sampler, next(model.parameters()).device) == "compact"
+    # a progress bar with an ETA on a terminal; elsewhere (logs, CI) one line per batch, with the ETA
+    bar = tqdm(total=len(problems), desc=f"eval {label}", unit="question", file=sys.stderr, disable=None,
+               dynamic_ncols=True)
     for batch in iter_batches(problems, max(batch_questions, 1)):
         if together:
             r, greedy = sample(model, tokenizer, batch, template=template, num_samples=k, max_new_tokens=max_new_tokens,
@@ -30,27 +35,37 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], *, template: st
             greedy = sample(model, tokenizer, batch, template=template, num_samples=1, max_new_tokens=max_new_tokens,
                             temperature=temperature, greedy=True, autocast_dtype=autocast_dtype, sampler=sampler)
         greedy_text = decode_completions(tokenizer, greedy)
-        sampled_text, sampled_len = [[] for _ in batch], [[] for _ in batch]
+        greedy_finished = (~greedy.capped).tolist()
+        sampled_text, sampled_len, sampled_finished = [[] for _ in batch], [[] for _ in batch], [[] for _ in batch]
         if k > 0:
             if not together:
                 r = sample(model, tokenizer, batch, template=template, num_samples=k, max_new_tokens=max_new_tokens,
                            temperature=temperature, autocast_dtype=autocast_dtype, sampler=sampler)
-            for q, text, n in zip(r.question_index.tolist(), decode_completions(tokenizer, r), r.completion_lengths.tolist()):
+            for q, text, n, cut in zip(r.question_index.tolist(), decode_completions(tokenizer, r),
+                                       r.completion_lengths.tolist(), r.capped.tolist()):
                 sampled_text[q].append(text)
                 sampled_len[q].append(n)
+                sampled_finished[q].append(not cut)
             n_gen_tokens += int(r.completion_lengths.sum())
             capped += int(r.capped.sum())
         for i, p in enumerate(batch):
-            correct = [is_correct(t, p.answer) for t in sampled_text[i]]
-            keys = answer_keys([extract_answer(t) for t in sampled_text[i]])
+            # a completion cut off at the cap has an answer only if it boxed one (rlsc/grading.py)
+            correct = [is_correct(t, p.answer, f) for t, f in zip(sampled_text[i], sampled_finished[i])]
+            keys = answer_keys([extract_answer(t, f) for t, f in zip(sampled_text[i], sampled_finished[i])])
             records.append({
                 "id": p.id, "question": p.question, "answer": p.answer,
-                "greedy": greedy_text[i], "greedy_correct": is_correct(greedy_text[i], p.answer),
+                "greedy": greedy_text[i], "greedy_correct": is_correct(greedy_text[i], p.answer, greedy_finished[i]),
+                "greedy_finished": greedy_finished[i],
                 "samples": sampled_text[i], "correct": correct, "keys": keys, "lengths": sampled_len[i],
+                "finished": sampled_finished[i],
             })
         done = len(records)
-        log(f"  eval {label}: {done}/{len(problems)} questions, {done * k} samples "
-            f"({time.perf_counter() - t0:.0f}s)")
+        bar.update(len(batch))
+        if bar.disable:
+            elapsed = time.perf_counter() - t0
+            log(f"  eval {label}: {done}/{len(problems)} questions, {done * k} samples "
+                f"({elapsed:.0f}s, ETA {_clock(elapsed / done * (len(problems) - done))})")
+    bar.close()
     if samples_path is not None:
         samples_path.parent.mkdir(parents=True, exist_ok=True)
         with open(samples_path, "w") as fh:
@@ -61,6 +76,11 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], *, template: st
         "mean_completion_tokens": n_gen_tokens / max(len(records) * k, 1),
         "frac_capped": capped / max(len(records) * k, 1),
     }
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds}s"
 
 
 def summarise(records: list[dict], k: int) -> dict:
@@ -79,11 +99,17 @@ def summarise(records: list[dict], k: int) -> dict:
 def evaluate_sources(model, tokenizer, sources: list[str], *, split: str, limit: int, template: str, k: int,
                      temperature: float, max_new_tokens: int, batch_questions: int = 1, autocast_dtype=None,
                      output_dir: Path | None = None, tag: str = "eval", log=print,
-                     sampler: str = "auto") -> dict[str, dict]:
+                     sampler: str = "auto", seed: int | None = None) -> dict[str, dict]:
+    """Metrics per source. seed: torch's generator is seeded with it before each source, so a
+    source's samples depend on the seed only (not on the sources before it); None leaves it as is."""
+    import torch
+
     from .data import load_problems
 
     results = {}
     for source in sources:
+        if seed is not None:
+            torch.manual_seed(seed)
         problems = load_problems(source, split=split, limit=limit)
         name = dataset_name(source)
         log(f"evaluating {name}: {len(problems)} questions, greedy + {k} samples at T={temperature}")

@@ -1,5 +1,22 @@
 """Answer grading with math-verify (a maintained verifier), \\boxed{} answers first, and the
-pass@k / maj@k arithmetic."""
+pass@k / maj@k arithmetic.
+
+What counts as the answer of a completion (one rule for every source; extract_answer):
+  1. the content of its last \\boxed{...} (or \\fbox{...}) when that one is balanced, parsed by
+     math-verify (whether or not the completion finished);
+  2. none when its last \\boxed{ is never closed: the answer being written was cut off;
+  3. otherwise, for a finished completion (it emitted EOS before the token cap), math-verify's
+     parse of the whole text (its own extraction: the last number or expression);
+  4. otherwise none: a completion cut off at the cap without a boxed answer has not answered, even
+     if it mentions numbers ("First, 3 * 4 = 12. Then we need to add the remaining" is wrong).
+A completion without an answer is wrong and does not vote in maj@k.
+Per source, that means: sources posed with the \\boxed instruction (every JSONL and Hugging Face
+source by default, BOXED_INSTRUCTION) are graded on the boxed answer, falling back to the last
+number of a finished completion that boxed nothing; the builtin task sets are posed plainly
+("What is 7 * 8?"), so a finished completion's last number is its answer and a cut-off one has none.
+RLSC changes completion lengths, so before/after comparisons would be biased if cut-off text were
+graded as an answer.
+"""
 from __future__ import annotations
 
 import math
@@ -23,16 +40,17 @@ def _parse_gold(gold: str):
     return parse(f"${gold}$") or parse(gold)
 
 
-def extract_answer(completion: str):
-    """math-verify's parse of the last \\boxed{} content if there is one, else of the whole text."""
+def extract_answer(completion: str, finished: bool = True):
+    """math-verify's parse of the completion's answer, or [] for none (rules in the module
+    docstring). finished: the completion ended with EOS before the token cap."""
     from math_verify import parse
 
     boxed = last_boxed(completion)
     if boxed is not None:
-        parsed = parse(f"\\boxed{{{boxed}}}")
-        if parsed:
-            return parsed
-    return parse(completion)
+        return parse(f"\\boxed{{{boxed}}}") or []
+    if "\\boxed" in completion or "\\fbox" in completion:   # the last box is never closed: cut off mid-answer
+        return []
+    return parse(completion) if finished else []
 
 
 def answer_key(parsed) -> str | None:
@@ -72,13 +90,14 @@ def answer_keys(parsed_answers: list) -> list[str | None]:
     return keys
 
 
-def is_correct(completion: str, gold: str) -> bool:
+def is_correct(completion: str, gold: str, finished: bool = True) -> bool:
+    """Does the completion's answer (extract_answer) equal the gold answer (math-verify)?"""
     from math_verify import verify
 
     gold_parsed = _parse_gold(gold)
     if not gold_parsed:
         return False
-    pred = extract_answer(completion)
+    pred = extract_answer(completion, finished)
     if not pred:
         return False
     try:

@@ -201,7 +201,8 @@ def body_and_head(model):
     The fused op replaces only the head + loss, so any CausalLM whose head is a plain Linear on
     the body's last hidden state works without a per-model copy of its forward. What the model does
     to the head's output (logit scaling, soft-capping, LoRA on the head) is handled by
-    rlsc.step.StepHead; check_head_matches_forward verifies it against the model's own logits.
+    rlsc_kernels.integrations.transformers.FusedHead; check_head_matches_forward verifies it
+    against the model's own logits at the start of a run.
     """
     base = model
     if hasattr(base, "get_base_model"):  # peft.PeftModel
@@ -213,6 +214,26 @@ def body_and_head(model):
     if head is None or body is None:
         raise NotImplementedError(f"cannot find the decoder body and lm_head of {type(base).__name__}")
     return body, head
+
+
+def disable_dropout(model) -> int:
+    """Switches every dropout of `model` off for good, in train mode too; returns how many settings
+    changed. RLSC scores the samples under the distribution they were drawn from (p = p_old), so
+    no dropout may act while scoring. Covers nn.Dropout modules (p = 0; GPT-2's attention reads its
+    attn_dropout.p in train mode, PEFT's lora_dropout) and every float attribute whose name holds
+    "dropout" (attention_dropout of Llama-family attention, OPT's functional dropout rates), which
+    models read at forward time under `self.training`. The config is left as it is (a saved model
+    keeps its dropout settings)."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p != 0:
+            module.p = 0.0
+            changed += 1
+        for name, value in list(vars(module).items()):
+            if "dropout" in name.lower() and isinstance(value, float) and value != 0:
+                setattr(module, name, 0.0)
+                changed += 1
+    return changed
 
 
 def enable_activation_checkpointing(model) -> None:

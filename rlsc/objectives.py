@@ -34,7 +34,7 @@ import torch
 import rlsc_kernels as rk
 
 from .sampling import Rollouts, decode_completions
-from .step import LossOptions, StepHead, StepStats, completion_hidden_states, rlsc_update
+from .step import LossOptions, Scorer, StepStats, rlsc_update
 
 #: objectives that turn a per-sample reward into GRPO group advantages
 REWARD_OBJECTIVES = ("intuitor", "em-rl", "rent", "ttrl")
@@ -48,15 +48,6 @@ def _micro_batches(rollouts: Rollouts, size: int):
         L = int(mb.completion_mask.sum(-1).max())
         yield start, Rollouts(mb.prompt_ids, mb.prompt_mask, mb.completion_ids[:, :L], mb.completion_mask[:, :L],
                               mb.capped, mb.question_index)
-
-
-def _head_inputs(head: StepHead, mb: Rollouts, opts: LossOptions):
-    """(hidden', weight', bias', targets, seq_index) of one micro-batch's completion tokens."""
-    hidden = completion_hidden_states(head.body, mb, opts.autocast_dtype)
-    mask = mb.completion_mask
-    seq = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
-    h, w, b = head.inputs(hidden[mask])
-    return h, w, b, mb.completion_ids[mask], seq
 
 
 def sequence_sums(h, w, b, y, seq, S: int, *, temperature: float, backend: str, softcap=None) -> torch.Tensor:
@@ -102,7 +93,7 @@ def engine_weights(objective: str, sums: torch.Tensor, rollouts: Rollouts, texts
 
 
 @torch.no_grad()
-def score_rollouts(head: StepHead, rollouts: Rollouts, opts: LossOptions) -> dict:
+def score_rollouts(scorer: Scorer, rollouts: Rollouts, opts: LossOptions) -> dict:
     """Per-sample sums over the response tokens [S] float64, from the fused op at the sampling
     distribution: seq_logp, entropy (sum of H_t), self_certainty (sum of SC_t), n_tokens (int64)."""
     S = len(rollouts)
@@ -110,8 +101,8 @@ def score_rollouts(head: StepHead, rollouts: Rollouts, opts: LossOptions) -> dic
     out = {k: torch.zeros(S, dtype=torch.float64, device=device) for k in ("seq_logp", "entropy", "self_certainty")}
     out["n_tokens"] = rollouts.completion_mask.sum(-1).long()
     for start, mb in _micro_batches(rollouts, opts.micro_batch_size):
-        h, w, b, y, seq = _head_inputs(head, mb, opts)
-        sums = sequence_sums(h, w, b, y, seq, len(mb), temperature=head.temperature, backend=opts.backend)
+        h, w, b, y, seq = scorer.packed(mb)  # every completion token (the diagnostics see them all)
+        sums = sequence_sums(h, w, b, y, seq, len(mb), backend=opts.backend, **scorer.head.op_options(opts.temperature))
         for row, key in enumerate(("seq_logp", "entropy", "self_certainty")):
             out[key][start:start + len(mb)] = sums[row]
     return out
@@ -197,18 +188,18 @@ def _finish(model, optimizer, opts: LossOptions, loss_sum: float) -> tuple[float
 
 
 def policy_gradient_update(model, optimizer, rollouts: Rollouts, opts: LossOptions, advantages: torch.Tensor,
-                           head: StepHead) -> StepStats:
+                           scorer: Scorer) -> StepStats:
     """One step of loss = -(1/S) sum_i A_i mean_t log p(y_i,t) through the fused single pass."""
     S = len(rollouts)
     coef = (advantages.double() / rollouts.completion_mask.sum(-1).double().clamp(min=1)).float()
     optimizer.zero_grad(set_to_none=True)
     losses, logps, ent_sum, ent_count = [], [], 0.0, 0
     for start, mb in _micro_batches(rollouts, opts.micro_batch_size):
-        h, w, b, y, seq = _head_inputs(head, mb, opts)
-        out = rk.linear_rlsc_loss(h, w, y, seq_index=seq, num_sequences=len(mb), bias=b, temperature=head.temperature,
+        h, w, b, y, seq = scorer.packed(mb, opts.mask_truncated)
+        out = rk.linear_rlsc_loss(h, w, y, seq_index=seq, num_sequences=len(mb), bias=b,
                                   weighting=coef[start:start + len(mb)].to(h.device), reduction="sum",
                                   filter_eps=opts.filter_eps, backend=opts.backend, return_entropy=True,
-                                  check_values=False)
+                                  check_values=False, **scorer.head.op_options(opts.temperature))
         (out.loss / S).backward()
         losses.append(float(out.loss.detach()) / S)
         logps.append(out.seq_logp.detach().float().cpu())
@@ -222,15 +213,18 @@ def policy_gradient_update(model, optimizer, rollouts: Rollouts, opts: LossOptio
                      skipped=skipped)
 
 
-def entropy_minimisation_update(model, optimizer, rollouts: Rollouts, opts: LossOptions, head: StepHead) -> StepStats:
-    """EM-FT: one step of loss = (1/N) sum over all N response tokens of the step of H_t."""
-    N = int(rollouts.completion_mask.sum())
+def entropy_minimisation_update(model, optimizer, rollouts: Rollouts, opts: LossOptions, scorer: Scorer) -> StepStats:
+    """EM-FT: one step of loss = (1/N) sum over all N response tokens of the step of H_t (with
+    --mask-truncated, of the completions that ended)."""
+    kept = rollouts.completion_mask & ~rollouts.capped[:, None] if opts.mask_truncated else rollouts.completion_mask
+    N = int(kept.sum())
     optimizer.zero_grad(set_to_none=True)
     loss_sum, logps = 0.0, []
     for start, mb in _micro_batches(rollouts, opts.micro_batch_size):
-        h, w, b, y, seq = _head_inputs(head, mb, opts)
-        logp, entropy = rk.linear_logprobs(h, w, y, bias=b, temperature=head.temperature, return_entropy=True,
-                                           filter_eps=opts.filter_eps, backend=opts.backend, check_values=False)
+        h, w, b, y, seq = scorer.packed(mb, opts.mask_truncated)
+        logp, entropy = rk.linear_logprobs(h, w, y, bias=b, return_entropy=True, filter_eps=opts.filter_eps,
+                                           backend=opts.backend, check_values=False,
+                                           **scorer.head.op_options(opts.temperature))
         loss = entropy.sum() / max(N, 1)
         loss.backward()
         loss_sum += float(loss.detach())
@@ -266,8 +260,8 @@ def make_update(objective: str, tokenizer, guard=None):
     extra["guard_stop"] says why), and then takes the objective's step."""
 
     def update(model, optimizer, rollouts: Rollouts, opts: LossOptions) -> StepStats:
-        head = StepHead(model, opts.temperature, opts.autocast_dtype)
-        scores = score_rollouts(head, rollouts, opts)
+        scorer = Scorer(model, opts.autocast_dtype)
+        scores = score_rollouts(scorer, rollouts, opts)
         texts = decode_completions(tokenizer, rollouts)
         votes, agreement = majority_votes(texts, rollouts.question_index.cpu())
         diag = diagnostics(scores, agreement, opts.alpha)
@@ -279,15 +273,15 @@ def make_update(objective: str, tokenizer, guard=None):
                               seq_weight=torch.zeros(len(rollouts)), n_tokens=n, capped=rollouts.capped.cpu(),
                               mean_token_entropy=diag["token_entropy"], grad_norm=0.0, frac_weight_underflow=0.0)
         elif objective == "rlsc":
-            del head
+            del scorer  # rlsc_update makes its own (one weight copy at a time)
             stats = rlsc_update(model, optimizer, rollouts, opts)
         elif objective == "em-ft":
-            stats = entropy_minimisation_update(model, optimizer, rollouts, opts, head)
+            stats = entropy_minimisation_update(model, optimizer, rollouts, opts, scorer)
         else:
             rewards = votes.to(scores["entropy"].device) if objective == "ttrl" else rewards_for(
                 objective, scores, None, rollouts.question_index)
             advantages = group_advantages(rewards, rollouts.question_index)
-            stats = policy_gradient_update(model, optimizer, rollouts, opts, advantages, head)
+            stats = policy_gradient_update(model, optimizer, rollouts, opts, advantages, scorer)
             stats.extra["mean_reward"] = float(rewards.mean())
         stats.extra.update(diag)
         if reason is not None:

@@ -1,4 +1,4 @@
-"""PNG plot of the training curves in metrics.jsonl."""
+"""PNG plots: the training curves in metrics.jsonl, and the before/after evaluation of `rlsc demo`."""
 from __future__ import annotations
 
 import json
@@ -46,6 +46,42 @@ def plot_training_curves(metrics_path: str | Path, out_path: str | Path, title: 
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
+def plot_before_after(before: dict[str, dict], after: dict[str, dict], out_path: str | Path,
+                      title: str = "held-out evaluation, before and after RLSC") -> Path | None:
+    """Grouped bars per dataset: greedy accuracy, pass@j and maj@k before and after training
+    (`rlsc demo` writes it as before_after.png next to training_curves.png)."""
+    names = [n for n in after if n in before]
+    if not names:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(names), figsize=(max(6.5, 6.5 * len(names)), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        keys = [k for k in after[name] if k == "greedy_accuracy" or k.startswith(("pass@", "maj@"))]
+        keys = [k for k in keys if k in before[name]]
+        xs = range(len(keys))
+        width = 0.38
+        for offset, (label, res, color) in zip((-width / 2, width / 2), (("before", before[name], "#9aa5b1"),
+                                                                           ("after", after[name], "#1f77b4"))):
+            values = [res[k] for k in keys]
+            bars = ax.bar([x + offset for x in xs], values, width, label=label, color=color)
+            ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=1)
+        ax.set_xticks(list(xs), [k.replace("_accuracy", "") for k in keys], fontsize=9)
+        ax.set_ylim(0, 1.08)
+        ax.set_title(name, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(title)
     fig.tight_layout()
     out_path = Path(out_path)

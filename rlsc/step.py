@@ -4,7 +4,7 @@
     2. mask     keep the completion tokens, up to and including EOS   (Rollouts.completion_mask)
     3. score    L_s = sum_t log_softmax(W h_t / T)[y_t] from the body's final hidden states
                 through the fused op: no [samples x length x vocab] logits are ever formed
-                (StepHead: the head exactly as the model samples from it)
+                (FusedHead: the head exactly as the samplers draw from it)
     4. weigh    w_s = p_old(y_s|x) + alpha = exp(L_s).detach() + alpha  (inside the op, in log space)
     5. step     loss = -(1/S) sum_s w_s L_s; backward; AdamW step (skipped, never applied, when
                 the loss or the gradient norm is not finite)
@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 import torch
 
 import rlsc_kernels as rk
-from rlsc_kernels.integrations.transformers import _lora_parts, logit_transform
+from rlsc_kernels.integrations.transformers import FusedHead
+from rlsc_kernels.integrations.transformers import check_head_matches_forward as _library_head_check
 
 from .data import Problem
-from .models import body_and_head
+from .models import body_and_head, disable_dropout
 from .sampling import Rollouts, sample
 
 
@@ -40,6 +41,7 @@ class LossOptions:
     max_grad_norm: float = 0.0
     autocast_dtype: torch.dtype | None = None
     sampler: str = "auto"        # decode loop of rlsc.sampling.sample
+    mask_truncated: bool = False # completions cut off at the cap get no tokens in the loss
 
 
 @dataclass
@@ -79,145 +81,89 @@ def _trim(rollouts: Rollouts) -> Rollouts:
     """Drops completion columns that are padding in every row of this micro-batch."""
     L = int(rollouts.completion_mask.sum(-1).max())
     return Rollouts(rollouts.prompt_ids, rollouts.prompt_mask, rollouts.completion_ids[:, :L],
-                    rollouts.completion_mask[:, :L], rollouts.capped, rollouts.question_index)
+                    rollouts.completion_mask[:, :L], rollouts.capped, rollouts.question_index, rollouts.sampled_logp)
 
 
-def _packed(hidden: torch.Tensor, rollouts: Rollouts):
-    """Completion tokens only: hidden [n, D], targets [n], seq_index [n]."""
+def _packed(hidden: torch.Tensor, rollouts: Rollouts, mask_truncated: bool = False):
+    """Completion tokens only: hidden [n, D], targets [n], seq_index [n]. mask_truncated: the
+    tokens of capped samples are left out (their L_s is 0 and they get no gradient)."""
     mask = rollouts.completion_mask
+    if mask_truncated:
+        mask = mask & ~rollouts.capped[:, None]
     seq = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
     return hidden[mask], rollouts.completion_ids[mask], seq
 
 
-class _SharedWeight(torch.autograd.Function):
-    """Hands the op a weight prepared once per step (cast to 16 bits, and/or LoRA's B appended
-    along D) and routes its gradient back to the source parameters, once per micro-batch. A plain
-    `weight.to(bf16)` per micro-batch would make a new [V, D] copy every time."""
+class Scorer:
+    """The model's body and head as the loss scores them during one optimizer step: FusedHead with
+    the compute dtype of the run (its 16-bit weight copy made once per step, shared by the
+    micro-batches), the same adapter the samplers draw from."""
 
-    @staticmethod
-    def forward(ctx, prepared, *sources):
-        ctx.widths = [src.shape[1] for src in sources]
-        ctx.dtypes = [src.dtype for src in sources]
-        return prepared.view_as(prepared)
+    def __init__(self, model, autocast_dtype: torch.dtype | None = None):
+        self.body, _ = body_and_head(model)
+        self.head = FusedHead(model, dtype=autocast_dtype, reuse_weight=True)
+        self.autocast_dtype = autocast_dtype
 
-    @staticmethod
-    def backward(ctx, grad):
-        parts = grad.split(ctx.widths, dim=1)
-        return (None, *(g.to(dt) if need else None
-                        for g, dt, need in zip(parts, ctx.dtypes, ctx.needs_input_grad[1:])))
-
-
-class StepHead:
-    """The lm_head as the fused op sees it during one optimizer step.
-
-    - logit scaling (`logit_scale`, `logits_scaling`, `lm_head_multiplier`, ... read by
-      rlsc_kernels.integrations.transformers.logit_transform): the model samples from
-      softmax(scale * (W h + b) / T), which is softmax((W h + b) / (T / scale)): folded into the
-      temperature the op is called with. Soft-capped heads (`final_logit_softcapping`) are refused.
-    - LoRA on the head (peft): logits = W h + s B A h = [W, B] . [h, s A h], so the op gets
-      hidden' = cat(h, s h A^T) and weight' = cat(W, B): one fused call, gradients reach A and B.
-    - the weight the op receives (16-bit copy under autocast, [W, B] under LoRA) is made once here,
-      not per micro-batch; for an fp32 head without LoRA it is the parameter itself (no copy).
-    """
-
-    def __init__(self, model, temperature: float, autocast_dtype: torch.dtype | None = None):
-        self.body, head = body_and_head(model)
-        base = head.base_layer if hasattr(head, "base_layer") and hasattr(head, "lora_A") else head
-        weight = getattr(base, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or type(weight) not in (torch.Tensor, torch.nn.Parameter):
-            raise NotImplementedError(
-                f"the model's lm_head ({type(head).__name__}) is not a plain Linear layer with a [V, D] weight; "
-                "the fused op cannot score through it (quantised or wrapped heads are not supported)")
-        config = getattr(model, "config", None) if not hasattr(model, "get_base_model") else model.get_base_model().config
-        scale, softcap = logit_transform(config)
-        if softcap is not None:
-            raise NotImplementedError(
-                f"the model soft-caps its logits (final_logit_softcapping={softcap}); the trainer cannot yet score "
-                "soft-capped heads exactly as they sample, so it refuses rather than train on a different distribution")
-        if not (math.isfinite(scale) and scale > 0):
-            raise NotImplementedError(f"the model scales its logits by {scale}; only a positive finite scale can be folded into the temperature")
-        self.temperature = temperature / scale
-        self.logit_scale = scale
-        self.lora = []
-        bias = getattr(base, "bias", None)
-        sources = [weight]
-        for lora_a, lora_b, lora_b_bias, scaling, dropout in _lora_parts(head):
-            self.lora.append((lora_a, scaling, dropout))
-            sources.append(lora_b)
-            if lora_b_bias is not None:
-                bias = lora_b_bias * scaling if bias is None else bias + lora_b_bias * scaling
-        self.dtype = autocast_dtype or weight.dtype
-        self.bias = bias
-        self.weight_copies = 0
-        if len(sources) == 1 and self.dtype == weight.dtype:
-            self._prepared, self._sources = None, sources
-        else:
-            with torch.no_grad():
-                self._prepared = torch.cat([src.detach().to(self.dtype) for src in sources], dim=1)
-            self._sources = sources
-            self.weight_copies = 1
-
-    def inputs(self, hidden: torch.Tensor):
-        """(hidden', weight', bias') for the op from the body's states hidden [n, D] of one micro-batch."""
-        if self.lora:
-            extra = [(dropout(hidden).to(a.dtype) @ a.T) * scaling for a, scaling, dropout in self.lora]
-            hidden = torch.cat([hidden, *(e.to(hidden.dtype) for e in extra)], dim=-1)
-        weight = self._sources[0] if self._prepared is None else _SharedWeight.apply(self._prepared, *self._sources)
-        bias = self.bias.to(self.dtype) if self.bias is not None else None
-        return hidden.to(self.dtype), weight, bias
+    def packed(self, mb: Rollouts, mask_truncated: bool = False):
+        """(hidden', weight', bias', targets, seq_index) of one micro-batch's completion tokens."""
+        h, y, seq = _packed(completion_hidden_states(self.body, mb, self.autocast_dtype), mb, mask_truncated)
+        h, w, b = self.head.inputs(h)
+        return h, w, b, y, seq
 
 
-@torch.no_grad()
 def check_head_matches_forward(model, input_ids: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> None:
-    """Raises if the logits the op would compute differ from the model's own forward logits.
-
-    StepHead knows the head transforms of the transformers models it was written against; a model
-    that does something else to its logits (a hidden-state multiplier, an unknown attribute)
-    would otherwise be trained on a distribution it does not sample from. input_ids [1, L]."""
-    head = StepHead(model, 1.0, autocast_dtype)
+    """The start-of-run checks of both engines, on input_ids [1, L]: (1) the fused head's logits
+    equal the model's own forward logits (rlsc_kernels' check_head_matches_forward: a head that
+    transforms its logits in an unknown way would train on another distribution); (2) scoring in
+    train mode is deterministic: two forwards give identical logits (a dropout the trainer could
+    not switch off would make every score a different random draw)."""
     amp = (torch.autocast(input_ids.device.type, dtype=autocast_dtype)
            if autocast_dtype is not None else contextlib.nullcontext())
-    with amp:
-        logits = model(input_ids=input_ids).logits[0].float()
-        out = head.body(input_ids=input_ids)
-        hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[0]
-    h, w, b = head.inputs(hidden)
-    z = h.float() @ w.float().T
-    if b is not None:
-        z = z + b.float()
-    z = z / head.temperature
-    eps = max(torch.finfo(head.dtype).eps, torch.finfo(logits.dtype).eps)
-    tol = 8 * eps * float(logits.abs().max()) + 1e-5
-    err = float((z - logits).abs().max())
-    if not err <= tol:
+    was_training = model.training
+    try:
+        model.eval()
+        with amp:
+            _library_head_check(model, input_ids, dtype=autocast_dtype)
+        train_mode_without_dropout(model)
+        with torch.no_grad(), amp:
+            first, second = (model(input_ids=input_ids).logits for _ in range(2))
+    finally:
+        model.train(was_training)
+    if not torch.equal(first, second):
         raise NotImplementedError(
-            f"the model's logits are not scale * (W h + b) of its lm_head (max difference {err:.3g} > {tol:.3g}): "
-            f"it transforms its logits in a way the trainer does not know, so the fused op would score a "
-            f"different distribution than the one sampled")
+            "scoring the same tokens twice in train mode gave different logits: the model has a dropout (or other "
+            "randomness) the trainer cannot switch off, so p_old would not be the probability of the sample")
 
 
 @torch.no_grad()
-def sequence_logprobs(model, rollouts: Rollouts, opts: LossOptions, head: StepHead | None = None) -> torch.Tensor:
+def sequence_logprobs(model, rollouts: Rollouts, opts: LossOptions, scorer: Scorer | None = None) -> torch.Tensor:
     """L_s for every sample [S] float32 (no graph), micro-batched: the input of group weights."""
-    head = head or StepHead(model, opts.temperature, opts.autocast_dtype)
+    scorer = scorer or Scorer(model, opts.autocast_dtype)
     out = []
     for start in range(0, len(rollouts), opts.micro_batch_size):
         mb = _trim(rollouts.select(slice(start, start + opts.micro_batch_size)))
-        h, y, seq = _packed(completion_hidden_states(head.body, mb, opts.autocast_dtype), mb)
-        h, w, b = head.inputs(h)
-        logp = rk.linear_logprobs(h, w, y, bias=b, temperature=head.temperature, backend=opts.backend,
-                                  filter_eps=None, check_values=False)
+        h, w, b, y, seq = scorer.packed(mb, opts.mask_truncated)
+        logp = rk.linear_logprobs(h, w, y, bias=b, backend=opts.backend, filter_eps=None, check_values=False,
+                                  **scorer.head.op_options(opts.temperature))
         out.append(torch.zeros(len(mb), dtype=torch.float32, device=h.device).index_add_(0, seq, logp.float()))
     return torch.cat(out)
 
 
-def group_weights(seq_logp: torch.Tensor, question_index: torch.Tensor, alpha: float) -> torch.Tensor:
-    """softmax of L_s over the samples of each question (in log space, so no underflow) + alpha."""
+def group_weights(seq_logp: torch.Tensor, question_index: torch.Tensor, alpha: float,
+                  keep: torch.Tensor | None = None) -> torch.Tensor:
+    """`group` weighting: w_s = softmax of L over the samples of s's question + alpha, in log space
+    (no underflow). A question's samples are all samples with the same question_index in the step
+    (both engines: the same question posed twice in one step is one group). keep [S] bool: samples
+    left out of the loss (mask_truncated) take no part in the softmax (their weight is alpha, and
+    they have no tokens in the loss)."""
     L = seq_logp.double()
-    w = torch.empty_like(L)
+    if keep is not None:
+        L = L.masked_fill(~keep.to(L.device), float("-inf"))
+    w = torch.zeros_like(L)
     for q in question_index.unique():
         sel = question_index == q
-        w[sel] = torch.softmax(L[sel], dim=0)
+        if torch.isfinite(L[sel]).any():
+            w[sel] = torch.softmax(L[sel], dim=0)
     return (w + alpha).float()
 
 
@@ -230,41 +176,42 @@ def _underflow(seq_weight: torch.Tensor, weighting: str, alpha: float) -> float:
     return 0.0
 
 
-def _micro_batch(head: StepHead, mb: Rollouts, opts: LossOptions, weighting, S_total: int) -> tuple:
+def _micro_batch(scorer: Scorer, mb: Rollouts, opts: LossOptions, weighting, S_total: int) -> tuple:
     """Forward and backward of one micro-batch; returns only detached per-sequence statistics, so
     nothing of it (hidden states, graph, op outputs) outlives the call."""
-    hidden = completion_hidden_states(head.body, mb, opts.autocast_dtype)           # 3. score ...
-    h, y, seq = _packed(hidden, mb)
-    h, weight, bias = head.inputs(h)
+    h, weight, bias, y, seq = scorer.packed(mb, opts.mask_truncated)                   # 3. score ...
     # check_values=False: the targets are sampled ids (always in range) and a non-finite value
     # shows up in the step's loss / gradient norm, which skips the step (one sync per step).
     out = rk.linear_rlsc_loss(                                                       # ... 4. weigh
-        h, weight, y, seq_index=seq, num_sequences=len(mb), bias=bias, temperature=head.temperature,
-        alpha=opts.alpha, weighting=weighting, reduction="sum", filter_eps=opts.filter_eps,
-        backend=opts.backend, return_entropy=True, check_values=False,
+        h, weight, y, seq_index=seq, num_sequences=len(mb), bias=bias, alpha=opts.alpha, weighting=weighting,
+        reduction="sum", filter_eps=opts.filter_eps, backend=opts.backend, return_entropy=True, check_values=False,
+        **scorer.head.op_options(opts.temperature),
     )
     (out.loss / S_total).backward()                                                  # exact accumulation
     entropy = out.token_entropy.detach().double().sum() if out.token_entropy is not None else None
     return (out.loss.detach() / S_total, out.seq_logp.detach().float(), out.seq_weight.detach().float(),
-            out.n_tokens, entropy, 0 if out.token_entropy is None else out.token_entropy.numel())
+            mb.completion_lengths, entropy, 0 if out.token_entropy is None else out.token_entropy.numel())
 
 
 def rlsc_update(model, optimizer, rollouts: Rollouts, opts: LossOptions) -> StepStats:
     """Steps 2-5 of Algorithm 1 on given samples: mask, score, weigh, one optimizer step.
 
     A non-finite loss or gradient norm skips the update (gradients dropped, optimizer untouched)
-    and returns stats with skipped=True."""
-    head = StepHead(model, opts.temperature, opts.autocast_dtype)
+    and returns stats with skipped=True. opts.mask_truncated: samples cut off at the cap have no
+    tokens in the loss (their L_s reads 0 in the stats); the loss keeps its 1 / S normalisation."""
+    scorer = Scorer(model, opts.autocast_dtype)
     S_total = len(rollouts)
     external = None
     if opts.weighting == "group":
-        external = group_weights(sequence_logprobs(model, rollouts, opts, head), rollouts.question_index, opts.alpha)
+        keep = ~rollouts.capped if opts.mask_truncated else None
+        external = group_weights(sequence_logprobs(model, rollouts, opts, scorer), rollouts.question_index,
+                                 opts.alpha, keep)
     optimizer.zero_grad(set_to_none=True)
     losses, logps, weights, ntoks, entropies, ent_count = [], [], [], [], [], 0
     for start in range(0, S_total, opts.micro_batch_size):
         mb = _trim(rollouts.select(slice(start, start + opts.micro_batch_size)))    # 2. mask
         weighting = opts.weighting if external is None else external[start : start + len(mb)]
-        loss, logp, weight, ntok, entropy, count = _micro_batch(head, mb, opts, weighting, S_total)
+        loss, logp, weight, ntok, entropy, count = _micro_batch(scorer, mb, opts, weighting, S_total)
         losses.append(loss)
         logps.append(logp)
         weights.append(weight)
@@ -272,7 +219,7 @@ def rlsc_update(model, optimizer, rollouts: Rollouts, opts: LossOptions) -> Step
         if entropy is not None:
             entropies.append(entropy)
             ent_count += count
-    del head  # the per-step weight copy is not needed by the optimizer
+    del scorer  # the per-step weight copy is not needed by the optimizer
     params = [p for g in optimizer.param_groups for p in g["params"]]
     # max_norm = inf measures the norm without clipping
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm if opts.max_grad_norm > 0 else float("inf")))
@@ -296,12 +243,11 @@ def rlsc_update(model, optimizer, rollouts: Rollouts, opts: LossOptions) -> Step
 
 
 def train_mode_without_dropout(model) -> None:
-    """Train mode (so gradient checkpointing engages) with every dropout off: the scored
-    distribution must be the one the samples came from (p = p_old at the step)."""
+    """Train mode (so gradient checkpointing engages) with every dropout off (rlsc.models.
+    disable_dropout: nn.Dropout modules and the float dropout rates attention reads in train mode):
+    the scored distribution must be the one the samples came from (p = p_old at the step)."""
     model.train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout) or "Dropout" in type(m).__name__:
-            m.eval()
+    disable_dropout(model)
 
 
 def rlsc_step(model, tokenizer, optimizer, problems: list[Problem], *, template: str, num_samples: int,

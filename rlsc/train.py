@@ -23,8 +23,8 @@ from .guard import HeldOutEval, guard_from_config
 from .models import (apply_lora, check_model_spec, enable_activation_checkpointing, load_model, load_tokenizer,
                      resolve_device, resolve_precision)
 from .plot import plot_training_curves, read_metrics
-from .sampling import chat_prompt
 from .objectives import make_update
+from .sampling import chat_prompt, encode_prompts
 from .step import LossOptions, check_head_matches_forward, rlsc_step
 
 METRICS = "metrics.jsonl"
@@ -83,7 +83,7 @@ def loss_options(cfg: RLSCConfig, loaded: Loaded) -> LossOptions:
     return LossOptions(temperature=cfg.temperature, alpha=cfg.alpha, weighting=cfg.weighting,
                        filter_eps=parse_filter_eps(cfg.filter_eps), backend=cfg.backend, micro_batch_size=cfg.micro_batch_size,
                        max_grad_norm=cfg.max_grad_norm, autocast_dtype=loaded.autocast_dtype,
-                       sampler=cfg.sampler)
+                       sampler=cfg.sampler, mask_truncated=cfg.mask_truncated)
 
 
 def prompts_for_step(problems: list[Problem], step: int, k: int, seed: int) -> list[Problem]:
@@ -132,7 +132,8 @@ def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> d
     has_checkpoint = checkpoint_path(out_dir).is_file()
     if cfg.resume == "yes" and not has_checkpoint:
         raise FileNotFoundError(f"--resume: there is no checkpoint in {out_dir} (use --resume auto to start "
-                                "afresh when there is none)")
+                                "afresh when there is none; a run shorter than --checkpoint-every that saved "
+                                "final/ writes none)")
     if loaded is None:
         check_model_spec(cfg.model)
     log(f"training on {cfg.prompts}: {len(problems)} questions, {cfg.num_prompts} x {cfg.num_samples} samples per step")
@@ -142,7 +143,7 @@ def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> d
     loaded = loaded or load(cfg, log)
     prepare_for_training(loaded, cfg, log)
     model, tokenizer = loaded.model, loaded.tokenizer
-    check_head_matches_forward(model, _probe_ids(tokenizer, problems[0], template, loaded.device),
+    check_head_matches_forward(model, probe_ids(tokenizer, problems[0], template, loaded.device),
                                loaded.autocast_dtype)
     optimizer = build_optimizer(model, cfg)
     opts = loss_options(cfg, loaded)
@@ -229,7 +230,7 @@ def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> d
                             step=step, config=cfg.to_dict())
             break
         last = step + 1 == cfg.steps
-        if last or (cfg.checkpoint_every > 0 and (step + 1) % cfg.checkpoint_every == 0):
+        if (cfg.checkpoint_every > 0 and (step + 1) % cfg.checkpoint_every == 0) or (last and _checkpoint_at_end(cfg)):
             save_checkpoint(out_dir, model=model, optimizer=optimizer if cfg.save_optimizer_state else None,
                             step=step + 1, config=cfg.to_dict())
 
@@ -242,17 +243,24 @@ def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> d
             "final_model": str(final_dir) if final_dir else None, "steps": cfg.steps}
 
 
-def _probe_ids(tokenizer, problem: Problem, template: str, device) -> torch.Tensor:
-    """The last 32 tokens of a real prompt [1, <=32]: input of the head-versus-forward check."""
-    text = chat_prompt(tokenizer, problem.question, template)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, -32:]
-    return ids.to(device)
+def probe_ids(tokenizer, problem: Problem, template: str, device) -> torch.Tensor:
+    """The last 32 tokens of a real prompt [1, <=32]: input of the start-of-run checks (both engines)."""
+    ids = encode_prompts(tokenizer, [chat_prompt(tokenizer, problem.question, template)])[0][-32:]
+    return torch.tensor([ids], dtype=torch.long, device=device)
 
 
 def _json_line(row: dict) -> str:
     """One metrics row; non-finite floats (a skipped step's loss) as null, so the file stays JSON."""
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
     return json.dumps(clean) + "\n"
+
+
+def _checkpoint_at_end(cfg: RLSCConfig) -> bool:
+    """After the last step, a checkpoint (for a later --resume with more --steps), except for a run
+    shorter than --checkpoint-every that saves its final model: a smoke run keeps final/ only, not
+    another copy of the weights with AdamW's moments (three times their size). Such a run had no
+    checkpoint to lose anyway; without final/ the checkpoint is written, so no run ends with nothing."""
+    return cfg.checkpoint_every == 0 or cfg.steps >= cfg.checkpoint_every or not cfg.save_final_model
 
 
 def save_final(model, tokenizer, path: Path) -> Path:

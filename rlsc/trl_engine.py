@@ -20,7 +20,7 @@ checkpoints and resume. RLSCTrainer replaces three methods of GRPOTrainer (and t
       are formed over each question's samples gathered from every process.
   compute_loss: RLSC's loss from the op, exactly as the thin trainer computes it (rlsc/step.py):
       the body's final hidden states of the completion tokens, the head's inputs from
-      rlsc_kernels.integrations.transformers.head_inputs, and one rk.linear_rlsc_loss call
+      rlsc_kernels.integrations.transformers.FusedHead, and one rk.linear_rlsc_loss call
       (reduction "sum") per micro-batch, divided by micro-batch size x accumulation steps; DDP /
       FSDP average over processes, so the step's gradient is that of -(1/S) sum_s w_s L_s over
       all S = num_prompts x num_samples samples.
@@ -32,8 +32,15 @@ The loss runs inside the wrapped model's forward (a `rlsc=` keyword added to the
 forward), so DDP synchronises the gradients and FSDP gathers the parameters as for any forward.
 
 Sampling draws from softmax(logits / T) only: top-k, top-p, min-p, repetition penalty and every
-other logits processor are switched off explicitly (the model's generation_config is overridden),
-because p_old in the RLSC weight must be the probability of the sample.
+other logits processor are switched off explicitly, and during generation the model's own
+generation_config is replaced by an empty one (transformers would otherwise refill every knob left
+unset from the checkpoint's; it is restored afterwards, so a saved model keeps it), because p_old in
+the RLSC weight must be the probability of the sample. Generation runs under the loss's autocast
+and the lm_head's output is replaced by FusedHead's float32 logits in the loss's compute dtype, so
+the sampled distribution is the softmax of the same fp32 logits the loss scores (transformers only,
+not vLLM: vLLM samples from its own kernels). Before training, the start-of-run checks of the thin
+trainer run (head against the model's own logits, deterministic scoring in train mode), and every
+dropout is switched off (rlsc.models.disable_dropout, wider than TRL's disable_dropout).
 
 Flags mapped onto TRL/HF: micro_batch_size -> per_device_train_batch_size; the accumulation steps
 follow from num_prompts x num_samples / (micro_batch_size x processes), which must be a whole
@@ -44,6 +51,7 @@ Trainer; --resume picks the last checkpoint-N up; the final model goes to output
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -54,11 +62,12 @@ from pathlib import Path
 import torch
 
 import rlsc_kernels as rk
-from rlsc_kernels.integrations.transformers import head_inputs
+from rlsc_kernels.integrations.transformers import FusedHead, run_in_owner_forward
 
 from .config import RLSCConfig, parse_filter_eps
+from .models import disable_dropout
 from .objectives import engine_weights, entropy_sums, sequence_sums
-from .sampling import Rollouts, chat_prompt, decode_completions
+from .sampling import Rollouts, chat_prompt, decode_completions, encode_prompts
 from .step import _packed, _trim, _underflow, completion_hidden_states, group_weights
 
 #: the only logits processing generation may do is the temperature (set from --temperature)
@@ -90,59 +99,61 @@ class _Request:
 def _run_request(model, req: _Request):
     mb = req.rollouts
     hidden = completion_hidden_states(model.base_model, mb)
-    h, y, seq = _packed(hidden, mb)
+    h, y, seq = _packed(hidden, mb, req.settings.get("mask_truncated", False))
     head = model.get_output_embeddings()
-    if _is_dtensor(head.weight):
-        return _in_fsdp_forward(model, head, h, y, seq, req)
-    return _score(model, head, h, y, seq, req)
+    return run_in_owner_forward(model, head, _score, model, head, h, y, seq, req)
 
 
 def _score(model, head, h, y, seq, req: _Request):
     s = req.settings
-    inputs = head_inputs(model, h, head=head)
-    extra = {"softcap": inputs.softcap} if inputs.softcap is not None else {}
-    with torch.autocast(inputs.weight.device.type, enabled=False):
+    fused = FusedHead(model, head=head)     # compute dtype: the autocast dtype of this forward
+    h, w, b = fused.inputs(h)
+    opts = fused.op_options(s["temperature"])
+    with torch.autocast(w.device.type, enabled=False):
         if req.mode == "stats":  # per-sample sums for the label-free objectives (rlsc/objectives.py)
-            return sequence_sums(inputs.hidden, inputs.weight, inputs.bias, y, seq, len(req.rollouts),
-                                 temperature=s["temperature"], backend=s["backend"], softcap=inputs.softcap)
+            return sequence_sums(h, w, b, y, seq, len(req.rollouts), temperature=opts["temperature"],
+                                 backend=s["backend"], softcap=opts["softcap"])
         if req.mode == "entropy":  # em-ft (rlsc/objectives.py): the op's entropies, differentiable
-            return entropy_sums(inputs.hidden, inputs.weight, inputs.bias, y, seq, len(req.rollouts), s, inputs.softcap)
+            return entropy_sums(h, w, b, y, seq, len(req.rollouts), dict(s, temperature=opts["temperature"]),
+                                opts["softcap"])
         if req.mode == "score":
-            logp = rk.linear_logprobs(inputs.hidden, inputs.weight, y, bias=inputs.bias, temperature=s["temperature"],
-                                      backend=s["backend"], filter_eps=None, check_values=False, **extra)
+            logp = rk.linear_logprobs(h, w, y, bias=b, backend=s["backend"], filter_eps=None, check_values=False,
+                                      **opts)
             return torch.zeros(len(req.rollouts), dtype=torch.float32, device=h.device).index_add_(0, seq, logp.float())
         # check_values=False as in the thin trainer: a non-finite value shows up in the step's loss or
         # gradient norm, which skips the step.
         return rk.linear_rlsc_loss(
-            inputs.hidden, inputs.weight, y, seq_index=seq, num_sequences=len(req.rollouts), bias=inputs.bias,
-            temperature=s["temperature"], alpha=s["alpha"], weighting=req.weighting, reduction="sum",
-            filter_eps=s["filter_eps"], backend=s["backend"], return_entropy=True, check_values=False, **extra)
+            h, w, y, seq_index=seq, num_sequences=len(req.rollouts), bias=b, alpha=s["alpha"],
+            weighting=req.weighting, reduction="sum", filter_eps=s["filter_eps"], backend=s["backend"],
+            return_entropy=True, check_values=False, **opts)
 
 
-def _is_dtensor(x) -> bool:
+@contextlib.contextmanager
+def sampling_as_scored(model, compute_dtype: torch.dtype | None):
+    """While generating with transformers' generate: (1) the model's generation_config is an empty
+    GenerationConfig, so nothing the checkpoint sets (min_p, suppress_tokens, min_new_tokens, ...)
+    is merged into the engine's; (2) the lm_head's output is FusedHead's float32 logits in
+    `compute_dtype` (the loss's), so generation draws from the fp32 logits the loss scores. Both
+    are undone on exit (a saved model keeps its generation_config)."""
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings()
+    saved = inner.generation_config
+
+    def fp32_head(module, args, out):
+        def linear(hidden):
+            return FusedHead(inner, head=module, dtype=compute_dtype).linear(hidden)
+
+        return run_in_owner_forward(inner, module, linear, args[0])
+
+    inner.generation_config = GenerationConfig()
+    handle = head.register_forward_hook(fp32_head)
     try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(x, DTensor)
-
-
-def _in_fsdp_forward(model, head, h, y, seq, req):
-    """The head's weight is a sharded DTensor (the head fully_shard-ed on its own): score inside
-    the forward of the FSDP2 module that owns it, so FSDP gathers it (and reduce-scatters its
-    gradient) as for lm_head(hidden)."""
-    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
-
-    owner = None
-    for _, module in model.named_modules():
-        if isinstance(module, FSDPModule) and any(m is head for m in module.modules()):
-            owner = module
-    if owner is None:
-        raise RuntimeError("the LM head's weight is a DTensor but no FSDP2 module owns the head")
-    if "_rlsc_trl_score" not in owner.__dict__:
-        owner._rlsc_trl_score = types.MethodType(lambda self, fn, *a: fn(*a), owner)
-        register_fsdp_forward_method(owner, "_rlsc_trl_score")
-    return owner._rlsc_trl_score(_score, model, head, h, y, seq, req)
+        yield
+    finally:
+        handle.remove()
+        inner.generation_config = saved
 
 
 def add_rlsc_forward(model) -> None:
@@ -194,8 +205,9 @@ def _trainer_class():
             kwargs["reward_funcs"] = [rlsc_has_no_reward]  # never called (see the module docstring)
             super().__init__(*args, **kwargs)
             add_rlsc_forward(self.model)
+            disable_dropout(self.model)
             self._rlsc_settings = dict(temperature=rlsc.temperature, alpha=rlsc.alpha, backend=rlsc.backend,
-                                       filter_eps=parse_filter_eps(rlsc.filter_eps))
+                                       filter_eps=parse_filter_eps(rlsc.filter_eps), mask_truncated=rlsc.mask_truncated)
             self._reset_step_stats()
 
         # ---- prompts and generation -------------------------------------------------------
@@ -208,9 +220,15 @@ def _trainer_class():
 
         # ---- generation ------------------------------------------------------------------
         def _tokenize_prompts(self, prompts):
-            # The prompt texts are rendered already (chat template included), as the thin trainer's.
-            ids = [self._tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-            return ids, None, {}
+            # The prompt texts are rendered already (chat template included), encoded as the thin
+            # trainer's (with the tokenizer's BOS, never twice).
+            return encode_prompts(self._tokenizer, prompts), None, {}
+
+        def _generate(self, prompts):
+            compute_dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+            model = self.accelerator.unwrap_model(self.model)
+            with self.accelerator.autocast(), sampling_as_scored(model, compute_dtype):
+                return super()._generate(prompts)
 
         def _generate_and_score_completions(self, inputs):
             device = self.accelerator.device
@@ -270,7 +288,8 @@ def _trainer_class():
                     parts.append(self.model_wrapped(rlsc=_Request(mb, "score", settings=self._rlsc_settings)))
             seq_logp = torch.cat(parts)
             all_logp, all_q = gather(seq_logp), gather(rollouts.question_index)
-            weights = group_weights(all_logp, all_q, self.rlsc.alpha)
+            keep = ~gather(rollouts.capped) if self.rlsc.mask_truncated else None
+            weights = group_weights(all_logp, all_q, self.rlsc.alpha, keep)
             n = len(rollouts)
             rank = self.accelerator.process_index
             return weights[rank * n : (rank + 1) * n]
@@ -294,7 +313,7 @@ def _trainer_class():
                 st["loss_sum"].append(out.loss.detach().float())
             st["seq_logp"].append(out.seq_logp.detach().float())
             st["seq_weight"].append(out.seq_weight.detach().float())
-            st["n_tokens"].append(out.n_tokens.detach())
+            st["n_tokens"].append(keep.completion_lengths)
             st["capped"].append(mb.capped)
             if out.token_entropy is not None:
                 st["entropy"].append(torch.stack([out.token_entropy.detach().double().sum(),
@@ -584,6 +603,12 @@ def train_trl(cfg: RLSCConfig, loaded=None, log=log_to_stderr, sample=None, call
         model, tokenizer = loaded.model, loaded.tokenizer
     if cfg.lora_rank > 0:
         model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+    from .step import check_head_matches_forward
+    from .train import probe_ids
+
+    disable_dropout(model)
+    check_head_matches_forward(model, probe_ids(tokenizer, problems[0], template, next(model.parameters()).device),
+                               torch.bfloat16 if precision == "bf16-autocast" else None)
     args = grpo_config(cfg, processes, precision)
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 

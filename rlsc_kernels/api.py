@@ -1,63 +1,40 @@
-"""Public ops: fused linear log-probs and the RLSC loss, and the nn.Module wrapper."""
+"""Public ops: fused linear log-probs and the RLSC loss, and the nn.Module wrapper.
+
+Each public op plans the call once (plan.py: validation, autocast, options, path) and runs the
+plan: eagerly through the autograd.Function of the per-token op (or the single pass), or, while
+Dynamo traces it, through the registered custom ops (custom_ops.py). Nothing below this module
+imports it.
+"""
 from __future__ import annotations
 
-import contextlib
-import math
-import numbers
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
 from . import backends
 from .autograd import LinearLogprobsFunction
-from .options import (
-    BlockConfigs,
-    FusedOptions,
-    check_backward,
-    check_softcap,
-    check_block_configs,
-    check_buffer_bytes,
-    check_grad_matmul,
-    resolve_filter_eps,
+from .options import BlockConfigs
+from .plan import (
+    MASK_DTYPES,
+    REDUCTIONS,  # noqa: F401 (re-exported)
+    LogprobsPlan,
+    LossPlan,
+    RLSCLossOutput,
+    cast_for_autocast,
+    check_alpha,
+    check_reduction,
+    check_temperature,
+    check_weighting,
+    plan_logprobs,
+    plan_loss,
 )
 from .reference import reference_logprobs
-from .validation import check_backend, check_head, check_tensor, check_temperature
+from .single_pass import maybe_single_pass
+from .validation import check_backend, check_tensor
 from .validation import check_values as _check_values
-from .single_pass import check_path, maybe_single_pass
-from .vocab_parallel import VocabParallel, check_vocab_parallel, vocab_parallel_logprobs
+from .vocab_parallel import VocabParallel, vocab_parallel_logprobs
 from .vocab_parallel import check_values as _check_values_vocab_parallel
-from .weighting import WEIGHTINGS, check_external_weights, rlsc_weights
-
-REDUCTIONS = ("mean", "sum")
-_AUTOCAST_CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _autocast_dtype(hidden) -> Optional[torch.dtype]:
-    """The autocast dtype of hidden's device type if an autocast region is active there, else None."""
-    if not isinstance(hidden, torch.Tensor):
-        return None
-    device_type = hidden.device.type
-    try:
-        if not torch.is_autocast_enabled(device_type):
-            return None
-        return torch.get_autocast_dtype(device_type)
-    except (RuntimeError, TypeError, ValueError):  # a device type autocast does not know
-        return None
-
-
-def _autocast_inputs(hidden, weight, bias):
-    """Like F.linear under torch.autocast: hidden, weight and bias in the region's dtype (the
-    casts are differentiable, so an fp32 master weight gets its gradient in fp32). The op then
-    runs with autocast off, so no backend matmul is recast behind its back."""
-    dtype = _autocast_dtype(hidden)
-    if dtype is None:
-        return hidden, weight, bias, contextlib.nullcontext()
-
-    def cast(t):
-        return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_CASTABLE else t
-
-    return cast(hidden), cast(weight), cast(bias), torch.autocast(hidden.device.type, enabled=False)
+from .weighting import check_external_weights, rlsc_weights
 
 _AUTOCAST_DOC = """
     Under torch.autocast (active for hidden's device type) the op behaves like F.linear: hidden,
@@ -66,34 +43,34 @@ _AUTOCAST_DOC = """
 """
 
 
-def _logprobs_flat(hidden2d, weight, bias, targets1d, opts: FusedOptions, backend: str, vocab_parallel=None):
-    """Per-token (logp, entropy|None) for flat inputs hidden [N, D], targets [N]; inputs already checked."""
-    name = backends.resolve(backend, hidden2d)
-    if vocab_parallel is not None:
-        return vocab_parallel_logprobs(hidden2d, weight, bias, targets1d, opts, name, vocab_parallel)
+def _logprobs_flat(hidden2d, weight, bias, targets1d, plan: LogprobsPlan, masters=None):
+    """Per-token (logp, entropy|None) for flat inputs hidden [N, D], targets [N]; inputs already
+    checked. masters: under autocast, the same (hidden2d, weight, bias) before the autocast cast:
+    the fused Function casts them itself and returns their gradients unrounded (autograd.py)."""
+    opts = plan.opts
+    name = backends.resolve(plan.backend, hidden2d)
+    if plan.vocab_parallel is not None and name != "reference" and plan.compute_dtype is not None and masters:
+        return vocab_parallel_logprobs(*masters[:3], targets1d, opts, name, plan.vocab_parallel, plan.compute_dtype)
+    if plan.vocab_parallel is not None:
+        return vocab_parallel_logprobs(hidden2d, weight, bias, targets1d, opts, name, plan.vocab_parallel)
     if name == "reference":
         return reference_logprobs(hidden2d, weight, bias, targets1d, opts)
-    logp, entropy = LinearLogprobsFunction.apply(hidden2d, weight, bias, targets1d, opts, backends.get(name))
+    if plan.compute_dtype is not None and masters is not None:
+        logp, entropy = LinearLogprobsFunction.apply(*masters[:3], targets1d, opts, backends.get(name),
+                                                     plan.compute_dtype)
+    else:
+        logp, entropy = LinearLogprobsFunction.apply(hidden2d, weight, bias, targets1d, opts, backends.get(name))
     return logp, (entropy if opts.return_entropy else None)
 
 
-def _options(hidden, temperature, ignore_index, return_entropy, filter_eps, backward, grad_matmul, buffer_bytes,
-             block_configs, check_values, softcap=None) -> FusedOptions:
-    backward = check_backward(backward)
-    grad_matmul = check_grad_matmul(grad_matmul)
-    if not isinstance(check_values, bool):
-        raise TypeError(f"check_values must be a bool, got {type(check_values).__name__}")
-    return FusedOptions(
-        temperature=check_temperature(temperature),
-        ignore_index=int(ignore_index),
-        return_entropy=bool(return_entropy),
-        filter_eps=resolve_filter_eps(filter_eps, hidden.dtype, backward, grad_matmul),
-        backward=backward,
-        grad_matmul=grad_matmul,
-        buffer_bytes=check_buffer_bytes(buffer_bytes),
-        block_configs=check_block_configs(block_configs),
-        softcap=check_softcap(softcap),
-    )
+def _value_checks(hidden, weight, bias, targets, plan: LogprobsPlan, extra=None) -> None:
+    """The data-dependent checks (one host sync) unless the plan turned them off."""
+    if not plan.check_values:
+        return
+    if plan.vocab_parallel is not None:
+        _check_values_vocab_parallel(hidden, weight, bias, targets, plan.opts.ignore_index, plan.vocab_parallel, extra)
+    else:
+        _check_values(hidden, weight, bias, targets, plan.opts.ignore_index, extra)
 
 
 _OPTION_DOCS = """
@@ -107,7 +84,10 @@ _OPTION_DOCS = """
       block; Triton: the logit-gradient slice, or the fused backward's fp32 dweight slice);
       None = the backend's default.
     check_values: True (default) checks target ids and finiteness with one device-to-host sync;
-      False skips them (garbage in, garbage out) for a trusted hot loop.
+      False skips them for a trusted hot loop: no sync and no extra pass, and never memory
+      corruption: no kernel reads or writes out of bounds for any target id. On the two-sweep
+      paths an id outside [0, V) that is not ignore_index counts as ignored (log-prob 0,
+      entropy 0, no gradient); NaN / inf inputs give NaN outputs.
     block_configs: rlsc_kernels.BlockConfigs of Triton block sizes for this call (tests and
       tuning); None = the shipped ones.
     vocab_parallel: rlsc_kernels.VocabParallel(start, stop, group) when weight (and bias) hold
@@ -157,35 +137,32 @@ def linear_logprobs(
     Any layout of any tensor argument (sliced, transposed, expanded, offset) gives the result of
     its contiguous copy. Zero tokens are legal: the outputs are empty and still differentiable
     (zero gradients). With check_values=False the call makes no device-to-host sync.
+    temperature: a float > 0, or a 0-d float tensor (a schedule's value; a CUDA tensor costs one
+    host read in an eager call).
     Under torch.compile (also fullgraph=True) the op runs as registered custom ops
     (rlsc_kernels/custom_ops.py): same results and gradients, a new token count is not a new
-    compilation, and the value checks run inside the op.
+    compilation, nor is a new temperature (a Python float Dynamo makes dynamic, or a 0-d
+    tensor), and the value checks run inside the op.
+    Precision: logits, their gradient and the gradient accumulations are fp32; the upstream
+    gradient meets them in fp32 (a GradScaler's 2^16 cannot overflow a 16-bit intermediate) and
+    the gradients are rounded once, to the dtypes of the tensors passed (under autocast, the fp32
+    masters: not rounded to 16 bits at all).
     """
-    if torch.compiler.is_compiling():  # traced by Dynamo: the registered custom ops (custom_ops.py)
-        from .custom_ops import traced_linear_logprobs
+    masters = (hidden, weight, bias)
+    hidden, weight, bias, autocast_off, plan = plan_logprobs(
+        hidden, weight, bias, targets, temperature=temperature, ignore_index=ignore_index,
+        return_entropy=return_entropy, filter_eps=filter_eps, backend=backend, softcap=softcap, backward=backward,
+        grad_matmul=grad_matmul, buffer_bytes=buffer_bytes, check_values=check_values, block_configs=block_configs,
+        vocab_parallel=vocab_parallel)
+    if plan.tracing:  # traced by Dynamo: the registered custom ops (custom_ops.py)
+        from .custom_ops import traced_logprobs
 
-        return traced_linear_logprobs(
-            hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
-            return_entropy=return_entropy, filter_eps=filter_eps, backend=backend, softcap=softcap,
-            backward=backward, grad_matmul=grad_matmul, buffer_bytes=buffer_bytes, check_values=check_values,
-            block_configs=block_configs, vocab_parallel=vocab_parallel,
-        )
-    hidden, weight, bias, autocast_off = _autocast_inputs(hidden, weight, bias)
-    check_head(hidden, weight, bias, targets, ignore_index)
-    check_backend(backend)
-    opts = _options(hidden, temperature, ignore_index, return_entropy, filter_eps, backward, grad_matmul,
-                    buffer_bytes, block_configs, check_values, softcap)
-    if vocab_parallel is not None:
-        check_vocab_parallel(vocab_parallel, weight, bias)
-    if check_values and vocab_parallel is not None:
-        _check_values_vocab_parallel(hidden, weight, bias, targets, ignore_index, vocab_parallel)
-    elif check_values:
-        _check_values(hidden, weight, bias, targets, ignore_index)
+        return traced_logprobs(hidden, weight, bias, targets, plan, autocast_off, masters)
+    _value_checks(hidden, weight, bias, targets, plan)
     lead_shape = targets.shape
     with autocast_off:
-        logp, entropy = _logprobs_flat(
-            hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), opts, backend, vocab_parallel
-        )
+        logp, entropy = _logprobs_flat(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), plan,
+                                       (masters[0].reshape(-1, masters[0].shape[-1]), masters[1], masters[2]))
     logp = logp.reshape(lead_shape)
     if return_entropy:
         return logp, entropy.reshape(lead_shape)
@@ -193,52 +170,6 @@ def linear_logprobs(
 
 
 linear_logprobs.__doc__ += _AUTOCAST_DOC + _OPTION_DOCS
-
-
-@dataclass
-class RLSCLossOutput:
-    """Result of linear_rlsc_loss.
-
-    loss: scalar, -sum_s w_s L_s (reduction "sum") or that divided by max(S, 1) ("mean").
-    seq_logp: [S] float32 sequence log-probs L_s (differentiable; 0 for a sequence with no
-      scored token).
-    seq_weight: [S] float32 detached weights w_s.
-    token_logp: float32 log-probs in input order: padded form [n_scored], the masked-in tokens
-      only; packed form [N], 0 where targets == ignore_index.
-    n_tokens: [S] int64 scored tokens per sequence.
-    token_entropy: entropies of the same tokens (with return_entropy=True), else None.
-    """
-
-    loss: torch.Tensor
-    seq_logp: torch.Tensor
-    seq_weight: torch.Tensor
-    token_logp: torch.Tensor
-    n_tokens: torch.Tensor
-    token_entropy: Optional[torch.Tensor] = None
-
-
-def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(float(alpha)):
-        raise ValueError(f"alpha must be a finite float, got {alpha!r}")
-    return float(alpha)
-
-
-def _check_weighting(weighting):
-    if isinstance(weighting, torch.Tensor):
-        return
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS} or a float tensor [S], got {weighting!r}")
-
-
-_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
-def _check_num_sequences(num_sequences) -> Optional[int]:
-    if num_sequences is None:
-        return None
-    if isinstance(num_sequences, bool) or not isinstance(num_sequences, numbers.Integral) or num_sequences < 0:
-        raise ValueError(f"num_sequences must be None or an int >= 0, got {num_sequences!r}")
-    return int(num_sequences)
 
 
 def _select_tokens(hidden, targets, completion_mask, seq_index, num_sequences, ignore_index):
@@ -257,7 +188,7 @@ def _select_tokens(hidden, targets, completion_mask, seq_index, num_sequences, i
         if completion_mask is None:
             completion_mask = torch.ones(B, T, dtype=torch.bool, device=targets.device)
         # bool, or 0/1 integers as TRL and Hugging Face collators produce them (nonzero = scored)
-        check_tensor("completion_mask", completion_mask, dtypes=_MASK_DTYPES)
+        check_tensor("completion_mask", completion_mask, dtypes=MASK_DTYPES)
         if tuple(completion_mask.shape) != (B, T):
             raise ValueError(f"completion_mask must have shape [{B}, {T}] like targets, got {list(completion_mask.shape)}")
         if completion_mask.device != hidden.device:
@@ -336,6 +267,8 @@ def linear_rlsc_loss(
       empty micro-batch must take part in the backward).
     weighting: "rlsc" (w = exp(L) + alpha), "rlsc-l1" (exp(L)), "entropy" (1 + L), "length"
       (exp(L / n_tokens) + alpha), or a float tensor [S] of external weights; always detached.
+    temperature, alpha: floats, or 0-d float tensors (a schedule's values); under torch.compile
+      new values do not recompile.
     reduction: "sum", or "mean" = the sum divided by S, the number of sequences, counting those
       with no scored token (so micro-batches compose), and by 1 when S = 0. For micro-batches of
       one batch use "sum" and scale by 1 / S_total: each weight depends on its own sequence
@@ -359,56 +292,52 @@ def linear_rlsc_loss(
     token_entropy hold every position of the input (0 where unscored) rather than the scored
     tokens only, and the packed form needs num_sequences=.
     """
-    if torch.compiler.is_compiling():  # traced by Dynamo: the registered custom ops (custom_ops.py)
-        from .custom_ops import traced_linear_rlsc_loss
+    masters = (hidden, weight, bias)
+    hidden, weight, bias, autocast_off, plan = plan_loss(
+        hidden, weight, bias, targets, temperature=temperature, alpha=alpha, weighting=weighting, reduction=reduction,
+        ignore_index=ignore_index, filter_eps=filter_eps, backend=backend, return_entropy=return_entropy,
+        softcap=softcap, num_sequences=num_sequences, backward=backward, grad_matmul=grad_matmul,
+        buffer_bytes=buffer_bytes, check_values=check_values, block_configs=block_configs, path=path,
+        vocab_parallel=vocab_parallel)
+    if plan.op.tracing:  # traced by Dynamo: the registered custom ops (custom_ops.py)
+        from .custom_ops import traced_rlsc_loss
 
-        return traced_linear_rlsc_loss(
-            hidden, weight, targets, completion_mask=completion_mask, seq_index=seq_index, bias=bias,
-            temperature=temperature, alpha=alpha, weighting=weighting, reduction=reduction,
-            ignore_index=ignore_index, filter_eps=filter_eps, backend=backend, return_entropy=return_entropy,
-            softcap=softcap, num_sequences=num_sequences, backward=backward, grad_matmul=grad_matmul,
-            buffer_bytes=buffer_bytes, check_values=check_values, block_configs=block_configs,
-            vocab_parallel=vocab_parallel,
-        )
-    hidden, weight, bias, autocast_off = _autocast_inputs(hidden, weight, bias)
-    check_head(hidden, weight, bias, targets, ignore_index)
-    check_backend(backend)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    _check_weighting(weighting)
-    alpha = _check_alpha(alpha)
-    opts = _options(hidden, temperature, ignore_index, return_entropy, filter_eps, backward, grad_matmul,
-                    buffer_bytes, block_configs, check_values, softcap)
-    num_sequences = _check_num_sequences(num_sequences)
-    if vocab_parallel is not None:
-        check_vocab_parallel(vocab_parallel, weight, bias)
-        if check_path(path) == "single-pass":
-            raise ValueError("path='single-pass' does not split the vocabulary; with vocab_parallel use path='auto' "
-                             "or 'two-sweep'")
-    h, y, seq, S, seq_checks = _select_tokens(hidden, targets, completion_mask, seq_index, num_sequences, ignore_index)
+        return traced_rlsc_loss(hidden, weight, bias, targets, completion_mask, seq_index, plan, autocast_off, masters)
+    return _run_loss(hidden, weight, bias, targets, completion_mask, seq_index, plan, autocast_off, masters)
+
+
+def _run_loss(hidden, weight, bias, targets, completion_mask, seq_index, plan: LossPlan, autocast_off, masters):
+    """The eager loss: select the scored tokens, check values (one sync), then the single pass
+    where the plan allows it, else the per-token op and the weights on top. masters: the
+    (hidden, weight, bias) before an autocast cast (see _logprobs_flat)."""
+    op = plan.op
+    ignore_index = op.opts.ignore_index
+    selected_from = masters[0] if op.compute_dtype is not None else hidden
+    h_master, y, seq, S, seq_checks = _select_tokens(selected_from, targets, completion_mask, seq_index,
+                                                     plan.num_sequences, ignore_index)
+    h = cast_for_autocast(h_master, op.compute_dtype) if op.compute_dtype is not None else h_master
     y = y.long()  # int32 targets are legal; every path below sees int64
+    weighting = plan.weighting
     if isinstance(weighting, torch.Tensor):
         check_external_weights(weighting, S, hidden.device)
         seq_checks["weighting tensor contains NaN or inf"] = ~torch.isfinite(weighting)
-    if check_values and vocab_parallel is not None:
-        _check_values_vocab_parallel(h, weight, bias, y, ignore_index, vocab_parallel, seq_checks)
-    elif check_values:
-        _check_values(h, weight, bias, y, ignore_index, seq_checks)
+    _value_checks(h, weight, bias, y, op, seq_checks)
     valid = y != ignore_index
     n_tokens = torch.zeros(S, dtype=torch.int64, device=hidden.device).index_add_(0, seq, valid.long())
 
     with autocast_off:
-        single = None if vocab_parallel is not None else maybe_single_pass(
-            h, weight, bias, y, seq, S, opts=opts, weighting=weighting, alpha=alpha, reduction=reduction,
-            backend=backend, path=path)
+        single = None if op.vocab_parallel is not None else maybe_single_pass(
+            h, weight, bias, y, seq, S, opts=op.opts, weighting=weighting, alpha=plan.alpha,
+            reduction=plan.reduction, backend=op.backend, path=plan.path)
         if single is not None:
             loss, token_logp, seq_logp, seq_weight, token_entropy = single
-            return RLSCLossOutput(loss, seq_logp, seq_weight, token_logp, n_tokens, token_entropy)
-        token_logp, token_entropy = _logprobs_flat(h, weight, bias, y, opts, backend, vocab_parallel)
+            # detached on every path (a custom Function's non-differentiable output keeps a grad_fn)
+            return RLSCLossOutput(loss, seq_logp, seq_weight.detach(), token_logp, n_tokens, token_entropy)
+        token_logp, token_entropy = _logprobs_flat(h, weight, bias, y, op, (h_master, masters[1], masters[2]))
         seq_logp = torch.zeros(S, dtype=token_logp.dtype, device=h.device).index_add(0, seq, token_logp)
-        seq_weight = rlsc_weights(seq_logp, n_tokens, weighting, alpha)
+        seq_weight = rlsc_weights(seq_logp, n_tokens, weighting, plan.alpha)
         loss = -(seq_weight.to(seq_logp.dtype) * seq_logp).sum()
-        if reduction == "mean":
+        if plan.reduction == "mean":
             loss = loss / max(S, 1)
     return RLSCLossOutput(loss, seq_logp, seq_weight, token_logp, n_tokens, token_entropy)
 
@@ -441,13 +370,13 @@ class LinearRLSCLoss(torch.nn.Module):
         unknown = sorted(set(execution) - set(allowed))
         if unknown:
             raise TypeError(f"LinearRLSCLoss got unexpected keyword arguments {unknown}; execution options are {allowed}")
-        check_temperature(temperature)
+        tracing = torch.compiler.is_compiling()  # built inside a compiled step: floats stay symbolic
+        check_temperature(temperature, tracing=tracing)
         check_backend(backend)
-        _check_weighting(weighting)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_weighting(weighting)
+        check_reduction(reduction)
         self.options = dict(
-            temperature=temperature, alpha=_check_alpha(alpha), weighting=weighting, reduction=reduction,
+            temperature=temperature, alpha=check_alpha(alpha, tracing=tracing), weighting=weighting, reduction=reduction,
             ignore_index=ignore_index, filter_eps=filter_eps, backend=backend, return_entropy=return_entropy,
             **execution,
         )

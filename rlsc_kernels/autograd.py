@@ -16,8 +16,13 @@ import torch
 from torch._C import _functions as _autograd_functions
 
 
+from dataclasses import replace
+
 from .options import FusedOptions
 from .reference import output_dtype
+
+
+_CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _zero_ignored(x, valid):
@@ -44,21 +49,42 @@ def not_differentiable(grads, what: str):
     return tuple(out)
 
 
+def scored(targets: torch.Tensor, ignore_index: int, vocab_size: int) -> torch.Tensor:
+    """Tokens that are scored: target in [0, V). ignore_index, and with check_values=False any
+    id outside the vocabulary, count as ignored (an elementwise mask: no sync, no extra pass)."""
+    return (targets != ignore_index) & (targets >= 0) & (targets < vocab_size)
+
+
 class LinearLogprobsFunction(torch.autograd.Function):
-    """Ignored tokens (targets == ignore_index) are handled here, once for every backend: their
-    outputs are 0 and their upstream gradients are zeroed before the backend's backward, so
-    they contribute nothing to any gradient. Zero tokens (an empty batch) never reach a
-    backend: the outputs are empty and every gradient is zero."""
+    """Ignored tokens (targets == ignore_index, and ids outside [0, V) that check_values=False
+    let through) are handled here, once for every backend: their outputs are 0 and their
+    upstream gradients are zeroed before the backend's backward, so they contribute nothing to
+    any gradient. The backends' kernels never read or write out of bounds for any id. Zero
+    tokens (an empty batch) never reach a backend: the outputs are empty and every gradient is
+    zero.
+
+    compute_dtype (autocast): hidden, weight and bias arrive in their own (master) dtypes and are
+    cast to compute_dtype here, inside the Function, so the backend's fp32 gradients are
+    returned in the master dtypes directly: an fp32 master weight under fp16 autocast gets a
+    dweight that was never rounded to fp16 (a GradScaler-scaled gradient neither overflows nor
+    flushes on the way)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, opts: FusedOptions, backend):
+    def forward(ctx, hidden, weight, bias, targets, opts: FusedOptions, backend, compute_dtype=None):
         ctx.set_materialize_grads(False)
+        ctx.grad_dtypes = tuple(None if t is None else t.dtype for t in (hidden, weight, bias))
+        if compute_dtype is not None:
+            wide = weight.dtype == torch.float32 and compute_dtype != torch.float32
+            hidden, weight, bias = (t.to(compute_dtype) if t is not None and t.dtype in _CASTABLE else t
+                                    for t in (hidden, weight, bias))
+            if wide:
+                opts = replace(opts, dweight_fp32=True)
         if hidden.shape[0] == 0:
             logp = hidden.new_zeros(0, dtype=output_dtype(hidden.dtype))
             entropy, saved = (logp.clone() if opts.return_entropy else None), ()
         else:
             logp, entropy, saved = backend.forward(hidden, weight, bias, targets, opts)
-            valid = targets != opts.ignore_index
+            valid = scored(targets, opts.ignore_index, weight.shape[0])
             logp, entropy = _zero_ignored(logp, valid), _zero_ignored(entropy, valid)
         ctx.backend = backend
         ctx.opts = opts
@@ -87,11 +113,14 @@ class LinearLogprobsFunction(torch.autograd.Function):
             # asked, so a rank with an empty micro-batch still takes part in the backward.
             zeros = [torch.zeros_like(t) if (need and t is not None) else None
                      for t, need in zip((hidden, weight, bias), needs)]
-            return (*zeros, None, None, None)
-        valid = targets != opts.ignore_index
+            zeros = [z.to(d) if z is not None else None for z, d in zip(zeros, ctx.grad_dtypes)]
+            return (*zeros, None, None, None, None)
+        valid = scored(targets, opts.ignore_index, weight.shape[0])
         grad_logp, grad_entropy = _zero_ignored(grad_logp, valid), _zero_ignored(grad_entropy, valid)
         dh, dw, db = ctx.backend.backward(hidden, weight, bias, targets, tuple(saved), grad_logp, grad_entropy, opts, needs)
-        dh = dh.to(hidden.dtype) if dh is not None else None
-        dw = dw.to(weight.dtype) if dw is not None else None
-        db = db.to(bias.dtype) if db is not None else None
-        return dh, dw, db, None, None, None
+        # the one rounding: to the dtypes the caller's tensors have (masters under autocast)
+        h_dtype, w_dtype, b_dtype = ctx.grad_dtypes
+        dh = dh.to(h_dtype) if dh is not None else None
+        dw = dw.to(w_dtype) if dw is not None else None
+        db = db.to(b_dtype) if db is not None else None
+        return dh, dw, db, None, None, None, None

@@ -3,7 +3,8 @@
 Every choice a caller may want (backward strategy, matmul choice, buffer budget, filter, block
 sizes for tuning) is a field here, set from a keyword argument of the public op: nothing is read
 from environment variables or module-level state at call time, so two threads may call the op
-with different options at once.
+with different options at once. (Triton's own TRITON_INTERPRET is read by Triton once, when the
+kernels are imported; backends.triton_interpreting() asks the kernels, not the environment.)
 """
 from __future__ import annotations
 
@@ -70,6 +71,9 @@ class FusedOptions:
         divided by the temperature (the order of the models that cap, e.g. Gemma 2, and of their
         sampling: the model's forward caps, generation then divides by T).
     block_configs: Triton block sizes for this call (tests, tuning); None = the shipped ones.
+    dweight_fp32: return dweight in fp32 for 16-bit inputs (set by the autograd boundary for an
+        fp32 master weight under autocast, not by callers): the fp32 accumulation is never
+        rounded to 16 bits.
     """
 
     temperature: float = 1.0
@@ -81,6 +85,7 @@ class FusedOptions:
     buffer_bytes: Optional[int] = None
     softcap: Optional[float] = None
     block_configs: Optional[BlockConfigs] = None
+    dweight_fp32: bool = False
 
 
 def check_softcap(softcap) -> Optional[float]:

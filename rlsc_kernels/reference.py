@@ -25,21 +25,24 @@ def reference_logprobs(
     bias: Optional[torch.Tensor],
     targets: torch.Tensor,
     opts: FusedOptions,
+    temperature=None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-token log-probs [N] (and entropy [N]) of ``targets`` [N] under softmax((hidden @ weight.T + bias) / T),
     or with opts.softcap = c under softmax(c * tanh((hidden @ weight.T + bias) / c) / T).
 
     hidden [N, D], weight [V, D], bias [V] or None. The logits GEMM runs in the input dtype
     (as the paper's code does), the softmax in float32 (float64 for float64 inputs).
-    Differentiable through plain autograd.
+    Differentiable through plain autograd. temperature: overrides opts.temperature (a 0-d
+    tensor while Dynamo traces a schedule's changing value).
     """
     logits = torch.nn.functional.linear(hidden, weight, bias)
     z = logits.to(output_dtype(hidden.dtype))
     if opts.softcap is not None:
         z = opts.softcap * torch.tanh(z / opts.softcap)
-    z = z / opts.temperature
+    z = z / (opts.temperature if temperature is None else temperature)
     log_probs = torch.log_softmax(z, dim=-1)
-    valid = targets != opts.ignore_index
+    # ids outside [0, V) (let through by check_values=False) count as ignored, as in autograd.py
+    valid = (targets != opts.ignore_index) & (targets >= 0) & (targets < weight.shape[0])
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
     logp = log_probs.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
     logp = torch.where(valid, logp, torch.zeros_like(logp))

@@ -180,6 +180,9 @@ def _local_targets(targets: torch.Tensor, vocab_parallel: VocabParallel, ignore_
     return local, in_slice
 
 
+_CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class _ReferenceSlice:
     """The naive full-logits sweeps on one slice (backend="reference" under vocab_parallel):
     the slice's [N, stop - start] logits are materialised; GEMM in the input dtype and softmax
@@ -204,11 +207,11 @@ class _ReferenceSlice:
         if opts.return_entropy:
             mean_z = (torch.softmax(z, dim=1) * z).sum(1)
             entropy = lse - mean_z
-        return target_z - lse, entropy, (lse, mean_z)
+        return target_z - lse, entropy, (lse, mean_z, target_z - lse)
 
     @staticmethod
     def backward(hidden, weight, bias, targets, saved, grad_logp, grad_entropy, opts, needs):
-        lse, mean_z = saved
+        lse, mean_z, logp = saved
         acc = output_dtype(hidden.dtype)
         z = _ReferenceSlice._logits(hidden, weight, bias, opts)
         p = torch.exp(z - lse[:, None])
@@ -217,7 +220,9 @@ class _ReferenceSlice:
             g = grad_logp.to(acc)
             in_slice = (targets >= 0) & (targets < weight.shape[0])
             dz -= g[:, None] * p
-            dz.scatter_add_(1, torch.where(in_slice, targets, 0)[:, None], torch.where(in_slice, g, 0.0)[:, None])
+            idx = torch.where(in_slice, targets, 0)[:, None]
+            at_target = torch.where(in_slice, -g * torch.expm1(logp.to(acc)), dz.gather(1, idx).squeeze(1))
+            dz.scatter_(1, idx, at_target[:, None])  # 1 - p as -expm1(logp): no cancellation
         if grad_entropy is not None and mean_z is not None:
             dz -= grad_entropy.to(acc)[:, None] * p * (z - mean_z[:, None])
         dz /= opts.temperature
@@ -235,8 +240,16 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
     Ignored tokens get 0 outputs and no gradient, as in autograd.LinearLogprobsFunction."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, opts: FusedOptions, backend, vocab_parallel: VocabParallel):
+    def forward(ctx, hidden, weight, bias, targets, opts: FusedOptions, backend, vocab_parallel: VocabParallel,
+                compute_dtype=None):
         ctx.set_materialize_grads(False)  # an output nobody backpropagates through costs nothing
+        # autocast: masters in, cast here, gradients back in the masters' dtypes (autograd.py)
+        ctx.grad_dtypes = tuple(None if t is None else t.dtype for t in (hidden, weight, bias))
+        if compute_dtype is not None:
+            if weight.dtype == torch.float32 and compute_dtype != torch.float32:
+                opts = replace(opts, dweight_fp32=True)
+            hidden, weight, bias = (t.to(compute_dtype) if t is not None and t.dtype in _CASTABLE else t
+                                    for t in (hidden, weight, bias))
         ctx.backend = backend
         ctx.opts = opts
         ctx.vocab_parallel = vocab_parallel
@@ -252,7 +265,7 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
         group = vocab_parallel.group
         local, in_slice = _local_targets(targets, vocab_parallel, opts.ignore_index)
         local_opts = replace(opts, ignore_index=LOCAL_IGNORE)
-        logp_local, _, (lse_local, mean_z_local) = backend.forward(hidden, weight, bias, local, local_opts)
+        logp_local, _, (lse_local, mean_z_local, *_) = backend.forward(hidden, weight, bias, local, local_opts)
         # The backends return logp = t - lse; t is 0 for a target outside the slice.
         target_z = torch.where(in_slice, logp_local + lse_local, torch.zeros_like(lse_local))
         lse_max = lse_local.clone()
@@ -261,16 +274,17 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
         parts = [scale, target_z] + ([scale * mean_z_local] if opts.return_entropy else [])
         packed = torch.stack(parts)
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-        lse = lse_max + torch.log(packed[0])
+        log_total = torch.log(packed[0])
+        lse = lse_max + log_total
         valid = targets != opts.ignore_index
-        logp = _zero_ignored(packed[1] - lse, valid)
+        # (t - max) - log sum, not t - lse: keeps log sum ~ 1 - p of a peaked token (torch_chunked.py)
+        logp = _zero_ignored((packed[1] - lse_max) - log_total, valid)
         mean_z = entropy = None
         if opts.return_entropy:
             mean_z = packed[2] / packed[0]
             entropy = _zero_ignored(lse - mean_z, valid)
         ctx.local_opts = local_opts
-        saved = (lse,) if mean_z is None else (lse, mean_z)
-        ctx.save_for_backward(hidden, weight, bias, targets, local, *saved)
+        ctx.save_for_backward(hidden, weight, bias, targets, local, lse, logp, mean_z)
         if entropy is None:
             entropy = logp.new_empty(0)
             ctx.mark_non_differentiable(entropy)
@@ -292,24 +306,27 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
             # asked, no collective.
             hidden, weight, bias = ctx.saved_tensors[:3]
             zero = lambda x, i: torch.zeros_like(x) if x is not None and ctx.needs_input_grad[i] else None  # noqa: E731
-            return zero(hidden, 0), zero(weight, 1), zero(bias, 2), None, None, None, None
-        hidden, weight, bias, targets, local, lse, *rest = ctx.saved_tensors
-        mean_z = rest[0] if rest else None
+            grads = [zero(hidden, 0), zero(weight, 1), zero(bias, 2)]
+            grads = [g.to(d) if g is not None else None for g, d in zip(grads, ctx.grad_dtypes)]
+            return (*grads, None, None, None, None, None)
+        hidden, weight, bias, targets, local, lse, logp, mean_z = ctx.saved_tensors
         valid = targets != opts.ignore_index
         grad_logp, grad_entropy = _zero_ignored(grad_logp, valid), _zero_ignored(grad_entropy, valid)
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
-        dh, dw, db = ctx.backend.backward(hidden, weight, bias, local, (lse, mean_z), grad_logp, grad_entropy,
+        dh, dw, db = ctx.backend.backward(hidden, weight, bias, local, (lse, mean_z, logp), grad_logp, grad_entropy,
                                          ctx.local_opts, needs)
         if dh is not None:
             dh = dh.to(output_dtype(hidden.dtype))  # fp32 (fp64 for fp64 inputs) on the wire
             dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.vocab_parallel.group)
-            dh = dh.to(hidden.dtype)
-        dw = dw.to(weight.dtype) if dw is not None else None
-        db = db.to(bias.dtype) if db is not None else None
-        return dh, dw, db, None, None, None, None
+        h_dtype, w_dtype, b_dtype = ctx.grad_dtypes  # the one rounding: to the callers' dtypes
+        dh = dh.to(h_dtype) if dh is not None else None
+        dw = dw.to(w_dtype) if dw is not None else None
+        db = db.to(b_dtype) if db is not None else None
+        return dh, dw, db, None, None, None, None, None
 
 
-def vocab_parallel_logprobs(hidden, weight, bias, targets, opts: FusedOptions, backend_name: str, vocab_parallel):
+def vocab_parallel_logprobs(hidden, weight, bias, targets, opts: FusedOptions, backend_name: str, vocab_parallel,
+                            compute_dtype=None):
     """Per-token (logp [N], entropy [N] | None) for flat, checked inputs: hidden [N, D] and
     targets [N] (global ids) replicated on every rank, weight [stop - start, D] and bias the
     rank's slice. backend_name: a resolved backend ("torch", "triton", "native", "reference")."""
@@ -319,5 +336,6 @@ def vocab_parallel_logprobs(hidden, weight, bias, targets, opts: FusedOptions, b
         from . import backends
 
         backend = backends.get(backend_name)
-    logp, entropy = VocabParallelLogprobsFunction.apply(hidden, weight, bias, targets, opts, backend, vocab_parallel)
+    logp, entropy = VocabParallelLogprobsFunction.apply(hidden, weight, bias, targets, opts, backend, vocab_parallel,
+                                                        compute_dtype)
     return logp, (entropy if opts.return_entropy else None)

@@ -6,14 +6,11 @@ else; "reference" is the naive full-logits version.
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
+from ..kernels.interpreter import triton_interpreting  # noqa: F401 (re-exported)
 
 
 def triton_available() -> bool:
@@ -71,7 +68,8 @@ def resolve(backend: str, hidden: torch.Tensor) -> str:
         if not (hidden.is_cuda or triton_interpreting()):
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (hidden is on {hidden.device}); "
-                "set TRITON_INTERPRET=1 to run the kernels on CPU tensors in Triton's interpreter"
+                "set TRITON_INTERPRET=1 before the kernels are first imported to run them on CPU tensors in Triton's "
+                "interpreter"
             )
         if hidden.dtype == torch.float64:
             raise TypeError("backend='triton' accepts bfloat16, float16 and float32 inputs, got float64")

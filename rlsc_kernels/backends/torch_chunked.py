@@ -8,6 +8,11 @@ Math (docs/design.md §2), for token t and vocab entry v:
     z_tv = (W_v . h_t + b_v) / T,  lse_t = logsumexp_v z_tv,  logp_t = z_t,y_t - lse_t
     mean_z_t = sum_v p_tv z_tv,    entropy_t = lse_t - mean_z_t
     dz_tv = g_t ([v = y_t] - p_tv) - e_t p_tv (z_tv - mean_z_t)     (g = dL/dlogp, e = dL/dentropy)
+    At v = y_t, 1 - p is -expm1(logp_t), with logp_t = (z_ty - m_t) - log s_t (m = the running max,
+    s = sum exp(z - m)): forming lse = m + log s first would round log s ~ 1 - p away when p ~ 1,
+    and 1 - exp(z - lse) would cancel to a few ulps of 1.
+An id outside [0, V) that is not ignore_index matches no vocab entry: no gather or scatter
+reads or writes out of bounds; its target logit counts as 0.
     dh_t = (1/T) sum_v dz_tv W_v,  dW_v = (1/T) sum_t dz_tv h_t,  db_v = (1/T) sum_t dz_tv
 With soft-capping (opts.softcap = c): z_tv = c tanh(u_tv / c) / T for u = W h + b, and dz_tv is
 multiplied by 1 - tanh^2(u_tv / c) before the three matmuls.
@@ -69,13 +74,13 @@ def _slice_logits(h: torch.Tensor, weight, bias, v0: int, v1: int, acc: torch.dt
 def forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor, opts: FusedOptions
 ):
-    """Returns logp [N], entropy [N] or None, and (lse [N], mean_z [N] or None) for the backward.
+    """Returns logp [N], entropy [N] or None, and (lse [N], mean_z [N] or None, logp [N]) for the backward.
     Entries of ignored tokens are arbitrary here; autograd.py zeroes them."""
     N = hidden.shape[0]
     acc = output_dtype(hidden.dtype)
     dev = hidden.device
     lse = torch.empty(N, dtype=acc, device=dev)
-    target_z = torch.empty(N, dtype=acc, device=dev)
+    logp = torch.empty(N, dtype=acc, device=dev)
     mean_z = torch.empty(N, dtype=acc, device=dev) if opts.return_entropy else None
     valid = targets != opts.ignore_index
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
@@ -102,12 +107,13 @@ def forward(
                 in_slice = (y >= v0) & (y < v1)
                 idx = (y - v0).clamp(0, v1 - v0 - 1)
                 ty += torch.where(in_slice, z.gather(1, idx[:, None]).squeeze(1), torch.zeros_like(ty))
-            lse[n0:n1] = m + torch.log(s)
-            target_z[n0:n1] = ty
+            log_s = torch.log(s)
+            lse[n0:n1] = m + log_s
+            logp[n0:n1] = (ty - m) - log_s  # not ty - lse: see the module docstring
             if a is not None:
                 mean_z[n0:n1] = a / s
     entropy = lse - mean_z if mean_z is not None else None
-    return target_z - lse, entropy, (lse, mean_z)
+    return logp, entropy, (lse, mean_z, logp)
 
 
 def backward(
@@ -115,7 +121,7 @@ def backward(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     targets: torch.Tensor,
-    saved: Tuple[torch.Tensor, Optional[torch.Tensor]],
+    saved: Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor],
     grad_logp: Optional[torch.Tensor],
     grad_entropy: Optional[torch.Tensor],
     opts: FusedOptions,
@@ -123,15 +129,16 @@ def backward(
 ):
     """Gradients (dhidden, dweight, dbias) for per-token upstream grads; None where not needed.
 
-    filter_eps is accepted and ignored: this backend is always exact.
+    filter_eps is accepted and ignored: this backend is always exact. saved = forward's
+    (lse, mean_z, logp), or (lse, mean_z) (1 - p then from z - lse, less exact for p ~ 1). Every intermediate is float32 (float64): the upstream gradients meet
+    the logits in full precision and only the returned gradients are rounded (by the caller).
     """
-    lse, mean_z = saved
+    lse, mean_z, logp = (*saved, None)[:3]  # (lse, mean_z) from callers without the log-prob
     N, D = hidden.shape
     acc = output_dtype(hidden.dtype)
     dev = hidden.device
     valid = targets != opts.ignore_index
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
-    zero = torch.zeros((), dtype=acc, device=dev)
     g = grad_logp.to(acc) if grad_logp is not None else None
     e = grad_entropy.to(acc) if grad_entropy is not None and mean_z is not None else None
     need_h, need_w, need_b = needs
@@ -152,9 +159,12 @@ def backward(
                 if g is not None:
                     gc = g[n0:n1]
                     dz -= gc[:, None] * p
+                    # at the target, g (1 - p) as -g expm1(z_y - lse): no cancellation when p ~ 1
                     in_slice = (y >= v0) & (y < v1)
-                    idx = (y - v0).clamp(0, v1 - v0 - 1)
-                    dz.scatter_add_(1, idx[:, None], torch.where(in_slice, gc, zero)[:, None])
+                    idx = (y - v0).clamp(0, v1 - v0 - 1)[:, None]
+                    x = logp[n0:n1] if logp is not None else z.gather(1, idx).squeeze(1) - lse[n0:n1]
+                    at_target = -gc * torch.expm1(x)
+                    dz.scatter_(1, idx, torch.where(in_slice, at_target, dz.gather(1, idx).squeeze(1))[:, None])
                 if e is not None:
                     dz -= e[n0:n1, None] * p * (z - mean_z[n0:n1, None])
                 dz *= inv_t

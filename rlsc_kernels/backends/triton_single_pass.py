@@ -41,39 +41,25 @@ No host syncs: chunk bounds are Python ints, everything else stays on the device
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 import triton
 
+from ..kernels.configs import GRAD_CONFIG, SINGLE_PASS_CONFIGS, STATS_CONFIG, RowConfig  # noqa: F401 (re-exported)
+from ..kernels.interpreter import triton_interpreting
 from ..kernels.single_pass_grad import single_pass_grad_kernel
 from ..kernels.single_pass_stats import single_pass_stats_kernel
 from ..options import FusedOptions
 from ..single_pass import SinglePassResult
-from . import triton_interpreting
 
 #: Default budget (bytes) for one chunk's fp32 logits block: one 1024-token sequence at the
 #: Qwen2.5-7B head (V = 152064) fits (594 MiB).
 BUFFER_BYTES = 640 << 20
 
 
-@dataclass(frozen=True)
-class RowConfig:
-    """Launch parameters of a row-wise kernel: BLOCK_N whole rows per program, BLOCK_V columns per step."""
-
-    block_n: int
-    block_v: int
-    num_warps: int
-
-
-# Both kernels stream rows of a [n, V] fp32 block (memory-bound). One row per program keeps many
-# programs in flight (a 1024-token chunk is 1024 programs, ~8 per SM on an H100: 62 resident
-# warps of 64) and the per-row loop simple; 2048 columns per step at 8 warps is 8 values per
-# thread. Chosen by reasoning, unmeasured on a GPU so far.
-STATS_CONFIG = RowConfig(block_n=1, block_v=2048, num_warps=8)
-GRAD_CONFIG = RowConfig(block_n=1, block_v=2048, num_warps=8)
-SHIPPED_CONFIGS = {"stats": STATS_CONFIG, "grad": GRAD_CONFIG}
+# The shipped row-kernel configurations live in kernels/configs.py (read by aot.py too).
+SHIPPED_CONFIGS = SINGLE_PASS_CONFIGS
 
 
 # ----------------------------------------------------------------------------------------------

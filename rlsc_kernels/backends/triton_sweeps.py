@@ -17,6 +17,16 @@ Two backward strategies, both accumulating dweight and dhidden in fp32 and neith
 Choose with the op's backward="sliced"|"fused" keyword (FusedOptions.backward); buffer sizes
 with buffer_bytes, block sizes with block_configs (tests, tuning).
 
+Upstream gradients meet the logits in fp32 and the result is rounded to 16 bits once, at the
+end. The 16-bit intermediates (the sliced backward's logit-gradient slices, the fused kernel's dot
+operands) are formed from g / sigma and e / sigma, where sigma is a power of two >= max_t |g_t| +
+|e_t| computed on the device (no sync): a GradScaler scale of 2^16 (inf in fp16) or a tiny
+upstream gradient (flushed to zero in fp16) then cannot overflow or underflow them, and the fp32
+accumulators are multiplied by sigma (exactly: a power of two) before the last rounding.
+
+A target id outside [0, V) that is not ignore_index matches no column in any kernel: nothing is
+read or written out of bounds for any target value (its target logit counts as 0).
+
 Layout is settled here: hidden and weight are passed with their strides; targets, bias and the
 per-token vectors are made contiguous, since the kernels read them with stride 1.
 """
@@ -28,11 +38,14 @@ import torch
 import triton
 
 from ..kernels.backward_sweep import backward_sweep_kernel
+from ..kernels.configs import (  # noqa: F401 (re-exported)
+    BACKWARD_CONFIGS, FORWARD_CONFIGS, GRAD_LOGITS_CONFIGS, MATMUL_BLOCK_K, MATMUL_CONFIGS,
+)
 from ..kernels.forward_sweep import forward_sweep_kernel
 from ..kernels.grad_logits import grad_logits_kernel
 from ..kernels.grad_matmul import grad_hidden_kernel, grad_weight_kernel
+from ..kernels.interpreter import triton_interpreting
 from ..options import BACKWARD_STRATEGIES, GRAD_MATMULS, FusedOptions, KernelConfig  # noqa: F401 (re-exported)
-from . import triton_interpreting
 
 #: Largest fp32 dweight slice held at once when the weight is 16-bit ("fused" backward).
 VOCAB_SLICE_BYTES = 128 << 20
@@ -43,34 +56,7 @@ GRAD_LOGITS_BYTES = 256 << 20
 MIN_SLICE_ROWS = 4096
 
 
-# The block sizes we ship (compiled for sm_90 in the test suite). 16-bit inputs get tensor-core
-# sized tiles. Measured on an H100 (triton 3.6, Qwen2.5-7B head, 16384 tokens; see
-# benchmarks/results/tuning/): forward 128x256x64/w16 40.1 ms, 64x256x64/w8 49.0 ms,
-# 128x128x64/w8 51-57 ms against a 24.2 ms logits GEMM. The large tile wins although the sm_90
-# build spills a little (python -m rlsc_kernels.kernels.aot): the sweep is bound by L2 traffic,
-# which grows as the tile shrinks. fp32 inputs get smaller tiles (an IEEE fp32 dot).
-FORWARD_CONFIGS = {
-    "16bit": KernelConfig(block_n=128, block_v=256, block_d=64, num_warps=16, num_stages=3, group_n=16),
-    "fp32": KernelConfig(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=2, group_n=16),
-}
-# Fused backward: 128x128x32 is the largest tile that does not spill with its two extra dot
-# accumulators; it measured 433 ms exact / 263 ms filtered at the 7B head (sliced: ~160 ms).
-BACKWARD_CONFIGS = {
-    "16bit": KernelConfig(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=2),
-    "fp32": KernelConfig(block_n=32, block_v=64, block_d=32, num_warps=4, num_stages=2),
-}
-# Tile kernel of the sliced backward (a GEMM with an epilogue, like the forward).
-GRAD_LOGITS_CONFIGS = {
-    "16bit": KernelConfig(block_n=128, block_v=256, block_d=64, num_warps=16, num_stages=3, group_n=16),
-    "fp32": KernelConfig(block_n=32, block_v=64, block_d=32, num_warps=4, num_stages=2, group_n=16),
-}
-# Block-sparse matmuls of the sliced backward: block_n = output rows (tokens or vocab), block_v
-# unused, block_d = output columns, plus the K step (must divide the grad-logits tile sizes).
-MATMUL_CONFIGS = {
-    "16bit": KernelConfig(block_n=128, block_v=0, block_d=128, num_warps=8, num_stages=3),
-    "fp32": KernelConfig(block_n=32, block_v=0, block_d=64, num_warps=4, num_stages=2),
-}
-MATMUL_BLOCK_K = {"16bit": 64, "fp32": 32}
+# The block sizes we ship live in kernels/configs.py (the ground floor, read by aot.py too).
 
 
 def config_for(kind: str, dtype: torch.dtype, opts: FusedOptions) -> KernelConfig:
@@ -120,7 +106,9 @@ def _kernel_inputs(hidden, weight, bias, targets):
 
 
 def forward(hidden, weight, bias, targets, opts: FusedOptions):
-    """Sweep 1. Returns logp [N] fp32, entropy [N] fp32 or None, and (lse, mean_z|None) for sweep 2."""
+    """Sweep 1. Returns logp [N] fp32, entropy [N] fp32 or None, and (lse, mean_z|None, logp) for sweep 2.
+    logp = (target logit - max) - log(sum exp(z - max)), not target - lse, which would round the
+    log-sum (~ 1 - p for a peaked token) away; the backward takes 1 - p_target = -expm1(logp)."""
     bias, targets = _kernel_inputs(hidden, weight, bias, targets)
     N, D = hidden.shape
     V = weight.shape[0]
@@ -151,12 +139,14 @@ def forward(hidden, weight, bias, targets, opts: FusedOptions):
     m = part_max.max(0).values
     rescale = torch.exp(part_max - m)
     total = (part_sum * rescale).sum(0)
-    lse = m + torch.log(total)
+    log_total = torch.log(total)
+    lse = m + log_total
+    logp = (part_target.sum(0) - m) - log_total
     mean_z = entropy = None
     if opts.return_entropy:
         mean_z = (part_zsum * rescale).sum(0) / total
         entropy = lse - mean_z
-    return part_target.sum(0) - lse, entropy, (lse, mean_z)
+    return logp, entropy, (lse, mean_z, logp)
 
 
 def _vocab_slice_rows(V: int, D: int, block_v: int, weight_dtype: torch.dtype, need_w: bool,
@@ -170,7 +160,8 @@ def _vocab_slice_rows(V: int, D: int, block_v: int, weight_dtype: torch.dtype, n
 def backward(hidden, weight, bias, targets, saved, grad_logp, grad_entropy, opts: FusedOptions, needs):
     """Sweep 2. Returns (dhidden fp32 [N, D] | None, dweight [V, D] fp32 or weight dtype | None, dbias fp32 [V] | None)."""
     bias, targets = _kernel_inputs(hidden, weight, bias, targets)
-    lse, mean_z = (None if t is None else t.contiguous() for t in saved)
+    # saved = forward's (lse, mean_z, logp); (lse, mean_z) from callers without the log-prob
+    lse, mean_z, logp = (None if t is None else t.contiguous() for t in (*saved, None)[:3])
     N = hidden.shape[0]
     need_h, need_w, need_b = needs
     dev = hidden.device
@@ -178,9 +169,28 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, grad_entropy, opts
     g = grad_logp.float().contiguous() if grad_logp is not None else torch.zeros(N, device=dev)
     has_entropy = grad_entropy is not None and mean_z is not None
     e = grad_entropy.float().contiguous() if has_entropy else None
+    sigma = None
+    if hidden.dtype != torch.float32:
+        sigma = gradient_scale(g, e)
+        g = g / sigma
+        e = e / sigma if e is not None else None
     run = _backward_sliced if opts.backward == "sliced" else _backward_fused
-    return run(hidden, weight, bias, targets, lse, mean_z if has_entropy else None, g, e, opts,
-               need_h, need_w, need_b and bias is not None)
+    dh, dw, db = run(hidden, weight, bias, targets, lse, logp, mean_z if has_entropy else None, g, e, opts,
+                     need_h, need_w, need_b and bias is not None, sigma)
+    if sigma is not None:  # the fp32 accumulators: exact multiplication by a power of two
+        dh = dh.mul_(sigma) if dh is not None else None
+        db = db.mul_(sigma) if db is not None else None
+    return dh, dw, db
+
+
+def gradient_scale(g: torch.Tensor, e: Optional[torch.Tensor]) -> torch.Tensor:
+    """0-d fp32 power of two sigma >= max_t |g_t| + |e_t| (1 when that is 0 or not finite), on
+    g's device, without a sync. Dividing by it is exact (barring fp32 underflow below 2^-126
+    of the largest gradient)."""
+    mass = g.abs() if e is None else g.abs() + e.abs()
+    top = mass.max() if mass.numel() else mass.new_zeros(())
+    sigma = torch.exp2(torch.ceil(torch.log2(top)).clamp(-120.0, 120.0))
+    return torch.where(torch.isfinite(top) & (top > 0), sigma, torch.ones_like(sigma))
 
 
 def _slice_rows(N: int, V: int, block_v: int, itemsize: int, buffer_bytes: Optional[int]) -> int:
@@ -194,7 +204,7 @@ def _slice_rows(N: int, V: int, block_v: int, itemsize: int, buffer_bytes: Optio
     return min(rows, triton.cdiv(V, block_v) * block_v)
 
 
-def _backward_sliced(hidden, weight, bias, targets, lse, mean_z, g, e, opts, need_h, need_w, need_b):
+def _backward_sliced(hidden, weight, bias, targets, lse, logp, mean_z, g, e, opts, need_h, need_w, need_b, sigma):
     N, D = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -218,8 +228,10 @@ def _backward_sliced(hidden, weight, bias, targets, lse, mean_z, g, e, opts, nee
     grad_logits = alloc(N, slice_rows, dtype=hidden.dtype, device=dev)
     n_nblocks = triton.cdiv(N, tile.block_n)
     tile_mask = torch.empty(n_nblocks * triton.cdiv(slice_rows, tile.block_v), dtype=torch.int8, device=dev)
+    one = torch.ones((), dtype=torch.float32, device=dev)
     dh = torch.zeros(N, D, dtype=torch.float32, device=dev) if need_h else None
-    dw = torch.empty(V, D, dtype=weight.dtype, device=dev) if need_w else None
+    dw_dtype = torch.float32 if opts.dweight_fp32 else weight.dtype
+    dw = torch.empty(V, D, dtype=dw_dtype, device=dev) if need_w else None
     db = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
     flags = dict(DOT_UPCAST=upcast, DOT_PRECISION=precision)
     for v_lo in range(0, V, slice_rows):
@@ -228,19 +240,21 @@ def _backward_sliced(hidden, weight, bias, targets, lse, mean_z, g, e, opts, nee
         n_mask_vblocks = triton.cdiv(vs, tile.block_v)
         grad_logits_kernel[(n_nblocks * n_mask_vblocks,)](
             hidden, weight, bias if bias is not None else hidden, targets,
-            lse, mean_z if mean_z is not None else lse, g, e if e is not None else g,
+            lse, logp if logp is not None else lse, mean_z if mean_z is not None else lse, g, e if e is not None else g,
             grad_logits, tile_mask, db[v_lo:] if db is not None else g,
             N, D, v_lo, v_hi, n_mask_vblocks,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), grad_logits.stride(0),
             1.0 / opts.temperature, float(filter_eps or 0.0), float(opts.softcap or 1.0),
             HAS_BIAS=bias is not None, SOFTCAP=opts.softcap is not None, HAS_ENTROPY=e is not None,
+            HAS_LOGP=logp is not None,
             EVEN_D=D % tile.block_d == 0,
             COMPUTE_DB=need_b, FILTER=use_mask, ZERO_SKIPPED=not sparse, **flags,
             BLOCK_N=tile.block_n, BLOCK_V=tile.block_v, BLOCK_D=tile.block_d, GROUP_N=tile.group_n,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
         if not sparse:
-            _library_matmuls(grad_logits[:, :vs], hidden, weight[v_lo:v_hi], dh, dw[v_lo:v_hi] if need_w else None)
+            _library_matmuls(grad_logits[:, :vs], hidden, weight[v_lo:v_hi], dh, dw[v_lo:v_hi] if need_w else None,
+                             sigma)
             continue
         common = dict(USE_MASK=use_mask, **flags, BLOCK_D=mm.block_d, BLOCK_K=block_k,
                       MASK_BLOCK_N=tile.block_n, MASK_BLOCK_V=tile.block_v,
@@ -248,7 +262,7 @@ def _backward_sliced(hidden, weight, bias, targets, lse, mean_z, g, e, opts, nee
         if need_w:
             w_out = dw[v_lo:]
             grad_weight_kernel[(triton.cdiv(vs, mm.block_n), triton.cdiv(D, mm.block_d))](
-                grad_logits, hidden, tile_mask, w_out,
+                grad_logits, hidden, tile_mask, w_out, one if sigma is None else sigma,
                 N, D, vs, n_mask_vblocks,
                 grad_logits.stride(0), hidden.stride(0), hidden.stride(1), w_out.stride(0),
                 BLOCK_V=mm.block_n, **common,
@@ -283,16 +297,29 @@ def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b)
 
 
-def _library_matmuls(grad_logits, hidden, weight_slice, dh, dw_slice):
-    """dW[slice] = G^T h (stored in the weight dtype after fp32 accumulation inside the GEMM);
-    dh += G W[slice] (fp32). G is the slice's [N, VS] logit-gradient block."""
-    if dw_slice is not None:
+def _library_matmuls(grad_logits, hidden, weight_slice, dh, dw_slice, sigma=None):
+    """dW[slice] = sigma (G^T h) and dh += G W[slice] (fp32; the caller multiplies dh by sigma
+    once). G is the slice's [N, VS] logit-gradient block, normalised by sigma. G^T h is
+    accumulated in fp32 inside the GEMM and stored in the weight dtype; it is of the size of a
+    unit upstream gradient's result, so it neither overflows nor flushes, and the scaling by the
+    power of two sigma is exact (no fp32 temporary the size of the slice: at small N a slice can
+    hold the whole vocabulary)."""
+    if dw_slice is not None and dw_slice.dtype == grad_logits.dtype:
         torch.mm(grad_logits.T, hidden, out=dw_slice)
+        if sigma is not None:
+            dw_slice.mul_(sigma)
+    elif dw_slice is not None:  # fp32 dweight of 16-bit inputs (opts.dweight_fp32): blocks of rows
+        for r0 in range(0, dw_slice.shape[0], MIN_SLICE_ROWS):
+            r1 = min(dw_slice.shape[0], r0 + MIN_SLICE_ROWS)
+            part = dw_slice[r0:r1]
+            part.copy_(_mm_fp32_out(grad_logits[:, r0:r1].T, hidden))
+            if sigma is not None:
+                part.mul_(sigma)
     if dh is not None:
         dh += _mm_fp32_out(grad_logits, weight_slice)
 
 
-def _backward_fused(hidden, weight, bias, targets, lse, mean_z, g, e, opts, need_h, need_w, need_b):
+def _backward_fused(hidden, weight, bias, targets, lse, logp, mean_z, g, e, opts, need_h, need_w, need_b, sigma):
     N, D = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -303,8 +330,10 @@ def _backward_fused(hidden, weight, bias, targets, lse, mean_z, g, e, opts, need
     upcast, precision = _dot_flags(hidden.dtype)
     dh = torch.zeros(N, D, dtype=torch.float32, device=dev) if need_h else None
     db = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
-    slice_rows = _vocab_slice_rows(V, D, cfg.block_v, weight.dtype, need_w, opts.buffer_bytes)
-    if need_w and weight.dtype == torch.float32:
+    wide_dw = weight.dtype == torch.float32 or opts.dweight_fp32
+    slice_rows = _vocab_slice_rows(V, D, cfg.block_v, torch.float32 if wide_dw else weight.dtype, need_w,
+                                   opts.buffer_bytes)
+    if need_w and wide_dw:
         dw = torch.zeros(V, D, dtype=torch.float32, device=dev)
         dw_slice = dw
     elif need_w:
@@ -321,7 +350,7 @@ def _backward_fused(hidden, weight, bias, targets, lse, mean_z, g, e, opts, need
         grid = (n_blocks * triton.cdiv(v_hi - v_lo, cfg.block_v),)
         backward_sweep_kernel[grid](
             hidden, weight, bias if bias is not None else hidden, targets,
-            lse, mean_z if has_entropy else lse, g, e,
+            lse, logp if logp is not None else lse, mean_z if has_entropy else lse, g, e,
             dh if dh is not None else g,
             (dw_slice if dw is not dw_slice else dw[v_lo:]) if need_w else g,
             db[v_lo:] if db is not None else g,
@@ -330,6 +359,7 @@ def _backward_fused(hidden, weight, bias, targets, lse, mean_z, g, e, opts, need
             D, D,
             1.0 / opts.temperature, float(filter_eps or 0.0), float(opts.softcap or 1.0),
             HAS_BIAS=bias is not None, SOFTCAP=opts.softcap is not None, HAS_ENTROPY=has_entropy,
+            HAS_LOGP=logp is not None,
             EVEN_D=D % cfg.block_d == 0,
             COMPUTE_DH=need_h, COMPUTE_DW=need_w, COMPUTE_DB=need_b,
             FILTER=filter_eps is not None, DOT_UPCAST=upcast, DOT_PRECISION=precision,
@@ -337,5 +367,9 @@ def _backward_fused(hidden, weight, bias, targets, lse, mean_z, g, e, opts, need
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if dw_slice is not None and dw_slice is not dw:
+            if sigma is not None:
+                dw_slice.mul_(sigma)  # fp32, before the one rounding to the weight dtype
             dw[v_lo:v_hi].copy_(dw_slice[: v_hi - v_lo])
+    if dw is not None and dw is dw_slice and sigma is not None:
+        dw.mul_(sigma)
     return dh, dw, db

@@ -22,6 +22,9 @@ What the adapter does with TRL's arguments:
     asked for by DPO, KTO and SFT for metrics) are not computed by our op: for those calls TRL's own
     kernel runs once more under no_grad for the extras only (one extra forward sweep, no backward);
   - TRL's ``chunk_size`` (its vocabulary tile) is ignored: the op plans its own blocks.
+enable(), disable() and enabled() patch process-wide state (TRL's module globals), so they take one
+lock: threads may call them concurrently; ``with enabled():`` blocks nest and overlap across
+threads, and the last one to leave restores TRL's kernel unless enable() was called explicitly.
 Not supported: DeepSpeed ZeRO-3 (TRL re-gathers the partitioned head inside its kernel's
 backward; our op does not), so the adapter raises there.
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 
 import torch
 
@@ -43,6 +47,10 @@ _EXPECTED_ARGS = ("hidden", "weight", "bias", "targets", "temperature", "chunk_s
                   "final_logit_softcapping", "logit_scale", "outputs")
 # Where TRL's Function was found before enable() replaced it: (module, attribute) -> original.
 _replaced: dict = {}
+# Guards _replaced, the patched TRL names and the two counters below (re-entrant: enabled() calls enable()).
+_lock = threading.RLock()
+_scoped_holders = 0      # `with enabled():` blocks currently open, in any thread
+_scoped_owns = False     # whether those blocks enabled it (so the last one out disables it)
 
 
 def _check_trl():
@@ -102,10 +110,14 @@ class RlscChunkedLogProb:
                     *(empty.detach().clone() if name in outputs else None
                       for name in ("log_sum_sq_probs", "mean_logits", "is_top1")))
         device_type = hidden.device.type
-        h, w, b = scaled_op_inputs(hidden, weight, bias, logit_scale, None, default_dtype=hidden.dtype)
+        # Under autocast the op casts: the masters' gradients are never rounded to 16 bits (a
+        # GradScaler-scaled gradient neither overflows nor flushes). Else one dtype here.
+        keep_autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.promote_types(hidden.dtype, weight.dtype) if keep_autocast else None
+        h, w, b = scaled_op_inputs(hidden, weight, bias, logit_scale, dtype, default_dtype=hidden.dtype)
         want_entropy = "entropy" in outputs
         softcap = {"softcap": float(final_logit_softcapping)} if final_logit_softcapping is not None else {}
-        with torch.autocast(device_type, enabled=False):
+        with contextlib.nullcontext() if keep_autocast else torch.autocast(device_type, enabled=False):
             result = linear_logprobs(h, w, targets, bias=b, temperature=temperature, return_entropy=want_entropy,
                                      filter_eps=None, **softcap)
         logprobs, entropy = result if want_entropy else (result, None)
@@ -122,6 +134,13 @@ class RlscChunkedLogProb:
 def enable() -> None:
     """Make TRL's fused LM head (every trainer that uses ``add_fused_lm_head``) compute on our op.
     Raises ImportError without TRL and RuntimeError for an unsupported TRL version. Idempotent."""
+    global _scoped_owns
+    with _lock:
+        _scoped_owns = False  # an explicit enable() outlives any open `with enabled():` block
+        _enable_locked()
+
+
+def _enable_locked() -> None:
     chunked_logprob = _check_trl()
     import trl.kernels
     import trl.trainer.utils
@@ -138,22 +157,35 @@ def enable() -> None:
 
 def disable() -> None:
     """Give TRL its own kernel back (no-op when not enabled)."""
-    for (module, name), original in list(_replaced.items()):
-        setattr(module, name, original)
-        del _replaced[(module, name)]
+    global _scoped_owns
+    with _lock:
+        _scoped_owns = False
+        for (module, name), original in list(_replaced.items()):
+            setattr(module, name, original)
+            del _replaced[(module, name)]
 
 
 def is_enabled() -> bool:
-    return bool(_replaced)
+    with _lock:
+        return bool(_replaced)
 
 
 @contextlib.contextmanager
 def enabled():
-    """``with enabled(): trainer.train()``: TRL's fused head on our op inside the block only."""
-    was_enabled = is_enabled()
-    enable()
+    """``with enabled(): trainer.train()``: TRL's fused head on our op inside the block only (unless
+    it was enabled before the first open block, or enable() is called meanwhile)."""
+    global _scoped_holders, _scoped_owns
+    with _lock:
+        if not _replaced:
+            _scoped_owns = True   # this block turns it on, so the last block out turns it off
+        elif _scoped_holders == 0:
+            _scoped_owns = False  # on before any block: stays on
+        _enable_locked()
+        _scoped_holders += 1
     try:
         yield
     finally:
-        if not was_enabled:
-            disable()
+        with _lock:
+            _scoped_holders -= 1
+            if _scoped_holders == 0 and _scoped_owns:
+                disable()

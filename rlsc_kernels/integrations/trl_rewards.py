@@ -106,9 +106,9 @@ class LabelFreeReward:
             inputs = head_inputs(model, hidden[mask])
             with torch.autocast(inputs.weight.device.type, enabled=False):
                 st = linear_token_stats(inputs.hidden, inputs.weight, targets.to(inputs.weight.device), bias=inputs.bias,
-                                        temperature=self.temperature, softcap=inputs.softcap, backend=self.backend,
-                                        entropy=self.kind != "self_certainty",
-                                        self_certainty=self.kind == "self_certainty", filter_eps=None)
+                                        backend=self.backend, entropy=self.kind != "self_certainty",
+                                        self_certainty=self.kind == "self_certainty", filter_eps=None,
+                                        **inputs.op_options(self.temperature))
         finally:
             model.train(was_training)
         per_token = st.self_certainty if self.kind == "self_certainty" else -st.entropy

@@ -51,7 +51,8 @@ def _forward_signature(ty: str):
 
 def _backward_signature(ty: str):
     sig = {"hidden_ptr": f"*{ty}", "weight_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "targets_ptr": "*i64"}
-    for name in ("lse_ptr", "mean_z_ptr", "grad_logp_ptr", "grad_entropy_ptr", "dhidden_ptr", "dweight_ptr", "dbias_ptr"):
+    for name in ("lse_ptr", "logp_ptr", "mean_z_ptr", "grad_logp_ptr", "grad_entropy_ptr", "dhidden_ptr", "dweight_ptr",
+                 "dbias_ptr"):
         sig[name] = "*fp32"
     for name in ("N", "D", "v_lo", "v_hi", "stride_hn", "stride_hd", "stride_wv", "stride_wd", "stride_dhn", "stride_dwv"):
         sig[name] = "i32"
@@ -63,7 +64,7 @@ def _backward_signature(ty: str):
 
 def _grad_logits_signature(ty: str):
     sig = {"hidden_ptr": f"*{ty}", "weight_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "targets_ptr": "*i64"}
-    for name in ("lse_ptr", "mean_z_ptr", "grad_logp_ptr", "grad_entropy_ptr"):
+    for name in ("lse_ptr", "logp_ptr", "mean_z_ptr", "grad_logp_ptr", "grad_entropy_ptr"):
         sig[name] = "*fp32"
     sig.update(grad_logits_ptr=f"*{ty}", tile_mask_ptr="*i8", dbias_ptr="*fp32")
     for name in ("N", "D", "v_lo", "v_hi", "n_vblocks", "stride_hn", "stride_hd", "stride_wv", "stride_wd", "stride_gn"):
@@ -75,7 +76,8 @@ def _grad_logits_signature(ty: str):
 
 
 def _grad_weight_signature(ty: str):
-    sig = {"grad_logits_ptr": f"*{ty}", "hidden_ptr": f"*{ty}", "tile_mask_ptr": "*i8", "dweight_ptr": f"*{ty}"}
+    sig = {"grad_logits_ptr": f"*{ty}", "hidden_ptr": f"*{ty}", "tile_mask_ptr": "*i8", "dweight_ptr": f"*{ty}",
+           "scale_ptr": "*fp32"}
     for name in ("N", "D", "VS", "n_mask_vblocks", "stride_gn", "stride_hn", "stride_hd", "stride_dwv"):
         sig[name] = "i32"
     return sig
@@ -126,15 +128,13 @@ def compile_kernel(kernel: str, dtype: str, config, flags: Dict[str, bool], arch
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ..backends.triton_sweeps import GRAD_LOGITS_CONFIGS, matmul_block_k
     from .backward_sweep import backward_sweep_kernel
+    from .configs import GRAD_LOGITS_CONFIGS, MATMUL_BLOCK_K, dtype_key
     from .forward_sweep import forward_sweep_kernel
     from .grad_logits import grad_logits_kernel
     from .grad_matmul import grad_hidden_kernel, grad_weight_kernel
     from .single_pass_grad import single_pass_grad_kernel
     from .single_pass_stats import single_pass_stats_kernel
-
-    import torch
 
     ty = _DTYPE_NAMES[dtype]
     precision = "ieee"
@@ -153,7 +153,7 @@ def compile_kernel(kernel: str, dtype: str, config, flags: Dict[str, bool], arch
     elif kernel in ("grad_weight", "grad_hidden"):
         tile = GRAD_LOGITS_CONFIGS["fp32" if dtype == "float32" else "16bit"]
         constexprs = {"USE_MASK": flags.get("USE_MASK", True), "DOT_UPCAST": False, "DOT_PRECISION": precision,
-                      "BLOCK_D": config.block_d, "BLOCK_K": matmul_block_k(getattr(torch, dtype)),
+                      "BLOCK_D": config.block_d, "BLOCK_K": MATMUL_BLOCK_K[dtype_key(dtype == "float32")],
                       "MASK_BLOCK_N": tile.block_n, "MASK_BLOCK_V": tile.block_v}
         if kernel == "grad_weight":
             fn, sig = grad_weight_kernel, _grad_weight_signature(ty)
@@ -163,14 +163,14 @@ def compile_kernel(kernel: str, dtype: str, config, flags: Dict[str, bool], arch
             constexprs["BLOCK_N"] = config.block_n
     elif kernel == "grad_logits":
         fn, sig = grad_logits_kernel, _grad_logits_signature(ty)
-        constexprs.update(GROUP_N=config.group_n, COMPUTE_DB=flags.get("COMPUTE_DB", False), FILTER=flags.get("FILTER", True),
+        constexprs.update(GROUP_N=config.group_n, HAS_LOGP=True, COMPUTE_DB=flags.get("COMPUTE_DB", False), FILTER=flags.get("FILTER", True),
                           ZERO_SKIPPED=flags.get("ZERO_SKIPPED", True))
     elif kernel == "forward_sweep":
         fn, sig = forward_sweep_kernel, _forward_signature(ty)
         constexprs["GROUP_N"] = config.group_n
     elif kernel == "backward_sweep":
         fn, sig = backward_sweep_kernel, _backward_signature(ty)
-        constexprs.update(COMPUTE_DH=flags.get("COMPUTE_DH", True), COMPUTE_DW=flags.get("COMPUTE_DW", True),
+        constexprs.update(HAS_LOGP=True, COMPUTE_DH=flags.get("COMPUTE_DH", True), COMPUTE_DW=flags.get("COMPUTE_DW", True),
                           COMPUTE_DB=flags.get("COMPUTE_DB", False), FILTER=flags.get("FILTER", True),
                           GROUP_N=config.group_n)
     else:
@@ -198,8 +198,7 @@ def compile_kernel(kernel: str, dtype: str, config, flags: Dict[str, bool], arch
 
 def shipped_variants() -> List[tuple]:
     """(kernel, dtype, config, flags) for every shipped block size and the flag combinations that matter."""
-    from ..backends.triton_single_pass import SHIPPED_CONFIGS as SINGLE_PASS_CONFIGS
-    from ..backends.triton_sweeps import BACKWARD_CONFIGS, FORWARD_CONFIGS, GRAD_LOGITS_CONFIGS, MATMUL_CONFIGS
+    from .configs import BACKWARD_CONFIGS, FORWARD_CONFIGS, GRAD_LOGITS_CONFIGS, MATMUL_CONFIGS, SINGLE_PASS_CONFIGS
 
     out = []
     for dtype in ("bfloat16", "float16", "float32"):

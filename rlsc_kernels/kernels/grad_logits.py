@@ -18,12 +18,12 @@ from .tiles import grad_logits_tile, grouped_program, logits_tile, round_to_bf16
 @triton.jit
 def grad_logits_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,
-    lse_ptr, mean_z_ptr, grad_logp_ptr, grad_entropy_ptr,
+    lse_ptr, logp_ptr, mean_z_ptr, grad_logp_ptr, grad_entropy_ptr,
     grad_logits_ptr, tile_mask_ptr, dbias_ptr,
     N, D, v_lo, v_hi, n_vblocks,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_gn,
     inv_temperature, filter_eps, softcap,
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr, EVEN_D: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_LOGP: tl.constexpr, EVEN_D: tl.constexpr, COMPUTE_DB: tl.constexpr,
     FILTER: tl.constexpr, ZERO_SKIPPED: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
@@ -35,8 +35,9 @@ def grad_logits_kernel(
     z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, mask_n, offs_v, mask_v, D,
                     stride_hn, stride_hd, stride_wv, stride_wd, inv_temperature, softcap,
                     HAS_BIAS, SOFTCAP, EVEN_D, DOT_UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
-    dz, scale = grad_logits_tile(z, offs_n, mask_n, offs_v, mask_v, targets_ptr, lse_ptr, mean_z_ptr,
-                                 grad_logp_ptr, grad_entropy_ptr, inv_temperature, softcap, HAS_ENTROPY, SOFTCAP)
+    dz, scale = grad_logits_tile(z, offs_n, mask_n, offs_v, mask_v, targets_ptr, lse_ptr, logp_ptr, mean_z_ptr,
+                                 grad_logp_ptr, grad_entropy_ptr, inv_temperature, softcap, HAS_ENTROPY, SOFTCAP,
+                                 HAS_LOGP)
     keep = True
     if FILTER:
         keep = tile_is_needed(dz, scale, filter_eps)

@@ -1,8 +1,10 @@
 """Sweep 2, sliced variant, step 2: the two block-sparse matmuls that turn one vocab slice's
 logit gradients G = dz / T [N, VS] into parameter gradients (backward strategy "sliced").
 
-    grad_weight_kernel:  dW[v_lo + i, d]  = sum_t G[t, i] h[t, d]      (K = tokens; stored once,
-                          in the weight's dtype, after fp32 accumulation over all N tokens)
+    grad_weight_kernel:  dW[v_lo + i, d]  = scale * sum_t G[t, i] h[t, d]  (K = tokens; stored
+                          once, in the weight's dtype, after fp32 accumulation over all N tokens
+                          and the fp32 multiplication by the launcher's power-of-two scale, so
+                          the only rounding to 16 bits is the last one)
     grad_hidden_kernel:  dh[t, d]        += sum_i G[t, i] W[v_lo + i, d] (K = the slice's vocab;
                           fp32 dh, added once per slice)
 Each program owns one output tile (no atomics). K steps whose (token block, vocab block) tile
@@ -16,7 +18,7 @@ from .tiles import round_to_bf16_rtne
 
 @triton.jit
 def grad_weight_kernel(
-    grad_logits_ptr, hidden_ptr, tile_mask_ptr, dweight_ptr,
+    grad_logits_ptr, hidden_ptr, tile_mask_ptr, dweight_ptr, scale_ptr,
     N, D, VS, n_mask_vblocks,
     stride_gn, stride_hn, stride_hd, stride_dwv,
     USE_MASK: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -47,6 +49,7 @@ def grad_weight_kernel(
                 g_t = g_t.to(tl.float32)
                 h = h.to(tl.float32)
             acc = tl.dot(g_t, h, acc, input_precision=DOT_PRECISION)
+    acc = acc * tl.load(scale_ptr)
     if DOT_UPCAST:  # interpreter-only: round like the GPU's conversion (see tiles.round_to_bf16_rtne)
         acc = round_to_bf16_rtne(acc)
     out = dweight_ptr + offs_i.to(tl.int64)[:, None] * stride_dwv + offs_d[None, :]

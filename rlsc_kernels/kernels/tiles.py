@@ -4,6 +4,11 @@ For token rows n and vocab columns v of one tile:
     z_nv  = (h_n . W_v + b_v) / T                          (fp32 accumulation over D)
     dz_nv = g_n ([v = y_n] - p_nv) - e_n p_nv (z_nv - mean_z_n),   p_nv = exp(z_nv - lse_n)
 where g = dL/dlogp and e = dL/dentropy per token (zero for ignored tokens and padding rows).
+At the target column, 1 - p = -expm1(logp_n) from the forward's log-prob (computed there as
+(z_y - max) - log sum exp(z - max)), never 1 - exp(z - lse): with p close to 1 (a peaked
+distribution, a two-token vocabulary) lse rounds log sum ~ 1 - p away and 1 - p cancels.
+A target id outside [0, V) matches no column: it reads and writes nothing (its target logit
+counts as 0 in the forward sweep), so unchecked garbage ids cannot touch memory out of bounds.
 With SOFTCAP (cap c): z_nv = c tanh(u_nv / c) / T for u = h . W + b, and dz_nv (the gradient
 with respect to u, up to the 1/T the callers apply) carries the factor 1 - tanh^2 = 1 - (z T / c)^2.
 """
@@ -58,8 +63,8 @@ def logits_tile(
 @triton.jit
 def grad_logits_tile(
     z, offs_n, mask_n, offs_v, mask_v,
-    targets_ptr, lse_ptr, mean_z_ptr, grad_logp_ptr, grad_entropy_ptr, inv_temperature, softcap,
-    HAS_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr,
+    targets_ptr, lse_ptr, logp_ptr, mean_z_ptr, grad_logp_ptr, grad_entropy_ptr, inv_temperature, softcap,
+    HAS_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LOGP: tl.constexpr,
 ):
     """(dz [BLOCK_N, BLOCK_V] fp32, scale [BLOCK_N] = |g| + |e|); dz is 0 outside the tile's valid area."""
     valid = mask_n[:, None] & mask_v[None, :]
@@ -68,7 +73,11 @@ def grad_logits_tile(
     targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64)
     p = tl.where(valid, tl.exp(z - lse[:, None]), 0.0)
     is_target = offs_v.to(tl.int64)[None, :] == targets[:, None]
-    dz = tl.where(is_target, g[:, None], 0.0) - g[:, None] * p
+    if HAS_LOGP:
+        logp = tl.load(logp_ptr + offs_n, mask=mask_n, other=0.0)
+        dz = tl.where(is_target, -expm1(logp)[:, None], -p) * g[:, None]
+    else:  # no accurate log-prob from the caller: 1 - p from z - lse, still without 1 - exp()
+        dz = tl.where(is_target, -expm1(z - lse[:, None]), -p) * g[:, None]
     scale = tl.abs(g)
     if HAS_ENTROPY:
         e = tl.load(grad_entropy_ptr + offs_n, mask=mask_n, other=0.0)
@@ -79,6 +88,18 @@ def grad_logits_tile(
         tanh = z / (softcap * inv_temperature)
         dz = dz * (1.0 - tanh * tanh)
     return dz, scale
+
+
+@triton.jit
+def expm1(x):
+    """exp(x) - 1 without cancellation near 0 (Triton has no portable expm1): Kahan's
+    (u - 1) x / log(u), u = exp(x), for |x| < 0.5 (exact x where u rounds to 1), else u - 1."""
+    u = tl.exp(x)
+    um1 = u - 1.0
+    small = tl.abs(x) < 0.5
+    safe_log = tl.where(small & (u != 1.0), tl.log(u), 1.0)
+    kahan = tl.where(u == 1.0, x, um1 * x / safe_log)
+    return tl.where(small, kahan, um1)
 
 
 @triton.jit

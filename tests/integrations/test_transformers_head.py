@@ -167,18 +167,36 @@ def test_bad_arguments_are_named():
 
 @pytest.mark.parametrize("kind", ["cohere", "granite", "gemma2"])
 def test_head_inputs_reproduce_the_models_logits(kind):
-    from rlsc_kernels.integrations.transformers import head_inputs
+    """head_inputs + op_options(T), and FusedHead.logits (what the samplers draw from), give the
+    model's own logits / T (float64 model: to rounding)."""
+    from rlsc_kernels.integrations.transformers import FusedHead, head_inputs
 
     model = tiny_model(kind)
     ids, mask, _ = batch()
+    T = 0.7
     with torch.no_grad():
-        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        inputs = head_inputs(model, hidden.reshape(-1, hidden.shape[-1]))
-    z = inputs.hidden @ inputs.weight.T + (inputs.bias if inputs.bias is not None else 0)
-    if inputs.softcap is not None:
-        z = inputs.softcap * torch.tanh(z / inputs.softcap)
-    torch.testing.assert_close(z, logits.reshape(-1, VOCAB), rtol=1e-10, atol=1e-10)
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state.reshape(-1, model.config.hidden_size)
+        logits = model(input_ids=ids, attention_mask=mask).logits.reshape(-1, VOCAB) / T
+        inputs = head_inputs(model, hidden)
+        opts = inputs.op_options(T)
+        z = inputs.hidden @ inputs.weight.T + (inputs.bias if inputs.bias is not None else 0)
+        if opts["softcap"] is not None:
+            z = opts["softcap"] * torch.tanh(z / opts["softcap"])
+        torch.testing.assert_close(z / opts["temperature"], logits, rtol=1e-10, atol=1e-10)
+        sampled_from = FusedHead(model).logits(hidden, T)
+    assert sampled_from.dtype == torch.float32
+    torch.testing.assert_close(sampled_from, logits.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_check_head_matches_forward_catches_an_unknown_transform():
+    from rlsc_kernels.integrations.transformers import check_head_matches_forward
+
+    model = tiny_model("gemma2")
+    ids, _, _ = batch()
+    assert check_head_matches_forward(model, ids[:1]) < 1e-6
+    model.lm_head.register_forward_hook(lambda mod, args, out: out * 1.5)
+    with pytest.raises(NotImplementedError, match="transforms its logits"):
+        check_head_matches_forward(model, ids[:1])
 
 
 def test_op_options_are_forwarded():

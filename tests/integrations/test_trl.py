@@ -167,3 +167,51 @@ def test_adapter_with_no_scored_token_gives_a_differentiable_empty_result():
     assert logp.shape == (0,) and entropy.shape == (0,)
     (torch.zeros(3).masked_scatter(torch.zeros(3, dtype=torch.bool), logp).sum() + entropy.sum()).backward()
     assert (w.grad == 0).all() and h.grad.shape == (0, 8)
+
+
+def test_concurrent_enable_and_disable_never_lose_trls_function():
+    """enable()/disable()/enabled() patch process-wide state: under a lock, threads racing them
+    never record our adapter as TRL's original, never half-patch TRL's three names, and the last
+    disable() gives TRL its own Function back."""
+    import sys
+    import threading
+
+    import trl.kernels
+    import trl.trainer.utils as trl_utils
+    from trl.kernels import chunked_logprob
+
+    original = trl_utils._ChunkedLogProbFunction
+    names = ((trl_utils, "_ChunkedLogProbFunction"), (trl.kernels, "ChunkedLogProbFunction"),
+             (chunked_logprob, "ChunkedLogProbFunction"))
+    errors = []
+    start = threading.Barrier(6)
+
+    def toggle(kind):
+        try:
+            start.wait()
+            for _ in range(300):
+                if kind == "scoped":
+                    with rk_trl.enabled():
+                        pass
+                else:
+                    rk_trl.enable() if kind == "enable" else rk_trl.disable()
+                with rk_trl._lock:  # between two operations: all three names ours, or all TRL's
+                    seen = {getattr(m, n) for m, n in names}
+                    assert seen in ({original}, {rk_trl.RlscChunkedLogProb}), seen
+                    assert rk_trl.RlscChunkedLogProb.trl_function in (None, original)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=toggle, args=(k,)) for k in ("enable", "disable") * 2 + ("scoped",) * 2]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors, errors[:3]
+    rk_trl.disable()
+    assert all(getattr(m, n) is original for m, n in names) and not rk_trl.is_enabled()

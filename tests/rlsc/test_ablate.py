@@ -5,6 +5,8 @@ import json
 import math
 import os
 
+import pytest
+
 from rlsc import cli
 from rlsc.ablate import METHODS, ROW_FIELDS, build_report, cell_path, run_ablation
 
@@ -223,3 +225,16 @@ def test_report_counts_collapsed_seeds_against_the_untrained_row(tmp_path):
     rows = {r["method"]: r for r in report["rows"]}
     assert rows["rlsc"]["collapsed"] == 2 and rows["base"]["collapsed"] is None  # 0.01, 0.19 < 0.5 * 0.4
     assert "| 2 |" in (tmp_path / "r.md").read_text()
+
+
+def test_lora_cells_run_one_after_another(tiny_model_dir, tiny_prompts, tmp_path):
+    """`--set lora_rank=N`: the first cell leaves a PeftModel behind; the next cell starts from the
+    base model's initial weights again (it crashed on the weights' key names)."""
+    pytest.importorskip("peft")
+    out = tmp_path / "ablate"
+    task = str(tiny_prompts)
+    res = run_ablation(tasks=[task], methods=["rlsc", "rlsc-l1"], seeds=[0], out_dir=out, model=str(tiny_model_dir),
+                       overrides=dict(TINY, lora_rank=2), max_questions=2, **QUIET)
+    assert sorted(m for _, m, _ in res["ran"]) == ["rlsc", "rlsc-l1"]
+    cells = [json.loads(cell_path(out, task, m, 0).read_text()) for m in ("rlsc", "rlsc-l1")]
+    assert all(c["train"]["loss"] is not None for c in cells)

@@ -129,6 +129,10 @@ def test_mistyped_local_directory_says_it_does_not_exist(capsys, tmp_path):
     (["train", "--precision", "fp16"], "--precision expects one of"),
     (["demo", "--num-samples", "0"], "--num-samples expects an integer >= 1"),
     (["eval", "--k", "-1"], "--k expects an integer >= 0"),
+    (["eval", "--prompts", "builtin:nope"], "--prompts: unknown builtin task set 'builtin:nope'; available: builtin:demo"),
+    (["train", "--prompts", "builtin:demo,no-such-file.jsonl"], "--prompts: prompt file not found: no-such-file.jsonl"),
+    (["eval", "--max-new-tokens", "-1"], "--max-new-tokens expects an integer >= 0"),
+    (["train", "--max-new-tokens", "0"], "--max-new-tokens expects an integer >= 1"),
 ])
 def test_every_flag_value_is_checked_before_anything_loads_or_is_written(argv, message, capsys, tmp_path, monkeypatch):
     import rlsc.train
@@ -151,7 +155,7 @@ def test_each_subcommand_help_shows_its_own_flags_real_defaults_and_an_example(c
     assert "(default: 3072)" in train and "(default: 'runs/rlsc')" in train
     for flag in ("--lr", "--resume", "--steps", "--weighting", "--num-samples"):
         assert flag + " " not in ev, flag
-    assert "--k " in ev and "none (no files)" in ev and "--k " not in train
+    assert "--k " in ev and "(default: 'runs/eval')" in ev and "--k " not in train
     assert "torch" in train.split("--backend BACKEND Backend", 1)[1][:200]
     assert all("example:" in text for text in (demo, train, ev))
 
@@ -200,6 +204,55 @@ def test_python_dash_m_rlsc_help_lists_the_commands():
     assert "--num-prompts" in out.stdout and "--resume" in out.stdout and "--max-new-tokens" in out.stdout
 
 
+def test_eval_writes_into_runs_eval_by_default(tiny_model_dir, tiny_prompts, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    model_files = sorted(p.name for p in tiny_model_dir.iterdir())
+    assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(tiny_prompts), "--max-prompts", "1",
+                 "--k", "2", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert "results: runs/eval/eval_results.json" in capsys.readouterr().out
+    assert sorted(p.name for p in (work / "runs" / "eval").iterdir()) == ["eval_results.json", "eval_samples_tiny.jsonl"]
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == model_files
+    assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(tiny_prompts), "--max-prompts", "1",
+                 "--k", "1", "--max-new-tokens", "3", "--device", "cpu", "--output-dir", ""]) == 0
+    assert "no files written (--output-dir '')" in capsys.readouterr().out
+
+
+def test_eval_progress_has_an_eta_and_the_default_cap_suits_the_device(tiny_model_dir, tiny_prompts, tmp_path, capsys):
+    import json
+
+    assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(tiny_prompts), "--max-prompts", "2",
+                 "--k", "1", "--device", "cpu", "--output-dir", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    # not a terminal here: one line per question with the time so far and the ETA (a tqdm bar on a terminal)
+    assert "eval tiny: 1/2 questions, 1 samples (" in captured.out and ", ETA " in captured.out
+    assert "completions capped at 128 tokens on cpu" in captured.err
+    lengths = [n for line in (tmp_path / "eval_samples_tiny.jsonl").read_text().splitlines()
+               for n in json.loads(line)["lengths"]]
+    assert lengths and max(lengths) <= 128
+
+
+def test_a_misspelled_flag_gets_its_subcommands_usage_and_a_suggestion(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--stpes", "3"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: rlsc train") and "--stpes: did you mean --steps?" in err
+    with pytest.raises(SystemExit):
+        main(["eval", "--temprature=0.3"])
+    assert "did you mean --temperature?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["trian", "--steps", "3"])
+    assert "unknown command 'trian'" in (err := capsys.readouterr().err) and "did you mean train?" in err
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "{train,eval,demo,ablate}" in out and "ablate " in out
+
+
 def test_gguf_file_and_embedded_resolve_to_the_same_gguf_load(tmp_path):
     gguf = tmp_path / "model.Q4.gguf"
     gguf.write_bytes(b"GGUF")
@@ -234,6 +287,24 @@ def test_eval_writes_no_file_unless_asked(tiny_model_dir, tiny_prompts, tmp_path
     monkeypatch.chdir(work)
     model_files = sorted(p.name for p in tiny_model_dir.iterdir())
     assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(tiny_prompts), "--max-prompts", "1",
-                 "--k", "2", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+                 "--k", "2", "--max-new-tokens", "3", "--device", "cpu", "--output-dir", ""]) == 0
     assert "| tiny |" in capsys.readouterr().out
     assert not list(work.iterdir()) and sorted(p.name for p in tiny_model_dir.iterdir()) == model_files
+
+
+def test_eval_seed_covers_sampling(tiny_model_dir, tiny_prompts, tmp_path):
+    """Two `rlsc eval` runs with one --seed write the same samples; another seed, other samples."""
+    import json
+
+    import torch
+
+    def run(seed, name):
+        torch.manual_seed(1000 + len(name))   # whatever state the process is in
+        out = tmp_path / name
+        assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(tiny_prompts), "--max-prompts", "2",
+                     "--k", "4", "--max-new-tokens", "6", "--temperature", "1.5", "--device", "cpu",
+                     "--seed", str(seed), "--output-dir", str(out)]) == 0
+        return [json.loads(line)["samples"] for line in (out / "eval_samples_tiny.jsonl").read_text().splitlines()]
+
+    assert run(3, "a") == run(3, "bb")
+    assert run(3, "a") != run(4, "c")

@@ -25,6 +25,21 @@ def test_is_correct_grades_with_math_verify(completion, gold, ok):
     assert is_correct(completion, gold) is ok
 
 
+@pytest.mark.parametrize("completion, finished, gold, answered, ok", [
+    ("First, 3 * 4 = 12. Then we need to add the remaining", False, "12", False, False),  # cut off: no answer
+    ("First, 3 * 4 = 12. Then we need to add the remaining", True, "12", True, True),     # finished: last number
+    ("3 * 4 = 12, so the answer is \\boxed{12}", False, "12", True, True),                # a boxed answer counts
+    ("\\boxed{5} is wrong; it is \\boxed{1", True, "5", False, False),                    # unbalanced last box
+    ("\\boxed{5} is wrong; it is \\boxed{1", True, "1", False, False),
+    ("12 \\boxed{1", False, "12", False, False),
+])
+def test_what_counts_as_an_answer(completion, finished, gold, answered, ok):
+    """rlsc/grading.py's rules: a cut-off completion answers only with a balanced box; an unbalanced
+    last box is no answer; a finished one without a box answers with its last number."""
+    assert bool(extract_answer(completion, finished)) is answered
+    assert is_correct(completion, gold, finished) is ok
+
+
 def test_pass_at_k_matches_brute_force_over_all_k_subsets():
     n = 7
     for c in range(n + 1):

@@ -1,6 +1,7 @@
 """The head the fused op scores is the head the model samples from: logit scaling folded into the
-temperature, soft-capping refused, LoRA on lm_head scored through the adapter, unknown transforms
-caught against the model's own logits; one 16-bit weight copy per step, no micro-batch left alive."""
+temperature, soft-capped heads scored through the op's softcap, LoRA on lm_head scored through the
+adapter, unknown transforms and leftover dropout caught at the start of a run; one 16-bit weight
+copy per step, no micro-batch left alive."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +13,8 @@ import torch
 import rlsc_kernels as rk
 from rlsc.data import Problem
 from rlsc.sampling import sample
-from rlsc.step import LossOptions, StepHead, check_head_matches_forward, rlsc_update
+from rlsc.step import LossOptions, Scorer, check_head_matches_forward, rlsc_update
+from rlsc_kernels.integrations.transformers import FusedHead
 
 from conftest import make_model
 from test_step import naive_algorithm1_loss
@@ -69,16 +71,32 @@ def _assert_update_matches_naive(model, tok, rollouts=None):
 ])
 def test_scaled_heads_are_scored_as_they_sample(tiny_tokenizer, config_cls, extra):
     model = _tiny(config_cls, tiny_tokenizer, **extra)
-    head = StepHead(model, T)
-    assert head.logit_scale != 1.0 and head.temperature == pytest.approx(T / head.logit_scale)
+    head = FusedHead(model)
+    assert head.scale != 1.0 and head.op_options(T)["temperature"] == pytest.approx(T / head.scale)
     check_head_matches_forward(model, torch.tensor([[5, 6, 7, 8]]))
     _assert_update_matches_naive(model, tiny_tokenizer)
 
 
-def test_soft_capped_head_is_refused_with_a_clear_error(tiny_tokenizer):
-    model = _tiny("Gemma2Config", tiny_tokenizer, final_logit_softcapping=30.0, head_dim=8)
-    with pytest.raises(NotImplementedError, match="final_logit_softcapping=30"):
-        StepHead(model, T)
+def test_soft_capped_head_trains_exactly(tiny_tokenizer):
+    """Gemma 2 (final_logit_softcapping, a cap small enough to bend the logits): the trainer's
+    log-probs and gradients equal the naive loss on the model's own (capped) logits."""
+    model = _tiny("Gemma2Config", tiny_tokenizer, final_logit_softcapping=1.5, head_dim=8, sliding_window=512)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)   # logits well beyond the cap
+    assert FusedHead(model).op_options(T)["softcap"] == pytest.approx(1.5)
+    check_head_matches_forward(model, torch.tensor([[5, 6, 7, 8]]))
+    _assert_update_matches_naive(model, tiny_tokenizer)
+
+
+def test_dropout_left_on_is_caught_at_the_start(tiny_tokenizer):
+    """A dropout the trainer cannot switch off (here a hook drawing random noise in train mode) fails
+    the start-of-run check instead of making every score a different draw."""
+    model = make_model(tiny_tokenizer, seed=1)
+    check_head_matches_forward(model, torch.tensor([[5, 6, 7, 8]]))
+    model.model.layers[0].mlp.register_forward_hook(
+        lambda mod, args, out: torch.nn.functional.dropout(out, 0.5, training=mod.training))
+    with pytest.raises(NotImplementedError, match="twice in train mode"):
+        check_head_matches_forward(model, torch.tensor([[5, 6, 7, 8]]))
 
 
 def test_unknown_logit_transform_is_caught_against_the_models_own_logits(tiny_tokenizer):
@@ -92,7 +110,7 @@ def test_unknown_logit_transform_is_caught_against_the_models_own_logits(tiny_to
         return out
 
     model.forward = scaled_forward
-    with pytest.raises(NotImplementedError, match="logits are not scale"):
+    with pytest.raises(NotImplementedError, match="logits are not softcap"):
         check_head_matches_forward(model, torch.tensor([[5, 6, 7, 8]]))
 
 
@@ -133,13 +151,13 @@ def test_one_weight_copy_per_step_and_no_micro_batch_outlives_its_turn(tiny_toke
 
     monkeypatch.setattr(rk, "linear_rlsc_loss", spy)
     casts = []
-    real_init = StepHead.__init__
+    real_init = Scorer.__init__
 
     def counting_init(self, *a, **k):
         real_init(self, *a, **k)
-        casts.append(self.weight_copies)
+        casts.append(self.head.weight_copies)
 
-    monkeypatch.setattr(StepHead, "__init__", counting_init)
+    monkeypatch.setattr(Scorer, "__init__", counting_init)
     stats = rlsc_update(model, torch.optim.SGD(model.parameters(), lr=1e-3), rollouts,
                         LossOptions(micro_batch_size=2, autocast_dtype=torch.bfloat16))
     assert len(seen) == 4 and len({ptr for _, ptr in seen}) == 1
@@ -149,7 +167,7 @@ def test_one_weight_copy_per_step_and_no_micro_batch_outlives_its_turn(tiny_toke
 
 def test_fp32_head_is_passed_without_a_copy(tiny_tokenizer):
     model = make_model(tiny_tokenizer, seed=4)
-    head = StepHead(model, T)
+    head = FusedHead(model, reuse_weight=True)
     h, w, b = head.inputs(torch.randn(3, 32))
     assert w is model.lm_head.weight and head.weight_copies == 0
 
@@ -180,6 +198,6 @@ def test_lm_head_multiplier_is_folded_into_the_temperature(tiny_tokenizer):
         return out
 
     model.register_forward_hook(multiply_logits)
-    assert StepHead(model, T).temperature == pytest.approx(T / 2.5)
+    assert FusedHead(model).op_options(T)["temperature"] == pytest.approx(T / 2.5)
     check_head_matches_forward(model, torch.tensor([[5, 6, 7, 8]]))
     _assert_update_matches_naive(model, tiny_tokenizer)

@@ -109,3 +109,22 @@ def test_greedy_takes_the_argmax_despite_the_generation_config(tiny_tokenizer):
             nxt = model(input_ids=ids).logits[0, -1].argmax()
             assert int(r.completion_ids[0, t]) == int(nxt)
             ids = torch.cat([ids, nxt.view(1, 1)], 1)
+
+
+def test_prompts_get_the_tokenizers_bos_once():
+    """No chat template (a base model): the BOS the tokenizer adds by default is there; a chat
+    template that writes the BOS as text does not get a second one; a tokenizer without a default
+    BOS gets none."""
+    from test_on_policy import base_tokenizer
+
+    from rlsc.sampling import encode_prompts
+    from conftest import make_tokenizer
+
+    base = base_tokenizer()
+    bos = base.bos_token_id
+    plain = chat_prompt(base, "What is 2 + 2?", "{question}")
+    assert encode_prompts(base, [plain])[0] == [bos] + base(plain, add_special_tokens=False)["input_ids"]
+    assert encode_prompts(base, [base.bos_token + plain])[0].count(bos) == 1
+    chat = make_tokenizer()     # its template starts with <|im_start|> (its BOS) but it adds none by default
+    text = chat_prompt(chat, "Hi", "{question}")
+    assert encode_prompts(chat, [text])[0] == chat(text, add_special_tokens=False)["input_ids"]

@@ -217,3 +217,39 @@ def test_group_weighting_update_equals_naive_softmax_weighted_loss(tiny_tokenize
     torch.optim.SGD(naive.parameters(), lr=1.0).step()
     for p, q in zip(fused.parameters(), naive.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_a_question_posed_twice_in_a_step_is_one_group(tiny_tokenizer):
+    """`group` weighting: one definition for both engines, the samples of the same question (the
+    same Problem id, the TRL engine's dataset row) in the step, however many times it is posed."""
+    model = make_model(tiny_tokenizer, seed=3)
+    a, b = Problem("a", "What is 2 * 3?", "", "t"), Problem("b", "Hi", "", "t")
+    torch.manual_seed(0)
+    r = sample(model, tiny_tokenizer, [a, b, a], template="{question}", num_samples=2, max_new_tokens=5,
+               temperature=0.9)
+    assert r.question_index.tolist() == [0, 0, 1, 1, 0, 0]
+    L = torch.tensor([-1.0, -2.0, -3.0, -4.0, -5.0, -6.0])
+    w = group_weights(L, r.question_index, 0.1)
+    assert w[[0, 1, 4, 5]].sum() == pytest.approx(1 + 4 * 0.1) and w[[2, 3]].sum() == pytest.approx(1 + 2 * 0.1)
+
+
+def test_mask_truncated_drops_cut_off_samples_from_the_loss(tiny_tokenizer):
+    """mask_truncated=True: the gradient is that of the finished samples alone, still divided by the
+    step's S (their weights and L are unchanged); group weights are a softmax over finished ones."""
+    model = make_model(tiny_tokenizer, seed=2)
+    r = _mixed_rollouts(model, tiny_tokenizer)
+    assert r.capped.any() and (~r.capped).any()
+    grads = {}
+    for name, rollouts, mask_truncated in (("masked", r, True), ("finished only", r.select(~r.capped), False)):
+        m = copy.deepcopy(model)
+        opt = _GradRecordingAdamW(m.parameters(), lr=0.0)
+        stats = rlsc_update(m, opt, rollouts, LossOptions(temperature=0.5, filter_eps=None, micro_batch_size=3,
+                                                          mask_truncated=mask_truncated))
+        grads[name] = [g * (len(rollouts) / len(r)) for g in opt.seen_grads.values()]  # both as / S_total
+        if mask_truncated:
+            assert (stats.seq_logp[r.capped] == 0).all() and (stats.n_tokens == r.completion_lengths).all()
+    for got, ref in zip(grads["masked"], grads["finished only"]):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+    keep = ~r.capped
+    w = group_weights(torch.randn(len(r)), r.question_index, 0.1, keep)
+    assert torch.allclose(w[~keep], torch.full_like(w[~keep], 0.1))

@@ -120,6 +120,26 @@ def test_checkpoint_without_optimizer_state_is_smaller_and_resumes(tiny_model_di
     assert ckpt.load_checkpoint(tmp_path / "b")["step"] == 2
 
 
+def test_a_run_shorter_than_the_checkpoint_interval_keeps_only_its_final_model(tiny_model_dir, tiny_prompts, tmp_path):
+    """A smoke run (1 step, --checkpoint-every 5) writes final/ and no checkpoint (the demo's 1-step run
+    wrote 2.1 GB: 1.6 GB of checkpoint with AdamW's moments plus 0.5 GB of final model); without
+    final/ it keeps its checkpoint, and a run as long as the interval gets one after its last step."""
+    smoke = tiny_config(tiny_model_dir, tiny_prompts, tmp_path / "smoke", steps=1, checkpoint_every=5,
+                        save_final_model=True)
+    train(smoke, log=lambda m: None)
+    assert (tmp_path / "smoke" / "final" / "config.json").is_file()
+    assert not (tmp_path / "smoke" / "checkpoint.pt").exists()
+    with pytest.raises(FileNotFoundError, match="shorter than --checkpoint-every"):
+        train(smoke.updated({"steps": 2, "resume": "yes"}), log=lambda m: None)
+    kept = tiny_config(tiny_model_dir, tiny_prompts, tmp_path / "kept", steps=1, checkpoint_every=5)
+    train(kept, log=lambda m: None)  # save_final_model=False: the checkpoint is all the run leaves
+    assert ckpt.load_checkpoint(tmp_path / "kept")["step"] == 1
+    full = tiny_config(tiny_model_dir, tiny_prompts, tmp_path / "full", steps=3, checkpoint_every=2,
+                       save_final_model=True)
+    train(full, log=lambda m: None)
+    assert ckpt.load_checkpoint(tmp_path / "full")["step"] == 3
+
+
 def test_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.AdamW(model.parameters())
@@ -168,3 +188,16 @@ def test_metrics_line_torn_by_a_kill_is_dropped_but_a_bad_middle_line_is_an_erro
     path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
     with pytest.raises(ValueError, match="metrics.jsonl:2: not valid JSON"):
         read_metrics(path)
+
+
+def test_demo_writes_the_table_and_plots_the_before_after_evaluation(tiny_model_dir, tiny_prompts, tmp_path, capsys):
+    from rlsc.demo import demo
+
+    cfg = tiny_config(tiny_model_dir, tiny_prompts, tmp_path / "demo", steps=1, num_prompts=1, num_samples=2,
+                      max_new_tokens=4, k=2, save_final_model=False, checkpoint_every=0)
+    result = demo(cfg, log=lambda m: None)
+    out = tmp_path / "demo"
+    assert set(result["before"]) == set(result["after"]) == {"tiny"}
+    assert (out / "before_after.png").stat().st_size > 1000 and (out / "training_curves.png").is_file()
+    assert "->" in (out / "results.md").read_text()
+    assert "before_after.png" in capsys.readouterr().out

@@ -58,8 +58,9 @@ def _check_report(out: Path, weightings, distributed: str):
 def test_one_step_through_trl_equals_the_thin_trainer_one_process(tmp_path):
     """Fixed samples (EOS-terminated, EOS alone, capped; two prompt lengths): every weighting's
     gradient (rel. 1e-4) and AdamW update match rlsc_update (also with LoRA), and the metrics row
-    matches its stats."""
-    runs = (*ALL_WEIGHTINGS, "rlsc+lora")  # + LoRA adapters (peft) on every linear layer
+    matches its stats (also with --mask-truncated)."""
+    runs = (*ALL_WEIGHTINGS, "rlsc+lora", "rlsc+mask", "group+mask")  # + LoRA (peft) on every linear layer;
+    # + --mask-truncated (the capped completions leave the loss in both engines alike)
     proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path), ",".join(runs)], env=_env(),
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
@@ -270,3 +271,74 @@ def test_guarded_adamw_skips_when_told():
     opt.step()
     ref_opt.step()
     assert torch.equal(w.detach(), ref.detach()) and not torch.equal(w.detach(), torch.ones(3))
+
+
+def test_generation_ignores_every_knob_of_the_checkpoints_generation_config(tmp_path, tiny_tokenizer):
+    """The thin trainer's requirement and test, for TRL's generate path: a checkpoint whose
+    generation_config sets every sampling knob transformers has (test_sampling's model). The
+    logits processors transformers actually builds (after merging the checkpoint's config) are the
+    temperature alone, one-token samples pass the thin trainer's chi-square test against
+    softmax(logits / T), and the model keeps its generation_config afterwards."""
+    from transformers import TemperatureLogitsWarper
+
+    from rlsc.data import Problem
+    from rlsc.trl_engine import _trainer_class, grpo_config, prompt_dataset
+    from test_sampling import _model_with_every_generation_knob, _prompt_ids, chi2_upper_quantile
+
+    tok = tiny_tokenizer
+    model = _model_with_every_generation_knob(tok)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)
+    knobs = model.generation_config.to_dict()
+    T, n = 0.8, 3000
+    cfg = RLSCConfig(model="x", prompts="x", num_prompts=1, num_samples=8, micro_batch_size=8, max_new_tokens=1,
+                     temperature=T, device="cpu", output_dir=str(tmp_path), engine="trl")
+    problems = [Problem("a", "Hi", "", "t")]
+    trainer = _trainer_class()(model=model, args=grpo_config(cfg, 1, "fp32"), processing_class=tok,
+                               train_dataset=prompt_dataset(problems, tok, "{question}"), rlsc=cfg)
+    built = []
+    real = type(model)._get_logits_processor
+
+    def spy(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        built.append([type(p) for p in out])
+        return out
+
+    type(model)._get_logits_processor = spy
+    try:
+        torch.manual_seed(0)
+        prompt = prompt_dataset(problems, tok, "{question}")[0]["prompt"]
+        completions = trainer._generate([prompt] * n)[1]
+    finally:
+        type(model)._get_logits_processor = real
+    assert built and all(b == [TemperatureLogitsWarper] for b in built), built
+    assert model.generation_config.to_dict() == knobs
+    first = torch.tensor([c[0] for c in completions])
+    with torch.no_grad():
+        logits = model(input_ids=_prompt_ids(tok, "Hi")).logits[0, -1].double()
+    p = torch.softmax(logits / T, -1)
+    counts = torch.bincount(first, minlength=p.numel()).double()
+    expected = n * p
+    keep = expected >= 5
+    obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    exp = torch.cat([expected[keep], expected[~keep].sum()[None]])
+    if exp[-1] < 5:
+        obs, exp = torch.cat([obs[:-2], obs[-2:].sum()[None]]), torch.cat([exp[:-2], exp[-2:].sum()[None]])
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    assert chi2 < chi2_upper_quantile(obs.numel() - 1, z=3.719), (chi2, obs.numel() - 1)
+
+
+def test_engine_runs_the_start_of_run_head_check(tmp_path, tiny_tokenizer, tiny_prompts):
+    """As the thin trainer: a model that transforms its logits in a way the fused head does not know
+    is refused before training (rather than trained on another distribution)."""
+    from types import SimpleNamespace
+
+    from conftest import make_model
+
+    model = make_model(tiny_tokenizer, seed=1)
+    model.lm_head.register_forward_hook(lambda mod, args, out: out * 1.5)
+    cfg = RLSCConfig(model="x", prompts=str(tiny_prompts), num_prompts=1, num_samples=2, micro_batch_size=2,
+                     max_new_tokens=3, device="cpu", output_dir=str(tmp_path / "out"), engine="trl", steps=1)
+    with pytest.raises(NotImplementedError, match="transforms its logits"):
+        train_trl(cfg, loaded=SimpleNamespace(model=model, tokenizer=tiny_tokenizer))
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

@@ -103,14 +103,17 @@ def main(out_dir: str, weightings: list[str]) -> None:
     template = "{question}"
     comps = fixed_completions(tok)
     data = Path(out_dir) / "questions.jsonl"
-    if rank == 0:
-        data.parent.mkdir(parents=True, exist_ok=True)
-        data.write_text("".join(json.dumps({"id": f"q{i}", "question": q, "answer": "0"}) + "\n"
-                                for i, q in enumerate(QUESTIONS)))
+    # every rank writes the same file (atomically): the config check reads it before any barrier
+    data.parent.mkdir(parents=True, exist_ok=True)
+    tmp = data.with_suffix(f".{rank}.tmp")
+    tmp.write_text("".join(json.dumps({"id": f"q{i}", "question": q, "answer": "0"}) + "\n"
+                           for i, q in enumerate(QUESTIONS)))
+    os.replace(tmp, data)
     report = {}
     for label in weightings:
-        # "W+lora": weighting W with LoRA adapters (rank 4, every linear layer) on the tiny model
-        weighting, lora = label.split("+")[0], label.endswith("+lora")
+        # "W+lora": weighting W with LoRA adapters (rank 4, every linear layer) on the tiny model;
+        # "W+mask": weighting W with --mask-truncated (the capped completions out of the loss)
+        weighting, lora, mask = label.split("+")[0], label.endswith("+lora"), label.endswith("+mask")
         # "objective=O": the label-free objective O (rlsc/objectives.py) instead of an RLSC weighting
         objective = weighting.split("=")[1] if weighting.startswith("objective=") else "rlsc"
         weighting = "rlsc" if objective != "rlsc" else weighting
@@ -118,7 +121,8 @@ def main(out_dir: str, weightings: list[str]) -> None:
                          micro_batch_size=2, max_new_tokens=MAX_NEW, temperature=0.7, alpha=0.1,
                          weighting=weighting, filter_eps="exact", backend="torch", steps=1, lr=1e-2,
                          weight_decay=0.0, device="cpu", output_dir=str(Path(out_dir) / label),
-                         checkpoint_every=0, save_final_model=False, engine="trl", seed=0, objective=objective)
+                         checkpoint_every=0, save_final_model=False, engine="trl", seed=0, mask_truncated=mask,
+                         objective=objective)
         base = tiny_model(tok)
         if lora:
             from rlsc.models import apply_lora
@@ -138,7 +142,8 @@ def main(out_dir: str, weightings: list[str]) -> None:
         update = rlsc_update if objective == "rlsc" else make_update(objective, tok)
         stats = update(thin, opt, thin_rollouts(tok, template, comps),
                        LossOptions(temperature=cfg.temperature, alpha=cfg.alpha, weighting=weighting,
-                                   filter_eps=None, backend="torch", micro_batch_size=cfg.micro_batch_size))
+                                   filter_eps=None, backend="torch", micro_batch_size=cfg.micro_batch_size,
+                                   mask_truncated=mask))
         # --- the TRL engine: same initial weights, samples looked up by (question, copy) ---
         used = []
 

@@ -45,14 +45,38 @@ def test_unknown_backend():
         rk.linear_logprobs(h, w, y, backend="cuda")
 
 
-def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter():
+    """Triton decides interpreted or compiled once, at the kernels' import (TRITON_INTERPRET then),
+    so the refusal is checked in a fresh process without the variable."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import pytest, torch, rlsc_kernels as rk\n"
+            "h, w, y = torch.randn(4, 8), torch.randn(20, 8), torch.randint(0, 20, (4,))\n"
+            "with pytest.raises(ValueError, match=\"backend='triton' needs CUDA tensors\"):\n"
+            "    rk.linear_logprobs(h, w, y, backend='triton')\n"
+            "print('refused')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "refused" in out.stdout, out.stderr[-2000:]
     h, w, y = _ok()
-    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
-        rk.linear_logprobs(h, w, y, backend="triton")
     with pytest.raises(TypeError, match="float64"):
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
         rk.linear_logprobs(h.double(), w.double(), y, backend="triton")
+
+
+@pytest.mark.interpreter
+def test_triton_interpret_is_not_read_at_call_time(monkeypatch):
+    """Options are explicit; the environment is not read per call. In the interpreter (the test
+    set-up sets TRITON_INTERPRET=1 before the kernels load) clearing the variable changes nothing."""
+    from rlsc_kernels.backends import triton_interpreting
+
+    h, w, y = _ok()
+    before = rk.linear_logprobs(h, w, y, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert triton_interpreting()
+    torch.testing.assert_close(rk.linear_logprobs(h, w, y, backend="triton"), before, rtol=0, atol=0)
 
 
 def test_rlsc_loss_errors():

@@ -300,3 +300,66 @@ def test_single_pass_gemms_have_fp32_output_on_gpu():
 
     for dtype in (torch.bfloat16, torch.float16):
         assert gemm_path(torch.device("cuda", torch.cuda.current_device()), dtype).startswith("16-bit GEMMs with fp32")
+
+
+# ---- the regime matrix on CUDA (tests/rlsc_kernels/regime_matrix.py) ---------------------------
+
+
+def _gpu_cases():
+    from .regime_matrix import covering
+
+    # native is the CPU backend: its cases run here with the Triton kernels compiled for the GPU
+    cases = []
+    for case in covering():
+        case = dict(case, backend="triton" if case["backend"] == "native" else case["backend"])
+        if case not in cases:
+            cases.append(case)
+    return cases
+
+
+@pytest.mark.parametrize("case", _gpu_cases(), ids=lambda c: "-".join(c.values()))
+def test_regime_matrix_on_gpu(case):
+    """Every matrix case on CUDA, judged as on CPU (2 x same-precision PyTorch + a small term)."""
+    from .regime_matrix import case_id
+    from .test_regime_matrix import problem, run_head_case, run_op_case, world_of_one
+
+    p = problem(case, 0)
+    if case["entry"] == "add_fused_lm_head":
+        return run_head_case(case, p, device="cuda")
+    if case["entry"] == "vocab-parallel":
+        with world_of_one("cuda"):
+            return run_op_case(case, p, device="cuda")
+    return run_op_case(case, p, device="cuda")
+
+
+@pytest.mark.parametrize("regime", ["plain", "grad-scaler", "autocast"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("entry", ["logprobs", "loss-two-sweep"])
+def test_sync_free_route_in_every_regime(regime, dtype, entry):
+    """check_values=False, the packed form with num_sequences and path='two-sweep': forward and
+    backward make no device-to-host sync in any regime (torch.cuda.set_sync_debug_mode("error")
+    raises on one). The GradScaler's own step syncs (found_inf); the op does not."""
+    if regime == "autocast" and dtype == torch.float32:
+        pytest.skip("autocast to fp32 is the plain regime")
+    master = torch.float32 if regime != "plain" else dtype
+    h, w, b, y = _inputs(300, 96, 1001, master)
+    h, w, b = (t.detach().requires_grad_() for t in (h, w, b))
+    seq = torch.arange(300, device="cuda") // 100
+    y = y.clamp(min=0)
+    region = torch.autocast("cuda", dtype=dtype) if regime != "plain" else torch.autocast("cuda", enabled=False)
+    scale = 2.0**16 if regime == "grad-scaler" else 1.0
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with region:
+            if entry == "logprobs":
+                logp, ent = rk.linear_logprobs(h, w, y, bias=b, return_entropy=True, check_values=False,
+                                               temperature=0.7)
+                obj = logp.sum() + 0.3 * ent.sum()
+            else:
+                obj = rk.linear_rlsc_loss(h, w, y, seq_index=seq, num_sequences=3, bias=b, check_values=False,
+                                          path="two-sweep", temperature=0.7).loss
+        (obj * scale).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(torch.isfinite(w.grad).all()) and w.grad.dtype == master

@@ -1,18 +1,22 @@
-"""The static-cache and compacting decode loops draw the same tokens as the dynamic loop (same seed),
-so they sample from the same softmax(logits / T); sample(sampler=...) routes to them."""
+"""rlsc.decoding: the static-cache and compacting decode loops draw the same tokens as the dynamic
+loop (same seed), so they sample from the same softmax(logits / T); sample(sampler=...) routes to them."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from rlsc.data import Problem
-from rlsc.sampling import _ancestral_loop, sample
-from rlsc.static_sampling import compact_loop, resolve_sampler, static_loop
+from rlsc.decoding import decode, release_static_decoders, resolve_sampler
+from rlsc.sampling import sample
 
 from conftest import make_model
 from test_sampling import _model_with_every_generation_knob, chi2_upper_quantile, _prompt_ids
 
-LOOPS = {"static": static_loop, "compact": compact_loop}
+LOOPS = ("static", "compact")
+
+
+def _dynamic(model, ids, mask, **kw):
+    return decode(model, ids, mask, sampler="dynamic", **kw)
 
 
 def _left_padded_batch(tok, questions, n):
@@ -33,7 +37,7 @@ def _model_that_stops(tok, seed):
     return make_model(tok, seed=seed)
 
 
-@pytest.mark.parametrize("name", sorted(LOOPS))
+@pytest.mark.parametrize("name", LOOPS)
 @pytest.mark.parametrize("temperature", [0.7, 1.3, None])
 def test_same_tokens_as_the_dynamic_loop(tiny_tokenizer, name, temperature):
     """Prompts of different lengths (left padding), rows that end early and rows that hit the cap:
@@ -43,9 +47,9 @@ def test_same_tokens_as_the_dynamic_loop(tiny_tokenizer, name, temperature):
     ids, mask = _left_padded_batch(tok, ["What is 12 * 7?", "Hi", "A longer question, with more tokens?"], 5)
     kw = dict(max_new_tokens=23, temperature=temperature, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
     torch.manual_seed(31)
-    ref = _ancestral_loop(model, ids, mask, **kw)
+    ref = _dynamic(model, ids, mask, **kw)
     torch.manual_seed(31)
-    got = LOOPS[name](model, ids, mask, **kw)
+    got = decode(model, ids, mask, sampler=name, **kw)
     assert torch.equal(got, ref)
     if temperature is not None:  # the case is not trivial: some rows ended early, some ran to the cap
         ended = (ref == tok.eos_token_id).any(1)
@@ -92,7 +96,8 @@ def test_first_token_frequencies_match_softmax_over_temperature(tiny_tokenizer, 
 
 def test_resolve_sampler():
     assert resolve_sampler("auto", torch.device("cpu")) == "dynamic"
-    assert resolve_sampler("auto", torch.device("cuda")) == "static"
+    assert resolve_sampler("auto", torch.device("cuda")) == "dynamic"   # static: opt-in until a GPU records it
+    assert resolve_sampler("static", torch.device("cpu")) == "static"
     assert resolve_sampler("dynamic", torch.device("cuda")) == "dynamic"
     with pytest.raises(ValueError, match="sampler must be one of"):
         resolve_sampler("fast", torch.device("cpu"))
@@ -108,17 +113,15 @@ def test_config_rejects_an_unknown_sampler():
 def test_static_cache_is_reset_between_calls(tiny_tokenizer):
     """The static decoder (and its cache) kept on the model is reused by the next call of the same
     bucket: stale keys/values of the first call must not leak into the second."""
-    from rlsc.static_sampling import release_static_decoders
-
     tok = tiny_tokenizer
     model = make_model(tok, seed=4)
     kw = dict(max_new_tokens=15, temperature=0.9, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
     for questions in (["A long question about numbers?", "Hi"], ["Short", "x"]):
         ids, mask = _left_padded_batch(tok, questions, 3)
         torch.manual_seed(8)
-        ref = _ancestral_loop(model, ids, mask, **kw)
+        ref = _dynamic(model, ids, mask, **kw)
         torch.manual_seed(8)
-        assert torch.equal(static_loop(model, ids, mask, **kw), ref)
+        assert torch.equal(decode(model, ids, mask, sampler="static", **kw), ref)
     assert len(model.__dict__["_rlsc_static_decoders"]) == 1
     release_static_decoders(model)
     assert "_rlsc_static_decoders" not in model.__dict__
@@ -133,11 +136,11 @@ def test_greedy_rows_in_the_sampled_batch_match_separate_calls(tiny_tokenizer):
     g_ids, g_mask = _left_padded_batch(tok, ["What is 6 * 7?", "Hi there"], 1)
     kw = dict(max_new_tokens=17, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
     torch.manual_seed(21)
-    sampled = _ancestral_loop(model, ids, mask, temperature=0.8, **kw)
-    greedy = _ancestral_loop(model, g_ids, g_mask, temperature=None, **kw)
+    sampled = _dynamic(model, ids, mask, temperature=0.8, **kw)
+    greedy = _dynamic(model, g_ids, g_mask, temperature=None, **kw)
     torch.manual_seed(21)
-    both = compact_loop(model, torch.cat([ids, g_ids]), torch.cat([mask, g_mask]), temperature=0.8,
-                        greedy_rows=torch.tensor([False] * 8 + [True] * 2), **kw)
+    both = decode(model, torch.cat([ids, g_ids]), torch.cat([mask, g_mask]), temperature=0.8, sampler="compact",
+                  greedy_rows=torch.tensor([False] * 8 + [True] * 2), **kw)
     pad = tok.pad_token_id
 
     def same(a, b):
@@ -174,3 +177,17 @@ def test_with_greedy_needs_the_compact_sampler(tiny_tokenizer):
     with pytest.raises(ValueError, match="with_greedy=True needs sampling with the compact sampler"):
         sample(model, tok, [Problem("a", "x", "", "t")], template="{question}", num_samples=2, max_new_tokens=3,
                temperature=0.5, sampler="static", with_greedy=True)
+
+
+def test_static_decoders_are_keyed_by_the_compute_dtype(tiny_tokenizer):
+    """A second call under another autocast dtype gets its own static cache (not the first's)."""
+    tok = tiny_tokenizer
+    model = make_model(tok, seed=4)
+    ids, mask = _left_padded_batch(tok, ["What is 1 + 1?"], 2)
+    kw = dict(max_new_tokens=6, temperature=0.9, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, sampler="static")
+    decode(model, ids, mask, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        decode(model, ids, mask, **kw)
+    decode(model, ids, mask, **kw)
+    dtypes = sorted(str(key[-1]) for key in model.__dict__["_rlsc_static_decoders"])
+    assert dtypes == ["torch.bfloat16", "torch.float32"]
