@@ -8,6 +8,9 @@ The chunk's raw logits x = h W^T (fp32, from the library GEMM) are read once, ro
 Loop invariant over the vocab blocks: (m, s, a) are the online max / rescaled sums of every
 block seen so far, tz the target logit if it was in one of them. One program owns BLOCK_N whole
 rows, so no statistic is merged across programs.
+Target ids are only compared with column indices, never used as an address: an id outside
+[0, V) (possible with check_values=False) matches no column, so tz = 0 and logp = -lse; nothing
+is read or written out of bounds.
 """
 import triton
 import triton.language as tl

@@ -234,14 +234,19 @@ def test_frozen_head_and_no_grad(backend):
     assert math.isclose(out2.loss.item(), exact["loss"].item(), rel_tol=1e-5)
 
 
-def test_auto_path_falls_back_to_two_sweep_for_a_sequence_over_the_budget():
-    hidden, weight, bias, targets, seq = packed_batch([5, 30, 4], seed=1)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequences_over_the_budget_are_split_across_chunks(backend):
+    """A sequence longer than the chunk budget is served by the single pass (split across chunks,
+    its gradient scaled when it closes), on path "auto" and "single-pass" alike. (Before issue 19
+    path="single-pass" refused it and "auto" took the two sweeps.)"""
+    hidden, weight, bias, targets, seq = packed_batch([5, 80, 4, 61], seed=1)
+    counts = torch.bincount(seq, minlength=4).tolist()
+    assert single_pass.plan(counts, 203, 24, torch.float32, 812 * 20, True).layout == "split"
     kw = dict(temperature=0.7, alpha=0.1, weighting="rlsc", reduction="mean")
-    exact = oracle(hidden, weight, bias, targets, seq, 3, **kw)
-    got = run_op(hidden, weight, bias, targets, seq, backend="torch", buffer_bytes=812 * 20, **kw)
-    assert_close(got, exact, 2e-5)
-    with pytest.raises(ValueError, match="path='single-pass'.*30 tokens.*buffer_bytes"):
-        run_op(hidden, weight, bias, targets, seq, backend="torch", path="single-pass", buffer_bytes=812 * 20, **kw)
+    exact = oracle(hidden, weight, bias, targets, seq, 4, **kw)
+    for path in ("auto", "single-pass"):
+        got = run_op(hidden, weight, bias, targets, seq, backend=backend, path=path, buffer_bytes=812 * 20, **kw)
+        assert_close(got, exact, 2e-5, f"{backend}/{path}")
 
 
 def test_single_pass_refusals_name_the_reason():
@@ -256,14 +261,15 @@ def test_single_pass_refusals_name_the_reason():
 
 
 def test_weigh_slices_external_weights_by_position():
+    """Weigh is a pure function of (L, n, first sequence): the same call gives the same answer."""
     w = torch.tensor([1.0, 2.0, 3.0, 4.0])
     weigh = single_pass.Weigh(w, 0.1, "mean", 4)
     L = torch.zeros(2)
     n = torch.ones(2, dtype=torch.int64)
-    assert weigh(L, n)[0].tolist() == [1.0, 2.0]
-    sw, coef = weigh(L, n)
+    assert weigh(L, n, 0)[0].tolist() == [1.0, 2.0]
+    sw, coef = weigh(L, n, 2)
     assert sw.tolist() == [3.0, 4.0] and coef.tolist() == [-0.75, -1.0]
     assert weigh(L[:1], n[:1], s0=1)[0].tolist() == [2.0]
-    assert weigh(L, n)[0].tolist() == [3.0, 4.0]  # continues after the s0 = 1 call
+    assert weigh(L, n, 2)[0].tolist() == [3.0, 4.0]  # no state: the s0 = 1 call changed nothing
     with pytest.raises(RuntimeError, match="outside"):
-        weigh(L, n)
+        weigh(L, n, 3)
