@@ -55,7 +55,7 @@ def single_pass_grad_kernel(
         if HAS_BIAS:
             x += tl.load(bias_ptr + offs_v, mask=offs_v < V, other=0.0).to(tl.float32)[None, :]
         p = tl.exp(x * inv_temperature - lse[:, None])
-        is_target = offs_v.to(tl.int64)[None, :] == targets[:, None]
+        is_target = (offs_v.to(tl.int64)[None, :] == targets[:, None]) & (offs_v < V)[None, :]
         dx = tl.where(is_target, g_target[:, None], -g[:, None] * p)
         if ROUND_BF16_RTNE:
             dx = round_to_bf16_rtne(dx)

@@ -305,3 +305,106 @@ def test_any_layout_gives_the_contiguous_answer():
                               y_strided.contiguous(), seq, 3, max_rows=10, **kw)
     for name in want:
         assert torch.allclose(got[name], want[name], rtol=1e-6, atol=1e-7), name
+
+
+# ------------------------------------------------------------------------------------------------
+# Sequences longer than the chunk (issue 19), grad_output in fp32, the target's 1 - p, and target
+# ids out of range (issue 16).
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [5, 13])
+def test_sequences_longer_than_the_chunk_are_split(dtype, rows):
+    from rlsc_kernels.backends import triton_single_pass
+    from rlsc_kernels.single_pass.plan import chunks_from_bounds, split_bounds
+
+    S = 4
+    h, w, b, y, seq = _draw(71, 16, 90, S, dtype, bias=True, seed=13)
+    counts = torch.bincount(seq, minlength=S).tolist()
+    chunks = chunks_from_bounds(counts, split_bounds(counts, rows))
+    assert max(counts) > rows and any(c.carry_start < c.t0 for c in chunks)
+    kw = dict(T=0.6, weighting="rlsc", alpha=0.1, reduction="mean", entropy=True)
+    exact = _oracle(h.double(), w.double(), b.double(), y, seq, S, **kw)
+    same = _oracle(h, w, b, y, seq, S, **kw)
+    weigh = Weigh("rlsc", 0.1, "mean", S)
+    res = rlsc_single_pass(triton_single_pass, h, w, b, y, seq, chunks, weigh, FusedOptions(temperature=0.6,
+                           return_entropy=True), (True, True, True), configs=_small_configs())
+    fast = {"loss": weigh.loss(res.seq_logp, res.seq_weight), "token_logp": res.token_logp, "seq_logp": res.seq_logp,
+            "dhidden": res.dhidden, "dweight": res.dweight, "token_entropy": res.token_entropy, "dbias": res.dbias}
+    fast = {k: v.detach().double().reshape(-1) for k, v in fast.items()}
+    assert_within_oracle(fast, same, exact, dtype, label=f"split {dtype} rows={rows}")
+
+
+def test_public_op_long_sequences_on_triton_match_float64():
+    h, w, b, y, seq = _draw(80, 16, 150, 3, torch.float32, bias=True, seed=14)
+    kw = dict(temperature=0.6, weighting="rlsc", reduction="mean", buffer_bytes=150 * 4 * 10)
+    exact = _public(h.double(), w.double(), b.double(), y, seq, 3, torch.float64, path="auto", **kw)
+    fast = _public(h, w, b, y, seq, 3, torch.float32, path="single-pass", **kw)
+    for name in exact:
+        scale = exact[name].abs().max().item()
+        assert (fast[name] - exact[name]).abs().max().item() <= 2e-5 * scale + 1e-12, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grad_scaler_scale_does_not_overflow_16_bit_gradients(dtype):
+    """grad_output = 2^16 (GradScaler's default scale, inf in fp16): dW was rounded to the weight
+    dtype in the forward and the scale cast to fp16 in the backward (100% non-finite dW). Now the
+    16-bit gradients are the grad_output = 1 ones times the scale, rounded once."""
+    import rlsc_kernels as rk
+
+    h, w, b, y, seq = _draw(40, 16, 70, 3, dtype, bias=True, seed=15)
+    grads = {}
+    for scale in (1.0, 2.0**16):
+        hh, ww, bb = (t.detach().clone().requires_grad_() for t in (h, w, b))
+        out = rk.linear_rlsc_loss(hh, ww, y, seq_index=seq, bias=bb, backend="triton", path="single-pass",
+                                  buffer_bytes=70 * 4 * 16)
+        (out.loss * scale).backward()
+        grads[scale] = [hh.grad, ww.grad, bb.grad]
+    for g1, gs, name in zip(grads[1.0], grads[2.0**16], ("dhidden", "dweight", "dbias")):
+        assert gs.dtype == dtype and torch.isfinite(gs).all(), name
+        normal = g1.abs() >= torch.finfo(dtype).tiny
+        rel = ((gs.double() - g1.double() * 2.0**16).abs() / (g1.double().abs() * 2.0**16))[normal]
+        assert rel.max() <= 2 * torch.finfo(dtype).eps, f"{name}: {rel.max():.3e}"
+
+
+def test_target_gradient_does_not_cancel_when_p_is_close_to_1():
+    """Two-token vocabulary, every target at p = 1 - O(1e-5): dweight within twice plain fp32
+    PyTorch's error against float64 (1 - p from the log-prob, not from p)."""
+    gen = torch.Generator().manual_seed(0)
+    N, D = 12, 4
+    y = torch.randint(0, 2, (N,), generator=gen)
+    h = torch.zeros(N, D, dtype=torch.float64)
+    h[:, 0] = torch.where(y == 0, 6.0, -6.0).double() + torch.rand(N, generator=gen, dtype=torch.float64) * 0.5
+    h[:, 1:] = torch.randn(N, D - 1, generator=gen, dtype=torch.float64)
+    w = torch.zeros(2, D, dtype=torch.float64)
+    w[:, 0] = torch.tensor([1.0, -1.0])
+    w[:, 1:] = torch.randn(2, D - 1, generator=gen, dtype=torch.float64) * 0.01
+    seq = torch.arange(N) // 4
+    kw = dict(T=1.0, weighting="rlsc", alpha=0.1, reduction="mean", entropy=False)
+    exact = _oracle(h, w, None, y, seq, 3, **kw)
+    same = _oracle(h.float(), w.float(), None, y, seq, 3, **kw)
+    fast, _, _ = _single_pass(h.float(), w.float(), None, y, seq, 3, max_rows=4, **kw)
+    for name in ("dweight", "dhidden"):
+        err = (fast[name] - exact[name]).abs().max().item()
+        err_ref = (same[name] - exact[name]).abs().max().item()
+        assert err <= 2 * err_ref + 1e-9 * exact[name].abs().max().item(), f"{name}: {err:.3e} vs {err_ref:.3e}"
+
+
+def test_target_ids_out_of_range_read_and_write_nothing_out_of_bounds():
+    """check_values=False lets any id through. The kernels only compare ids with column indices:
+    an id outside [0, V) gets logp = -lse (its target logit taken as 0 ... never read) and the
+    gradient -g p over the row, with every output finite and the other tokens unchanged."""
+    h, w, b, y, seq = _draw(30, 8, 40, 3, torch.float32, bias=True, seed=16)
+    kw = dict(T=0.7, weighting="rlsc", alpha=0.1, reduction="mean", entropy=True)
+    good, res_good, _ = _single_pass(h, w, b, y, seq, 3, max_rows=12, **kw)
+    bad_y = y.clone()
+    bad = [1, 7, 20]
+    bad_y[bad] = torch.tensor([40, 2**40, -7])
+    _, res, _ = _single_pass(h, w, b, bad_y, seq, 3, max_rows=12, **kw)
+    for name in ("token_logp", "lse", "token_entropy", "dhidden", "dweight", "dbias", "seq_logp"):
+        assert torch.isfinite(getattr(res, name)).all(), name
+    assert torch.allclose(res.token_logp[bad], -res.lse[bad], rtol=1e-6, atol=1e-6)
+    keep = torch.ones(30, dtype=torch.bool)
+    keep[bad] = False
+    assert torch.equal(res.token_logp[keep], res_good.token_logp[keep])
+    assert torch.equal(res.lse, res_good.lse)
