@@ -16,8 +16,8 @@ import torch
 from torch._C import _functions as _autograd_functions
 
 
+from .dtypes import output_dtype
 from .options import FusedOptions
-from .reference import output_dtype
 
 
 def _zero_ignored(x, valid):

@@ -40,8 +40,8 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .dtypes import output_dtype
 from .options import BlockConfigs, FusedOptions, KernelConfig
-from .reference import output_dtype
 
 _LIB = "rlsc_kernels"
 

@@ -428,3 +428,23 @@ def test_grad_scaler_scale_is_applied_in_fp32(backend, dtype):
             want = (g32 * scale).to(dtype)
             assert (g != 0).float().mean() > 0.5 if scale > 1 else True
             torch.testing.assert_close(g, want, rtol=torch.finfo(dtype).eps, atol=0.0, msg=f"{name} x {scale}")
+
+
+def test_backends_and_kernels_import_nothing_above_them():
+    """The arrows run single_pass -> backends -> kernels (issue 18): no backend or kernel module
+    imports the single-pass package or the naive oracle (reference.py)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(rk.__file__).parent
+    for path in sorted((root / "backends").glob("*.py")) + sorted((root / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert "single_pass" not in name.split("."), f"{path.name}: {name}"
+                assert not (node.__class__ is ast.ImportFrom and (node.module or "").endswith("reference")), path.name
