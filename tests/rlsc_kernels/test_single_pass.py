@@ -448,3 +448,28 @@ def test_backends_and_kernels_import_nothing_above_them():
             for name in names:
                 assert "single_pass" not in name.split("."), f"{path.name}: {name}"
                 assert not (node.__class__ is ast.ImportFrom and (node.module or "").endswith("reference")), path.name
+
+
+def test_auto_takes_the_single_pass_only_where_it_is_proven():
+    """Defaults only on proven paths (issue 16): "auto" tries the single pass on CPU (measured)
+    and takes the two sweeps on CUDA until a GPU record adds it; "single-pass" opts in anywhere."""
+    assert single_pass.auto_takes_single_pass(torch.device("cpu"))
+    assert not single_pass.auto_takes_single_pass(torch.device("cuda"))
+    assert not single_pass.auto_takes_single_pass("cuda:1")
+    assert single_pass.SINGLE_PASS_DEFAULT_DEVICES == ("cpu",)
+    hidden, weight, bias, targets, seq = packed_batch([5, 9, 30], seed=7)
+    kw = dict(temperature=0.7, backend="torch", buffer_bytes=812 * 10)
+    auto = run_op(hidden, weight, bias, targets, seq, path="auto", **kw)
+    single = run_op(hidden, weight, bias, targets, seq, path="single-pass", **kw)
+    two = run_op(hidden, weight, bias, targets, seq, path="two-sweep", **kw)
+    assert all(torch.equal(auto[k], single[k]) for k in auto)
+    assert not all(torch.equal(auto[k], two[k]) for k in auto)  # the paths are told apart
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_takes_the_two_sweeps_on_cuda():
+    hidden, weight, bias, targets, seq = (t.cuda() for t in packed_batch([5, 9, 30], seed=7))
+    kw = dict(temperature=0.7, backend="triton", buffer_bytes=812 * 10)
+    auto = run_op(hidden, weight, bias, targets, seq, path="auto", **kw)
+    two = run_op(hidden, weight, bias, targets, seq, path="two-sweep", **kw)
+    assert all(torch.equal(auto[k], two[k]) for k in auto)
