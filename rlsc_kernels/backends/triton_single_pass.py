@@ -41,6 +41,7 @@ No host syncs: chunk bounds are Python ints, everything else stays on the device
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -202,6 +203,15 @@ class SinglePassOps:
                 _addmm_fp32(dw, grad[r0:r1].T, h[r0:r1], False)
             if db is not None:
                 db += grad[r0:r1].sum(0, dtype=torch.float32)
+
+    def grad_scale(self, bound):
+        """fp16 operands: a power of two K with K |g| <= 2^14, so that the 16-bit dz = K g ([v = y] - p)
+        keeps probabilities down to ~2^-38 instead of flushing those below ~6e-8 / |g| (grad_output
+        is not known yet; GradScaler's scale would have done this in the two sweeps). bf16 has
+        fp32's range and fp32 needs nothing: 1."""
+        if self.hidden.dtype != torch.float16 or not bound:
+            return 1.0
+        return 2.0 ** max(-24, min(24, math.floor(math.log2(2.0**14 / bound))))
 
     def finish(self):
         self._chunk = self.buf = None

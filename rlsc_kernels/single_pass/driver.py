@@ -7,11 +7,15 @@ Per chunk (tokens [t0, t1), plan.py's Chunk), with T the temperature:
     close the sequence carried over from earlier chunks (split layout): its dhidden rows from
         earlier chunks *= c_s, dweight += c_s * open accumulator (or dweight *= c_s when dweight
         itself was the accumulator)
-    g_t = c_s(t) / T (1 / T for the rows of a sequence still open: c_s is not known yet)
+    g_t = K c_s(t) / T (K c0 / T for the rows of a sequence still open: c_s is not known yet;
+        c0 = -1 / S for "mean", -1 for "sum", the size of a typical c_s; its rows are rescaled
+        by c_s / c0 when it closes)
     ops.grads(t0, t1, g, dh rows, parts)        dz = g ([v = y] - p); GEMM 2: dH = dz W;
                                                  GEMM 3: for each part (r0, r1, dw, db) of the
                                                  chunk's rows, dw += dz[r0:r1]^T h, db += sum dz
-The driver owns every allocation of the outputs and accumulators, the L_s sums, the weighting,
+K is the backend's gradient-operand scale (`ops.grad_scale`, a power of two, 1 except for fp16
+GEMM operands): fp16's range is narrow, so the 16-bit dz is formed K times larger (|K g| <= 2^14)
+and dhidden rows, dweight and dbias are divided by K in fp32 (exact). The driver owns every allocation of the outputs and accumulators, the L_s sums, the weighting,
 g, skipping empty chunks and the open-sequence bookkeeping; a backend owns its logits buffer and
 how it runs the GEMMs and the row passes.
 
@@ -25,6 +29,7 @@ Backend contract: `module.SinglePassOps(hidden, weight, bias, targets, opts, max
                         of dhidden to overwrite with dz W, or None; parts: [(r0, r1, dw, db)]
                         (chunk-relative rows; dw [V, D], db [V] accumulators in .acc or None)
                         to add dz[r0:r1]^T h[r0:r1] and sum(dz[r0:r1]) into.
+    .grad_scale(bound)  -> K (a power of two) given a bound on |g| (None: unknown)
     .finish()           releases the logits block (before the driver's last allocations)
 hidden [N, D] (input dtype), weight [V, D], bias [V] or None, targets [N] int64, seq [N] int64
 sorted ascending in [0, S).
@@ -96,7 +101,10 @@ def run(backend, hidden, weight, bias, targets, seq, chunks, weigh: Weigh, opts:
         mean_z = torch.zeros(N, dtype=acc, device=dev) if opts.return_entropy else None
         seq_logp = torch.zeros(S, dtype=acc, device=dev)
         seq_weight = torch.zeros(S, dtype=torch.float32, device=dev)
-        coef = torch.ones(S, dtype=acc, device=dev)  # 1 until a sequence is weighed: its open rows' g
+        open_coef = -weigh.scale  # c0: the coefficient of a sequence's rows until it is weighed
+        coef = torch.full((S,), open_coef, dtype=acc, device=dev)
+        bound = weigh.coef_bound()
+        K = float(ops.grad_scale(bound * inv_t if bound is not None else None)) if any_grad else 1.0
         n_tokens = torch.zeros(S, dtype=torch.int64, device=dev).index_add_(0, seq, valid.long())
         dh = torch.empty(N, D, dtype=acc, device=dev) if need_h else None
         dw = torch.zeros(V, D, dtype=acc, device=dev) if need_w else None
@@ -122,7 +130,7 @@ def run(backend, hidden, weight, bias, targets, seq, chunks, weigh: Weigh, opts:
             if not n or not any_grad:
                 continue
             if c.carry_start < t0:  # sequence s0 was open since carry_start and closes here
-                c_s = coef[c.s0:c.s0 + 1]
+                c_s = coef[c.s0:c.s0 + 1] * (1.0 / open_coef)
                 if dh is not None:
                     dh[c.carry_start:t0] *= c_s[:, None]
                 if open_in_dw:
@@ -136,7 +144,7 @@ def run(backend, hidden, weight, bias, targets, seq, chunks, weigh: Weigh, opts:
                         dw.addcmul_(open_w, c_s[:, None])
                     if db is not None:
                         db.addcmul_(open_b, c_s)
-            g = torch.where(valid[t0:t1], coef[seq[t0:t1]] * inv_t, torch.zeros((), dtype=acc, device=dev))
+            g = torch.where(valid[t0:t1], coef[seq[t0:t1]] * (inv_t * K), torch.zeros((), dtype=acc, device=dev))
             r_open = max(c.open_start, t0) - t0
             parts = []
             if r_open > 0:
@@ -159,8 +167,14 @@ def run(backend, hidden, weight, bias, targets, seq, chunks, weigh: Weigh, opts:
             if dw is None and db is None:
                 parts = []
             ops.grads(t0, t1, g, dh[t0:t1] if dh is not None else None, parts)
+            if K != 1.0 and dh is not None:
+                dh[t0:t1] *= 1.0 / K
         open_w = open_b = None
         ops.finish()
+        if K != 1.0:
+            for acc_grad in (dw, db):
+                if acc_grad is not None:
+                    acc_grad *= 1.0 / K
     entropy = None
     if mean_z is not None:
         entropy = torch.where(valid, lse - mean_z, torch.zeros((), dtype=acc, device=dev))

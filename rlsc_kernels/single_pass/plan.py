@@ -92,6 +92,13 @@ class Weigh:
         seq_weight = rlsc_weights(seq_logp, n_tokens, weighting, self.alpha)
         return seq_weight, seq_weight.to(seq_logp.dtype) * (-self.scale)
 
+    def coef_bound(self) -> Optional[float]:
+        """A bound on |coef| known before any L_s, or None (entropy weights 1 + L and external
+        weights are unbounded): exp(L) <= 1, so |w| <= 1 + |alpha|."""
+        if isinstance(self.weighting, torch.Tensor) or self.weighting not in ("rlsc", "rlsc-l1", "length"):
+            return None
+        return (1.0 if self.weighting == "rlsc-l1" else 1.0 + abs(self.alpha)) * self.scale
+
     def loss(self, seq_logp: torch.Tensor, seq_weight: torch.Tensor) -> torch.Tensor:
         return -(seq_weight.to(seq_logp.dtype) * seq_logp).sum() * self.scale
 

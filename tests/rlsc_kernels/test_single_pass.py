@@ -466,6 +466,7 @@ def test_auto_takes_the_single_pass_only_where_it_is_proven():
     assert not all(torch.equal(auto[k], two[k]) for k in auto)  # the paths are told apart
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_auto_takes_the_two_sweeps_on_cuda():
     hidden, weight, bias, targets, seq = (t.cuda() for t in packed_batch([5, 9, 30], seed=7))

@@ -408,3 +408,42 @@ def test_target_ids_out_of_range_read_and_write_nothing_out_of_bounds():
     keep[bad] = False
     assert torch.equal(res.token_logp[keep], res_good.token_logp[keep])
     assert torch.equal(res.lse, res_good.lse)
+
+
+def test_fp16_logit_gradient_keeps_small_probabilities(monkeypatch):
+    """The fp16 dz is formed before grad_output is known: at g ~ 1/S a probability below ~1e-6
+    would flush to 0 there, losing whole rows of dW that GradScaler's 2^16 makes representable.
+    The operand is scaled by a power of two (|K g| <= 2^14, divided out in fp32): every dW entry
+    whose exact scaled value is a normal fp16 comes out within a few fp16 ulps. Forcing K = 1
+    shows the test can fail."""
+    import rlsc_kernels as rk
+    from rlsc_kernels.backends import triton_single_pass
+
+    S = 16
+    h, w, b, y, seq = _draw(64, 16, 300, S, torch.float16, bias=False, seed=17, logit_scale=14.0, ignore_frac=0.0)
+    scale = 2.0**16
+    kw = dict(T=1.0, weighting="rlsc", alpha=0.1, reduction="mean", entropy=False)
+    exact = _oracle(h.double(), w.double(), None, y, seq, S, **kw)["dweight"] * scale
+
+    def dweight():
+        ww = w.detach().clone().requires_grad_()
+        out = rk.linear_rlsc_loss(h, ww, y, seq_index=seq, backend="triton", path="single-pass", temperature=1.0)
+        (out.loss * scale).backward()
+        return ww.grad.double().reshape(-1)
+
+    # each entry's error relative to the sum of its terms' magnitudes, sum_t |dz_tv| |h_td|
+    # (a sum that cancels has no relative accuracy to keep), where that is a normal fp16
+    with torch.no_grad():
+        hh, ww = h.double(), w.double()
+        p = torch.softmax(hh @ ww.T, -1)
+        L = torch.zeros(S, dtype=torch.float64).index_add(0, seq, p.gather(1, y[:, None]).squeeze(1).log())
+        g = -(L.exp() + 0.1).float().double()[seq] / S
+        dz = g[:, None] * (torch.nn.functional.one_hot(y, 300).double() - p)
+        terms = (dz.abs().T @ hh.abs()).reshape(-1) * scale
+    normal = terms >= torch.finfo(torch.float16).tiny
+    rel = lambda got: ((got - exact).abs() / terms)[normal].max().item()  # noqa: E731
+    err = rel(dweight())
+    assert err <= 2.0**-7, f"max relative error {err:.3e} over normal entries"
+    with monkeypatch.context() as m:
+        m.setattr(triton_single_pass.SinglePassOps, "grad_scale", lambda self, bound: 1.0)
+        assert rel(dweight()) > 2.0**-7  # without the scale, small entries are flushed or coarse
