@@ -424,12 +424,12 @@ def _rk_path(backend: str, filter_eps, path: str = "auto"):
         if taken:
             return text + f" -> took {taken!r}"
         if backend == "triton" and path == "auto":
-            # the op does not report its path: apply the dispatch rule (a sequence's fp32 logits
-            # must fit the single pass's default budget)
-            from rlsc_kernels.backends.triton_single_pass import BUFFER_BYTES
+            # the op does not report its path: apply the dispatch rule (defaults only on proven
+            # paths: "auto" takes the single pass only on rlsc_kernels.single_pass.SINGLE_PASS_DEFAULT_DEVICES)
+            from rlsc_kernels.single_pass import auto_takes_single_pass
 
-            fits = (inp.N // inp.n_seqs) * inp.weight.shape[0] * 4 <= BUFFER_BYTES
-            return text + f" -> {'single-pass' if fits else 'two-sweep'} (by the budget rule)"
+            taken = "single-pass" if auto_takes_single_pass(inp.hidden.device) else "two-sweep"
+            return text + f" -> {taken} (by the dispatch rule)"
         return text
 
     return describe
