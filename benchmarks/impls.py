@@ -372,19 +372,19 @@ def rk_fwd_bwd(inp: HeadInputs, hidden, weight, backend: str, filter_eps="auto",
 
 def three_gemms_fwd_bwd(inp: HeadInputs, hidden, weight):
     """The floor of an exact single pass: its three GEMMs alone (logits z = h W^T, dH = z W,
-    dW += z^T h) over the chunks of whole sequences the native backend plans at its default
-    budget, into reused buffers. Returns (0, dH, dW): the timing floor, not a loss."""
+    dW += z^T h) over the chunks the native backend plans at its default budget, into reused
+    buffers. Returns (0, dH, dW): the timing floor, not a loss."""
     from rlsc_kernels.backends import native
-    from rlsc_kernels.single_pass import budget_rows, plan_chunks
+    from rlsc_kernels.single_pass import plan
 
     V, D = weight.shape
     counts = torch.bincount(inp.seq_index, minlength=inp.n_seqs).tolist()
-    chunks = plan_chunks(counts, budget_rows(V, hidden.dtype, native.BUFFER_BYTES))
+    chunks = plan(counts, V, D, hidden.dtype, native.BUFFER_BYTES, True).chunks  # any length: whole or split
     with torch.no_grad():
         dH = torch.empty_like(hidden)
         dW = torch.zeros_like(weight)
-        buf = torch.empty(max(t1 - t0 for t0, t1, _, _ in chunks), V, dtype=hidden.dtype, device=hidden.device)
-        for t0, t1, _, _ in chunks:
+        buf = torch.empty(max(c.t1 - c.t0 for c in chunks), V, dtype=hidden.dtype, device=hidden.device)
+        for t0, t1, *_ in chunks:
             h, z = hidden[t0:t1], buf[: t1 - t0]
             torch.mm(h, weight.T, out=z)
             torch.mm(z, weight, out=dH[t0:t1])
