@@ -1,41 +1,40 @@
-"""Triton backend of the single-pass RLSC loss (rlsc_kernels/single_pass.py): library GEMMs plus
-two row-wise Triton kernels per chunk of whole sequences.
+"""Triton backend of the single-pass RLSC loss: library GEMMs plus two row-wise Triton kernels per
+chunk. The chunk loop, L_s, the weights and g are the driver's (rlsc_kernels/single_pass/driver.py);
+this module supplies its primitives (SinglePassOps).
 
-Per chunk (tokens [t0, t1), sequences [s0, s1)), with x = h W^T the raw logits:
+Per chunk (tokens [t0, t1)), with x = h W^T the raw logits and g_t the driver's coefficient:
     x = h W^T                      GEMM 1 (cuBLAS), fp32 output: the [n, V] logits block
     lse, logp, mean_z, entropy     kernels/single_pass_stats.py reads x once (bias, 1/T inside)
-    L_s, (w_s, c_s) = weigh(L_s)   a few [S]-sized torch ops, no host sync
-    dx = (c_s(t) / T)([v = y] - p)  kernels/single_pass_grad.py, written over x in place
+    dx = g_t ([v = y] - p)         kernels/single_pass_grad.py, written over x in place
     dH = dx W                      GEMM 2, fp32 output into dhidden's rows
-    dW += dx^T h                   GEMM 3, accumulated in fp32 over the chunks
+    dW += dx^T h                   GEMM 3 per part of the rows, accumulated in fp32
     db += sum_t dx                 a column sum (only with a bias that needs a gradient)
 
 Precision. The logits block is fp32 (torch.mm(..., out_dtype=torch.float32) on CUDA: bf16 /
 fp16 products accumulated and stored in fp32), so a logit of magnitude 20-40 carries fp32's
 error, not bf16's ~0.1 (which would put p off by ~10%). The statistics are fp32. The gradient
 block is rounded once to the input dtype for the two gradient GEMMs, as in the two-sweep
-"sliced" backward; tests/rlsc_kernels/test_triton_single_pass.py checks the result against the
-float64 oracle and against the two-sweep exact mode.
+"sliced" backward; for fp16 it is formed K times larger (grad_scale: a power of two with
+|K g| <= 2^14, divided out in fp32 by the driver), since grad_output, which GradScaler makes
+large, is not known yet. tests/rlsc_kernels/test_triton_single_pass.py checks the result
+against the float64 oracle and against the two-sweep exact mode.
 
 Memory (beyond inputs and outputs), for tokens n per chunk:
   - the logits block: 4 n V bytes. The 16-bit gradient is written over it in place (row t's
     gradient takes the first half of row t's bytes), so there is no second block. The default
-    budget BUFFER_BYTES = 640 MiB holds one 1024-token sequence at the Qwen2.5-7B head
-    (1024 x 152064 x 4 B = 594 MiB); opts.buffer_bytes changes it (the framework plans the
-    chunks from it).
-  - dW in fp32: 4 V D bytes, held for the whole forward (2.18 GB at the 7B head). The chunks
-    split the tokens, so dW is a sum over chunks; rounding each chunk's product to bf16 before
-    summing biases training (TRL measured entropy drifting lower over a few dozen steps), so
-    the sum is kept in fp32 (torch.addmm(..., out_dtype=torch.float32) on CUDA). The two-sweep
-    "sliced" backward needs no such buffer (it slices the vocabulary and sums over all tokens
-    inside one GEMM). For 16-bit weights the sum is rounded once to the weight dtype at the end
-    of the forward (after the logits block is freed), so the peak holds the fp32 sum and its
-    16-bit copy together for a moment (3 V D bytes beyond the two-sweep path's 2 V D: 2.18 GB
-    more at the 7B head), and only the 16-bit dweight (2 V D bytes) is saved for the backward.
-    Returning the fp32 sum instead would keep 4 V D bytes alive until the backward and make the
-    backward's scaling by grad_output allocate another 4 V D. For fp32 weights nothing changes.
+    budget BUFFER_BYTES = 640 MiB holds 1102 tokens at the Qwen2.5-7B head (V = 152064);
+    opts.buffer_bytes changes it, and single_pass/plan.py's cost model decides what a longer
+    sequence gets (a larger block or the open accumulator, at most 4 V D more).
+  - dW in fp32: 4 V D bytes (2.18 GB at the 7B head), saved in fp32 for the backward, which
+    applies grad_output in fp32 and rounds to the weight dtype once (issue 16: rounding in the
+    forward made fp16 + GradScaler's 2^16 overflow). The chunks split the tokens, so dW is a sum
+    over chunks; rounding each chunk's product to bf16 before summing biases training (TRL
+    measured entropy drifting lower over a few dozen steps). The two-sweep "sliced" backward
+    needs no such buffer (it slices the vocabulary and sums over all tokens inside one GEMM).
   - dH [N, D] fp32 and O(N) statistics.
 
+Target ids are compared with column indices, never used as addresses (see the kernels): an id
+outside [0, V) with check_values=False reads and writes nothing out of bounds.
 int64 offsets: the kernels index rows with int64 (n V can pass 2^31 for a large budget).
 No host syncs: chunk bounds are Python ints, everything else stays on the device.
 """
