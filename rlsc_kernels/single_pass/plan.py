@@ -62,7 +62,7 @@ class Chunk(NamedTuple):
     open_start: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Weigh:
     """weigh(seq_logp [k], n_tokens [k], s0) -> (seq_weight [k] fp32 detached, coef [k]): a pure
     function of the k sequences [s0, s0 + k).
