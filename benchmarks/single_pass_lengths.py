@@ -93,6 +93,7 @@ def main(argv=None):
         h = inp.hidden.detach().requires_grad_()
         W = inp.weight.detach().requires_grad_()
         times = {"single-pass": [], "three-gemms": []}
+        cpu_times = {"single-pass": [], "three-gemms": []}
         gemm_eq = None
         for r in range(args.rounds + 1):
             for name in times:
@@ -100,7 +101,7 @@ def main(argv=None):
                 h.grad = W.grad = None
                 counter = GemmCounter() if (r == 0 and name == "single-pass") else None
                 _sync(device)
-                s = time.perf_counter()
+                s, s_cpu = time.perf_counter(), time.process_time()
                 if counter is not None:
                     with counter:
                         single_pass(inp, h, W, backend)
@@ -108,29 +109,34 @@ def main(argv=None):
                     out = single_pass(inp, h, W, backend) if name == "single-pass" else three_gemms(h, W)
                     del out
                 _sync(device)
-                dt = time.perf_counter() - s
+                dt, dt_cpu = time.perf_counter() - s, time.process_time() - s_cpu
                 if counter is not None:
                     gemm_eq = counter.gemm_equivalents(N, V, D)
                 if r > 0:
                     times[name].append(dt)
-                print(f"{shape} round {r} {name}: {dt:.3f} s" + (f" ({gemm_eq:.3f} GEMM-eq)" if counter else ""),
+                    cpu_times[name].append(dt_cpu)
+                print(f"{shape} round {r} {name}: {dt:.3f} s (process CPU {dt_cpu:.3f} s)" + (f" ({gemm_eq:.3f} GEMM-eq)" if counter else ""),
                       flush=True)
         h.grad = W.grad = None
         mem_sp, _ = peak_memory_mb(lambda: single_pass(inp, h, W, backend), device)
         h.grad = W.grad = None
         mem_3, _ = peak_memory_mb(lambda: three_gemms(h, W), device)
         ratios = [a / b for a, b in zip(times["single-pass"], times["three-gemms"])]
+        cpu_ratios = [a / b for a, b in zip(cpu_times["single-pass"], cpu_times["three-gemms"])]
         row = {"shape": shape, "n_seqs": S, "seq_len": L, "N": N, "V": V, "D": D, "dtype": args.dtype,
                "backend": backend, "layout": plan.layout, "chunk_rows": plan.rows, "chunks": len(plan.chunks),
                "open_accumulator_bound_mb": plan.open_bytes / 2**20, "buffer_bytes": budget,
                "gemm_equivalents": gemm_eq, "ratio_median": statistics.median(ratios), "ratios": ratios,
+               "cpu_ratio_median": statistics.median(cpu_ratios), "cpu_ratios": cpu_ratios,
                "peak_mem_mb": {"single-pass": mem_sp, "three-gemms": mem_3}}
         for name, ts in times.items():
             ts_sorted = sorted(ts)
-            row[name] = {"median_s": statistics.median(ts), "min_s": ts_sorted[0], "max_s": ts_sorted[-1], "times_s": ts}
+            row[name] = {"median_s": statistics.median(ts), "min_s": ts_sorted[0], "max_s": ts_sorted[-1], "times_s": ts,
+                         "process_cpu_s": cpu_times[name]}
         rows.append(row)
         print(f"{shape}: single pass {row['single-pass']['median_s']:.3f} s, three GEMMs "
-              f"{row['three-gemms']['median_s']:.3f} s, ratio (median of rounds) {row['ratio_median']:.3f}, "
+              f"{row['three-gemms']['median_s']:.3f} s, ratio (median of rounds) {row['ratio_median']:.3f} "
+              f"(process CPU time: {row['cpu_ratio_median']:.3f}), "
               f"{gemm_eq:.3f} GEMM-eq, {plan.layout} x{len(plan.chunks)}", flush=True)
         del inp, h, W
     doc = {"device": device_name(device), "threads": torch.get_num_threads(), "versions": _versions(),
@@ -139,7 +145,9 @@ def main(argv=None):
            "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "note": args.note,
            "rounds": args.rounds, "head": args.head,
            "method": "alternating single-pass / three full-size GEMMs per round after one warm-up round; "
-                     "ratio = median over rounds of the per-round ratio; GEMM-equivalents counted in the warm-up",
+                     "ratio = median over rounds of the per-round ratio of wall times (cpu_ratio: of the "
+                     "process's CPU time, less sensitive to other processes on a shared machine); "
+                     "GEMM-equivalents counted in the warm-up",
            "peak_mem_note": "CPU: resident-set growth during one call; CUDA: max_memory_allocated above the start",
            "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
