@@ -299,3 +299,38 @@ def test_single_pass_gemms_have_fp32_output_on_gpu():
 
     for dtype in (torch.bfloat16, torch.float16):
         assert gemm_path(torch.device("cuda", torch.cuda.current_device()), dtype).startswith("16-bit GEMMs with fp32")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_single_pass_split_sequences_on_gpu_match_float64_oracle(dtype):
+    """Issue 19 on the GPU: sequences longer than the chunk (split layout, open accumulator), and
+    GradScaler's 2^16 applied to the fp32 gradients, rounded once (issue 16)."""
+    from rlsc_kernels.backends import triton_single_pass
+    from rlsc_kernels.options import FusedOptions
+    from rlsc_kernels.single_pass import Weigh, rlsc_single_pass
+    from rlsc_kernels.single_pass.plan import chunks_from_bounds, split_bounds
+
+    from .test_triton_single_pass import _draw, _oracle
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    S = 5
+    h, w, b, y, seq = _draw(1500, 256, 3001, S, dtype, bias=True, seed=5)
+    kw = dict(T=0.7, weighting="rlsc", alpha=0.1, reduction="mean", entropy=True)
+    exact = _oracle(h.double(), w.double(), b.double(), y, seq, S, **kw)
+    h, w, b, y, seq = (t.cuda() for t in (h, w, b, y, seq))
+    same = _oracle(h, w, b, y, seq, S, **kw)
+    counts = torch.bincount(seq, minlength=S).tolist()
+    chunks = chunks_from_bounds(counts, split_bounds(counts, 128))
+    assert any(c.carry_start < c.t0 for c in chunks)
+    weigh = Weigh("rlsc", 0.1, "mean", S)
+    res = rlsc_single_pass(triton_single_pass, h, w, b, y, seq, chunks, weigh,
+                           FusedOptions(temperature=0.7, return_entropy=True), (True, True, True))
+    fast = {"loss": weigh.loss(res.seq_logp, res.seq_weight), "token_logp": res.token_logp, "seq_logp": res.seq_logp,
+            "dhidden": res.dhidden, "dweight": res.dweight, "token_entropy": res.token_entropy, "dbias": res.dbias}
+    fast = {k: v.detach().double().reshape(-1).cpu() for k, v in fast.items()}
+    assert_within_oracle(fast, same, exact, dtype, label=f"split single pass gpu {dtype}")
+    ww = w.detach().clone().requires_grad_()
+    out = rk.linear_rlsc_loss(h, ww, y, seq_index=seq, bias=b, backend="triton", path="single-pass",
+                              temperature=0.7, buffer_bytes=3001 * 4 * 128)
+    (out.loss * 2.0**16).backward()
+    assert ww.grad.dtype == dtype and torch.isfinite(ww.grad).all()
