@@ -126,7 +126,11 @@ class RLSCSinglePassFunction(torch.autograd.Function):
             x, e = inputs[i], extra[i]
             if grad_loss is not None and g is not None:
                 scale = grad_loss.to(g.dtype)  # g is float32 (float64): grad_output applied in that type
-                if e is None:
+                if e is None and g.dtype == x.dtype and g.device.type == "cpu" and scale.item() == 1.0:
+                    # loss.backward() on CPU (no device to sync with): the saved gradient as it is,
+                    # no W-sized pass; autograd takes it over (saved tensors are released first)
+                    grads[i] = g
+                elif e is None:
                     grads[i] = torch.mul(g, scale, out=torch.empty(g.shape, dtype=x.dtype, device=g.device))
                 else:
                     grads[i] = (torch.mul(g, scale).add_(e.to(g.dtype))).to(x.dtype)

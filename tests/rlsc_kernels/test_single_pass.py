@@ -474,3 +474,18 @@ def test_auto_takes_the_two_sweeps_on_cuda():
     auto = run_op(hidden, weight, bias, targets, seq, path="auto", **kw)
     two = run_op(hidden, weight, bias, targets, seq, path="two-sweep", **kw)
     assert all(torch.equal(auto[k], two[k]) for k in auto)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_twice_with_retain_graph_accumulates_the_same_gradient(backend):
+    """On CPU a grad_output of 1 hands autograd the saved gradient itself (no W-sized pass): a
+    second backward through the retained graph must still add the same gradient."""
+    hidden, weight, bias, targets, seq = packed_batch([6, 9, 4], seed=12)
+    h, W = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = rk.linear_rlsc_loss(h, W, targets, seq_index=seq, backend=backend, path="single-pass")
+    out.loss.backward(retain_graph=True)
+    once = (h.grad.clone(), W.grad.clone())
+    out.loss.backward()
+    assert torch.equal(h.grad, 2 * once[0]) and torch.equal(W.grad, 2 * once[1])
+    (out.loss * 3.0).backward()
+    assert torch.allclose(W.grad, 5 * once[1], rtol=1e-6, atol=0)
