@@ -16,6 +16,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ..autograd import scored
 from ..options import FusedOptions
 from ..weighting import rlsc_weights
 from . import driver
@@ -115,7 +116,7 @@ class RLSCSinglePassFunction(torch.autograd.Function):
             g_tok = g_seq if g_tok is None else g_tok + g_seq
         e_tok = grad_entropy if (opts.return_entropy and grad_entropy is not None and grad_entropy.numel()) else None
         if (g_tok is not None or e_tok is not None) and any(needs):
-            valid = targets != opts.ignore_index
+            valid = scored(targets, opts.ignore_index, weight.shape[0])
             zero = lambda x: None if x is None else torch.where(valid, x, x.new_zeros(()))  # noqa: E731
             extra = call.two_sweep.backward(hidden, weight, bias, targets, (lse, mean_z), zero(g_tok), zero(e_tok),
                                             opts, needs)
