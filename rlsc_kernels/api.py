@@ -328,9 +328,12 @@ def _run_loss(hidden, weight, bias, targets, completion_mask, seq_index, plan: L
     n_tokens = torch.zeros(S, dtype=torch.int64, device=hidden.device).index_add_(0, seq, valid.long())
 
     with autocast_off:
+        # under autocast the single pass takes the masters and casts them itself (as the per-token
+        # Function does): gradients come back in the masters' dtypes, never rounded to 16 bits
+        sp_inputs = (h_master, masters[1], masters[2]) if op.compute_dtype is not None else (h, weight, bias)
         single = None if op.vocab_parallel is not None else maybe_single_pass(
-            h, weight, bias, y, seq, S, opts=op.opts, weighting=weighting, alpha=plan.alpha,
-            reduction=plan.reduction, backend=op.backend, path=plan.path)
+            *sp_inputs, y, seq, S, opts=op.opts, weighting=weighting, alpha=plan.alpha,
+            reduction=plan.reduction, backend=op.backend, path=plan.path, compute_dtype=op.compute_dtype)
         if single is not None:
             loss, token_logp, seq_logp, seq_weight, token_entropy = single
             # detached on every path (a custom Function's non-differentiable output keeps a grad_fn)
