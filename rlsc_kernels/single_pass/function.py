@@ -19,11 +19,11 @@ import torch
 
 from ..autograd import scored
 from ..options import FusedOptions
+from ..plan import PATHS, check_path  # noqa: F401 (PATHS re-exported by the package; one definition)
 from ..weighting import rlsc_weights
 from . import driver
 from .plan import DEFAULT_BUFFER_BYTES, Chunk, Weigh, plan
 
-PATHS = ("auto", "single-pass", "two-sweep")
 _CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 #: Device types on which path="auto" takes the single pass (measured there, correct and faster).
@@ -227,12 +227,6 @@ def rlsc_loss_single_pass(
         token_logp = token_logp[inverse]
         entropy = entropy[inverse] if entropy is not None else None
     return loss, token_logp, seq_logp, seq_weight, entropy
-
-
-def check_path(path) -> str:
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    return path
 
 
 def maybe_single_pass(hidden, weight, bias, targets, seq, n_seqs, *, opts, weighting, alpha, reduction, backend, path,
