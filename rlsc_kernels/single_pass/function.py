@@ -208,7 +208,8 @@ def rlsc_loss_single_pass(
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
-    the_plan = plan(counts, weight.shape[0], weight.shape[1], compute_dtype or hidden.dtype, buffer_bytes, needs[1] or needs[2])
+    the_plan = plan(counts, weight.shape[0], weight.shape[1], compute_dtype or hidden.dtype, buffer_bytes,
+                    needs[1] or needs[2])
     if not is_sorted:
         # Group each sequence's tokens together; gathering hidden is differentiable, and the
         # per-token outputs are put back in the caller's order below.
