@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 
 from . import backends
-from .autograd import LinearLogprobsFunction
+from .autograd import LinearLogprobsFunction, scored
 from .options import BlockConfigs
 from .plan import (
     MASK_DTYPES,
@@ -85,9 +85,9 @@ _OPTION_DOCS = """
       None = the backend's default.
     check_values: True (default) checks target ids and finiteness with one device-to-host sync;
       False skips them for a trusted hot loop: no sync and no extra pass, and never memory
-      corruption: no kernel reads or writes out of bounds for any target id. On the two-sweep
-      paths an id outside [0, V) that is not ignore_index counts as ignored (log-prob 0,
-      entropy 0, no gradient); NaN / inf inputs give NaN outputs.
+      corruption: no kernel reads or writes out of bounds for any target id. On every path (two
+      sweeps and single pass) an id outside [0, V) that is not ignore_index counts as ignored
+      (log-prob 0, entropy 0, no gradient, not in n_tokens); NaN / inf inputs give NaN outputs.
     block_configs: rlsc_kernels.BlockConfigs of Triton block sizes for this call (tests and
       tuning); None = the shipped ones.
     vocab_parallel: rlsc_kernels.VocabParallel(start, stop, group) when weight (and bias) hold
@@ -324,13 +324,16 @@ def _run_loss(hidden, weight, bias, targets, completion_mask, seq_index, plan: L
         check_external_weights(weighting, S, hidden.device)
         seq_checks["weighting tensor contains NaN or inf"] = ~torch.isfinite(weighting)
     _value_checks(h, weight, bias, y, op, seq_checks)
-    valid = y != ignore_index
+    valid = scored(y, ignore_index, weight.shape[0])  # out-of-range ids (check_values=False) count as ignored
     n_tokens = torch.zeros(S, dtype=torch.int64, device=hidden.device).index_add_(0, seq, valid.long())
 
     with autocast_off:
+        # under autocast the single pass takes the masters and casts them itself (as the per-token
+        # Function does): gradients come back in the masters' dtypes, never rounded to 16 bits
+        sp_inputs = (h_master, masters[1], masters[2]) if op.compute_dtype is not None else (h, weight, bias)
         single = None if op.vocab_parallel is not None else maybe_single_pass(
-            h, weight, bias, y, seq, S, opts=op.opts, weighting=weighting, alpha=plan.alpha,
-            reduction=plan.reduction, backend=op.backend, path=plan.path)
+            *sp_inputs, y, seq, S, opts=op.opts, weighting=weighting, alpha=plan.alpha,
+            reduction=plan.reduction, backend=op.backend, path=plan.path, compute_dtype=op.compute_dtype)
         if single is not None:
             loss, token_logp, seq_logp, seq_weight, token_entropy = single
             # detached on every path (a custom Function's non-differentiable output keeps a grad_fn)

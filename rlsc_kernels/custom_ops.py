@@ -308,7 +308,7 @@ def traced_rlsc_loss(hidden, weight, bias, targets, completion_mask, seq_index, 
     token_out = traced_logprobs(hidden, weight, bias, targets, op, autocast_off, masters)
     token_logp, token_entropy = token_out if op.opts.return_entropy else (token_out, None)
     flat_logp = token_logp.reshape(-1)
-    valid = targets.reshape(-1) != ignore_index
+    valid = scored(targets.reshape(-1), ignore_index, weight.shape[0])  # as the eager loss's n_tokens
     n_tokens = torch.zeros(S, dtype=torch.int64, device=hidden.device).index_add(0, seq, valid.long())
     seq_logp = torch.zeros(S, dtype=flat_logp.dtype, device=hidden.device).index_add(0, seq, flat_logp)
     seq_weight = rlsc_weights(seq_logp, n_tokens, plan.weighting, plan.alpha)

@@ -23,6 +23,8 @@ Backend contract: `module.SinglePassOps(hidden, weight, bias, targets, opts, max
     .acc                the statistics / gradient dtype (float32; float64 for float64 inputs)
     .stats(t0, t1)      -> (lse [n], logp [n], mean_z [n] or None) in .acc, for rows [t0, t1);
                         logp of ignored tokens may be anything finite (the driver masks it).
+                        targets hold ids in [0, V) or ignore_index only (the driver maps
+                        out-of-range ids to ignore_index before the backend sees them).
                         Keeps whatever the chunk's grads need (the logits block).
     .grads(t0, t1, g, dh, parts)
                         g [n] .acc per-row coefficient (0 for ignored tokens); dh: rows [n, D]
@@ -41,6 +43,7 @@ from typing import Optional
 
 import torch
 
+from ..autograd import scored
 from ..dtypes import output_dtype
 from ..options import FusedOptions
 from .plan import Weigh, as_chunks
@@ -94,8 +97,12 @@ def run(backend, hidden, weight, bias, targets, seq, chunks, weigh: Weigh, opts:
     inv_t = 1.0 / opts.temperature
     max_rows = max((c.t1 - c.t0 for c in chunks), default=0)
     with torch.no_grad():
+        # ignore_index, and with check_values=False any id outside [0, V), count as ignored (the
+        # rule of the two-sweep paths, autograd.scored): the backends see such ids as ignore_index
+        # only, so none is ever used as an address
+        valid = scored(targets, opts.ignore_index, V)
+        targets = torch.where(valid, targets, torch.full((), opts.ignore_index, dtype=targets.dtype, device=dev))
         ops = backend.SinglePassOps(hidden, weight, bias, targets, opts, max_rows, **ops_kwargs)
-        valid = targets != opts.ignore_index
         token_logp = torch.zeros(N, dtype=acc, device=dev)
         lse = torch.zeros(N, dtype=acc, device=dev)
         mean_z = torch.zeros(N, dtype=acc, device=dev) if opts.return_entropy else None

@@ -12,16 +12,19 @@ opt-in (path="single-pass") until a GPU record (benchmarks/gpu_check.sh) adds "c
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import List, Optional, Tuple
 
 import torch
 
+from ..autograd import scored
 from ..options import FusedOptions
+from ..plan import PATHS, check_path  # noqa: F401 (PATHS re-exported by the package; one definition)
 from ..weighting import rlsc_weights
 from . import driver
 from .plan import DEFAULT_BUFFER_BYTES, Chunk, Weigh, plan
 
-PATHS = ("auto", "single-pass", "two-sweep")
+_CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 #: Device types on which path="auto" takes the single pass (measured there, correct and faster).
 SINGLE_PASS_DEFAULT_DEVICES = ("cpu",)
@@ -61,8 +64,9 @@ def rlsc_single_pass(backend, hidden, weight, bias, targets, seq, chunks, weigh:
 class _Call:
     """Everything about one call that is not a tensor input: travels through autograd as one object."""
 
-    def __init__(self, opts, backend, two_sweep, chunks, weigh, needs):
+    def __init__(self, opts, backend, two_sweep, chunks, weigh, needs, compute_dtype=None):
         self.opts: FusedOptions = opts
+        self.compute_dtype: Optional[torch.dtype] = compute_dtype
         self.backend = backend
         self.two_sweep = two_sweep
         self.chunks: List[Chunk] = chunks
@@ -78,19 +82,32 @@ class RLSCSinglePassFunction(torch.autograd.Function):
     once, at the very end (a GradScaler scale of 2^16 is inf in fp16, so nothing 16-bit is formed
     before it is applied). Upstream gradients on token_logp / seq_logp / token_entropy (a caller
     differentiating those outputs too) go through the backend's two-sweep backward with the saved
-    lse / mean_z. seq_weight is not differentiable; token_entropy is an empty non-differentiable
-    tensor without return_entropy.
+    lse / mean_z / logp. seq_weight is not differentiable; token_entropy is an empty
+    non-differentiable tensor without return_entropy.
+
+    call.compute_dtype (autocast), as in LinearLogprobsFunction: hidden, weight and bias arrive
+    in their own (master) dtypes and are cast to compute_dtype here, so the fp32 gradients are
+    returned in the master dtypes directly: an fp32 master weight under fp16 autocast gets a
+    gradient never rounded to 16 bits (GradScaler's 2^16 neither overflows nor flushes it).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, seq, call: _Call):
         ctx.set_materialize_grads(False)
+        ctx.grad_dtypes = tuple(None if t is None else t.dtype for t in (hidden, weight, bias))
+        opts = call.opts
+        if call.compute_dtype is not None:
+            if weight.dtype == torch.float32 and call.compute_dtype != torch.float32:
+                opts = replace(opts, dweight_fp32=True)  # for the two-sweep backward of extra gradients
+            hidden, weight, bias = (t.to(call.compute_dtype) if t is not None and t.dtype in _CASTABLE else t
+                                    for t in (hidden, weight, bias))
+        ctx.opts = opts
         res = driver.run(call.backend, hidden, weight, bias, targets, seq, call.chunks, call.weigh, call.opts,
                          call.needs)
         loss = call.weigh.loss(res.seq_logp, res.seq_weight)
         ctx.call = call
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(hidden, weight, bias, targets, seq, res.lse, res.mean_z,
+        ctx.save_for_backward(hidden, weight, bias, targets, seq, res.lse, res.mean_z, res.token_logp,
                               res.dhidden, res.dweight, res.dbias)
         ctx.mark_non_differentiable(res.seq_weight)
         entropy = res.token_entropy
@@ -102,10 +119,9 @@ class RLSCSinglePassFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_token_logp, grad_seq_logp, _grad_seq_weight, grad_entropy):
-        hidden, weight, bias, targets, seq, lse, mean_z, dh, dw, db = ctx.saved_tensors
+        hidden, weight, bias, targets, seq, lse, mean_z, logp, dh, dw, db = ctx.saved_tensors
         call: _Call = ctx.call
-        opts = call.opts
-        inputs = (hidden, weight, bias)
+        opts = ctx.opts
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
         # Extra upstream gradients: per-token g_t = dL/dlogp_t (+ dL/dL_s(t)), e_t = dL/dentropy_t.
         extra = (None, None, None)
@@ -115,27 +131,27 @@ class RLSCSinglePassFunction(torch.autograd.Function):
             g_tok = g_seq if g_tok is None else g_tok + g_seq
         e_tok = grad_entropy if (opts.return_entropy and grad_entropy is not None and grad_entropy.numel()) else None
         if (g_tok is not None or e_tok is not None) and any(needs):
-            valid = targets != opts.ignore_index
+            valid = scored(targets, opts.ignore_index, weight.shape[0])
             zero = lambda x: None if x is None else torch.where(valid, x, x.new_zeros(()))  # noqa: E731
-            extra = call.two_sweep.backward(hidden, weight, bias, targets, (lse, mean_z), zero(g_tok), zero(e_tok),
-                                            opts, needs)
+            extra = call.two_sweep.backward(hidden, weight, bias, targets, (lse, mean_z, logp), zero(g_tok),
+                                            zero(e_tok), opts, needs)
         grads = [None, None, None]
         for i, (g, need) in enumerate(zip((dh, dw, db), needs)):
             if not need:
                 continue
-            x, e = inputs[i], extra[i]
+            x_dtype, e = ctx.grad_dtypes[i], extra[i]  # the caller's dtypes (the masters under autocast)
             if grad_loss is not None and g is not None:
                 scale = grad_loss.to(g.dtype)  # g is float32 (float64): grad_output applied in that type
-                if e is None and g.dtype == x.dtype and g.device.type == "cpu" and scale.item() == 1.0:
+                if e is None and g.dtype == x_dtype and g.device.type == "cpu" and scale.item() == 1.0:
                     # loss.backward() on CPU (no device to sync with): the saved gradient as it is,
                     # no W-sized pass; autograd takes it over (saved tensors are released first)
                     grads[i] = g
                 elif e is None:
-                    grads[i] = torch.mul(g, scale, out=torch.empty(g.shape, dtype=x.dtype, device=g.device))
+                    grads[i] = torch.mul(g, scale, out=torch.empty(g.shape, dtype=x_dtype, device=g.device))
                 else:
-                    grads[i] = (torch.mul(g, scale).add_(e.to(g.dtype))).to(x.dtype)
+                    grads[i] = (torch.mul(g, scale).add_(e.to(g.dtype))).to(x_dtype)
             elif e is not None:
-                grads[i] = e.to(x.dtype)
+                grads[i] = e.to(x_dtype)
         return grads[0], grads[1], grads[2], None, None, None
 
 
@@ -162,12 +178,14 @@ def rlsc_loss_single_pass(
     backend_name: str,
     two_sweep,
     path: str,
+    compute_dtype: Optional[torch.dtype] = None,
 ):
     """The RLSC loss over packed tokens (hidden [N, D], targets [N], seq [N] in [0, n_seqs)) by
     the single pass, as (loss, token_logp [N], seq_logp [S], seq_weight [S], token_entropy [N] or
     None); or None where the single pass does not apply and path == "auto" (path "single-pass"
     raises ValueError saying why). Needs one host sync (the tokens per sequence) for the plan.
     Every sequence length is served: sequences longer than the chunk budget are split (plan.py).
+    compute_dtype (autocast): hidden, weight, bias are the masters, cast inside the Function.
     """
 
     def refuse(reason: str):
@@ -190,14 +208,15 @@ def rlsc_loss_single_pass(
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
-    the_plan = plan(counts, weight.shape[0], weight.shape[1], hidden.dtype, buffer_bytes, needs[1] or needs[2])
+    the_plan = plan(counts, weight.shape[0], weight.shape[1], compute_dtype or hidden.dtype, buffer_bytes,
+                    needs[1] or needs[2])
     if not is_sorted:
         # Group each sequence's tokens together; gathering hidden is differentiable, and the
         # per-token outputs are put back in the caller's order below.
         order = torch.sort(seq, stable=True).indices
         hidden, targets, seq = hidden[order], targets[order], seq[order]
     weigh = Weigh(weighting, alpha, reduction, n_seqs)
-    call = _Call(opts, module, two_sweep, the_plan.chunks, weigh, needs)
+    call = _Call(opts, module, two_sweep, the_plan.chunks, weigh, needs, compute_dtype)
     loss, token_logp, seq_logp, seq_weight, entropy = RLSCSinglePassFunction.apply(
         hidden, weight, bias, targets, seq, call
     )
@@ -211,16 +230,12 @@ def rlsc_loss_single_pass(
     return loss, token_logp, seq_logp, seq_weight, entropy
 
 
-def check_path(path) -> str:
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    return path
-
-
-def maybe_single_pass(hidden, weight, bias, targets, seq, n_seqs, *, opts, weighting, alpha, reduction, backend, path):
+def maybe_single_pass(hidden, weight, bias, targets, seq, n_seqs, *, opts, weighting, alpha, reduction, backend, path,
+                      compute_dtype=None):
     """linear_rlsc_loss's dispatch: the single pass's (loss, token_logp, seq_logp, seq_weight,
     token_entropy) where `path`, `backend` and the device allow it, or None for the two-sweep path.
-    Inputs are the packed tokens after selection and checks."""
+    Inputs are the packed tokens after selection and checks; under autocast the masters (not
+    cast) with compute_dtype the autocast dtype."""
     check_path(path)
     if path == "two-sweep" or (path == "auto" and not auto_takes_single_pass(hidden.device)):
         return None
@@ -236,4 +251,5 @@ def maybe_single_pass(hidden, weight, bias, targets, seq, n_seqs, *, opts, weigh
     return rlsc_loss_single_pass(
         hidden, weight, bias, targets, seq, n_seqs, opts=opts, weighting=weighting, alpha=alpha,
         reduction=reduction, backend_name=name, two_sweep=backends.get(name), path=path,
+        compute_dtype=compute_dtype,
     )

@@ -392,22 +392,48 @@ def test_target_gradient_does_not_cancel_when_p_is_close_to_1():
 
 def test_target_ids_out_of_range_read_and_write_nothing_out_of_bounds():
     """check_values=False lets any id through. The kernels only compare ids with column indices:
-    an id outside [0, V) gets logp = -lse (its target logit taken as 0 ... never read) and the
-    gradient -g p over the row, with every output finite and the other tokens unchanged."""
-    h, w, b, y, seq = _draw(30, 8, 40, 3, torch.float32, bias=True, seed=16)
-    kw = dict(T=0.7, weighting="rlsc", alpha=0.1, reduction="mean", entropy=True)
-    good, res_good, _ = _single_pass(h, w, b, y, seq, 3, max_rows=12, **kw)
-    bad_y = y.clone()
+    handed an id outside [0, V) directly, they give logp = -lse (its target logit taken as 0 ...
+    never read) and the gradient -g p over the row, with every output finite and the other tokens
+    unchanged. The driver does not hand them such ids: like the two-sweep paths
+    (autograd.scored) it counts them as ignored (logp 0, entropy 0, no gradient), so the result
+    is exactly that of the same ids set to ignore_index."""
+    from rlsc_kernels.backends import triton_single_pass
+
+    N, V = 30, 40
+    h, w, b, y, seq = _draw(N, 8, V, 3, torch.float32, bias=True, seed=16)
     bad = [1, 7, 20]
-    bad_y[bad] = torch.tensor([40, 2**40, -7])
-    _, res, _ = _single_pass(h, w, b, bad_y, seq, 3, max_rows=12, **kw)
-    for name in ("token_logp", "lse", "token_entropy", "dhidden", "dweight", "dbias", "seq_logp"):
-        assert torch.isfinite(getattr(res, name)).all(), name
-    assert torch.allclose(res.token_logp[bad], -res.lse[bad], rtol=1e-6, atol=1e-6)
-    keep = torch.ones(30, dtype=torch.bool)
+    bad_y = y.clone()
+    bad_y[bad] = torch.tensor([V, 2**40, -7])
+    keep = torch.ones(N, dtype=torch.bool)
     keep[bad] = False
-    assert torch.equal(res.token_logp[keep], res_good.token_logp[keep])
-    assert torch.equal(res.lse, res_good.lse)
+    # the kernels, handed the out-of-range ids themselves
+    opts = FusedOptions(temperature=0.7, return_entropy=True)
+    stats = []
+    for targets in (y, bad_y):
+        ops = triton_single_pass.SinglePassOps(h, w, b, targets, opts, N, configs=_small_configs())
+        lse, logp, mean_z = ops.stats(0, N)
+        dh = torch.empty(N, 8)
+        dw, db = torch.zeros(V, 8), torch.zeros(V)
+        ops.grads(0, N, torch.full((N,), -0.5), dh, [(0, N, dw, db)])
+        for name, t in (("lse", lse), ("logp", logp), ("mean_z", mean_z), ("dhidden", dh), ("dweight", dw),
+                        ("dbias", db)):
+            assert torch.isfinite(t).all(), name
+        stats.append((lse.clone(), logp.clone(), mean_z.clone()))
+    (lse_good, logp_good, mz_good), (lse_bad, logp_bad, mz_bad) = stats
+    assert torch.allclose(logp_bad[bad], -lse_bad[bad], rtol=1e-6, atol=1e-6)
+    assert torch.equal(logp_bad[keep], logp_good[keep])
+    assert torch.equal(lse_bad, lse_good) and torch.equal(mz_bad, mz_good)
+    # the driver: out-of-range ids count as ignored
+    kw = dict(T=0.7, weighting="rlsc", alpha=0.1, reduction="mean", entropy=True)
+    ignored_y = y.clone()
+    ignored_y[bad] = -100
+    _, res_ignored, _ = _single_pass(h, w, b, ignored_y, seq, 3, max_rows=12, **kw)
+    _, res, _ = _single_pass(h, w, b, bad_y, seq, 3, max_rows=12, **kw)
+    for name in ("token_logp", "lse", "token_entropy", "dhidden", "dweight", "dbias", "seq_logp", "seq_weight"):
+        assert torch.isfinite(getattr(res, name)).all(), name
+        assert torch.equal(getattr(res, name), getattr(res_ignored, name)), name
+    assert (res.token_logp[bad] == 0).all() and (res.token_entropy[bad] == 0).all()
+    assert (res.dhidden[bad] == 0).all()
 
 
 def test_fp16_logit_gradient_keeps_small_probabilities(monkeypatch):
