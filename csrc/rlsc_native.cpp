@@ -1,26 +1,41 @@
 // The native CPU backend of the single-pass RLSC loss (rlsc_kernels/backends/native.py drives it).
 //
 // Per chunk of whole sequences (rows = tokens, T = temperature):
-//   chunk_forward:  buf = h W^T (+ b)                         the library GEMM (at::addmm / at::mm)
+//   chunk_forward:  buf = h W^T (+ b)                         the library GEMM (at::addmm / at::mm;
+//                                                             bf16 h, W: MKL's bf16 GEMM, fp32 out)
 //                   then one fused pass per row, rows in parallel (a row of V floats stays in
 //                   the core's cache between the two sweeps over it):
 //                     m = max_v z,  e_v = exp(z_v - m) written over buf,  s = sum_v e_v,
 //                     a = sum_v e_v (z_v - m)  (entropy only),   z = buf / T
-//                   -> lse = m + log s,  logp = z_y - lse,  mean_z = m + a / s
+//                   -> lse = m + log s,  logp = z_y - lse,  mean_z = m + a / s,
+//                      1 - p_y = sum_{v != y} e_v / s  (no cancellation near p_y = 1)
 //   chunk_backward: with g_t = dLoss/dlogp_t / T known (the weights of the chunk's sequences),
 //                   dz = c e + onehot(y) g, c = -g / s, goes into the two library GEMMs through
 //                   their small operands: dH = c (e W) + g W_y, dW += e^T (c h) + scatter_y(g h)
 //                   (fp32 accumulation), db += e^T c + scatter_y(g). No sweep writes dz.
+// Target ids are bounds-checked here on every call (an id outside [0, V) raises IndexError), so
+// no input reads or writes outside the buffers, also with the Python checks off.
 // The exponential is a Cephes-style polynomial written so the compiler vectorises the row loop
 // (no libm call inside it); max |rel err| about 2 ulp in float32. float64 uses std::exp.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <dlfcn.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
+#include <tuple>
 #include <type_traits>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 // One copy of each row pass per instruction set, picked at load time by CPU feature (not by CPU
@@ -60,55 +75,101 @@ RLSC_INLINE float exp_nonpositive(float x) {
 
 RLSC_INLINE double exp_nonpositive(double x) { return std::exp(x); }
 
-// Fused forward pass over rows [r0, r1) of buf [n, V] (raw logits on entry, e = exp(z - m) on exit).
+// Fused forward pass over rows [r0, r1) of buf [n, V] (raw logits on entry). On exit each row
+// holds e = exp(z - m) with the target's entry 0, written over the row's own bytes: as scalar_t
+// (row stride V), or with kBf16Out as bf16 bits in the first half of the row's fp32 bytes (row
+// stride 2V bf16 elements), where the bf16 GEMMs of the backward read it. Block [v0, v1)'s
+// outputs go to bytes [2 v0, 2 v1) of the row, all of which the pass has read already (it reads
+// the block into tmp first), so nothing unread is overwritten.
 constexpr int64_t kSumBlock = 512;
 
-template <typename scalar_t>
+// Stores to the bf16 form go through a may_alias type: they overwrite float data of the same row.
+typedef uint16_t __attribute__((may_alias)) Bf16Bits;
+
+RLSC_INLINE Bf16Bits to_bf16(float x) {
+  // Round to nearest even (x is finite and >= 0 here: an exponential).
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<Bf16Bits>(u >> 16);
+}
+
+RLSC_INLINE float from_bf16(Bf16Bits b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
+template <typename scalar_t, bool kBf16Out>
 RLSC_INLINE void forward_rows(scalar_t* buf, int64_t V, const int64_t* targets, scalar_t inv_t, bool want_mean_z,
                   scalar_t* lse, scalar_t* logp, scalar_t* sumexp, scalar_t* rest, scalar_t* mean_z, int64_t r0,
                   int64_t r1) {
+  alignas(64) scalar_t tmp[kSumBlock];
   for (int64_t i = r0; i < r1; ++i) {
     scalar_t* row = buf + i * V;
+    const int64_t y = targets[i];  // in [0, V): checked by the caller
     scalar_t raw_max = row[0];
 #pragma omp simd reduction(max : raw_max)
     for (int64_t v = 0; v < V; ++v) raw_max = row[v] > raw_max ? row[v] : raw_max;
     const scalar_t m = raw_max * inv_t;  // max of z = raw / T, T > 0
-    const scalar_t z_target = row[targets[i]] * inv_t - m;
+    const scalar_t z_target = row[y] * inv_t - m;
     // Sums in float over blocks of kSumBlock entries (vectorised), blocks added in double: one
     // float32 running sum over tens of thousands of entries drifts by ~1e-6 relative, a bias
-    // common to the whole row that would not cancel in dH.
-    double s = 0, a = 0;
+    // common to the whole row that would not cancel in dH. `others` leaves the target out (its
+    // block is summed again without it): 1 - p_y = others / s has no cancellation even where the
+    // target holds nearly all the mass (a float block sum 1 + 1e-9 would lose the 1e-9).
+    double others = 0, a = 0;
+    scalar_t e_target = 0;
     for (int64_t v0 = 0; v0 < V; v0 += kSumBlock) {
       const int64_t v1 = v0 + kSumBlock < V ? v0 + kSumBlock : V;
+      const int64_t len = v1 - v0;
+      const scalar_t* in = row + v0;
       scalar_t bs = 0, ba = 0;
       if (want_mean_z) {
 #pragma omp simd reduction(+ : bs, ba)
-        for (int64_t v = v0; v < v1; ++v) {
-          const scalar_t zs = row[v] * inv_t - m;
+        for (int64_t j = 0; j < len; ++j) {
+          const scalar_t zs = in[j] * inv_t - m;
           const scalar_t e = exp_nonpositive(zs);
-          row[v] = e;
+          tmp[j] = e;
           bs += e;
           ba += e * zs;
         }
       } else {
 #pragma omp simd reduction(+ : bs)
-        for (int64_t v = v0; v < v1; ++v) {
-          const scalar_t e = exp_nonpositive(row[v] * inv_t - m);
-          row[v] = e;
+        for (int64_t j = 0; j < len; ++j) {
+          const scalar_t e = exp_nonpositive(in[j] * inv_t - m);
+          tmp[j] = e;
           bs += e;
         }
       }
-      s += bs;
+      if (y >= v0 && y < v1) {
+        // The target's entry leaves the buffer (the backward adds its gradient separately).
+        e_target = tmp[y - v0];
+        tmp[y - v0] = 0;
+        bs = 0;
+#pragma omp simd reduction(+ : bs)
+        for (int64_t j = 0; j < len; ++j) bs += tmp[j];
+      }
+      others += bs;
       a += ba;
+      if constexpr (kBf16Out) {
+        Bf16Bits* dst = reinterpret_cast<Bf16Bits*>(row) + v0;
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) dst[j] = to_bf16(tmp[j]);
+      } else {
+        scalar_t* dst = row + v0;
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) dst[j] = tmp[j];
+      }
     }
+    const double s = others + static_cast<double>(e_target);
     const double log_s = std::log(s);
     lse[i] = static_cast<scalar_t>(m + log_s);
     logp[i] = static_cast<scalar_t>(z_target - log_s);
     sumexp[i] = static_cast<scalar_t>(s);
-    // 1 - p_y from the double sum (exact where the target holds all the mass), and the target's
-    // entry taken out of the buffer: the backward adds its gradient separately.
-    rest[i] = static_cast<scalar_t>((s - static_cast<double>(row[targets[i]])) / s);
-    row[targets[i]] = 0;
+    // 1 - p_y = -expm1(logp), here as others / s: no cancellation near p_y = 1.
+    rest[i] = static_cast<scalar_t>(others / s);
     if (want_mean_z) mean_z[i] = static_cast<scalar_t>(m + a / s);
   }
 }
@@ -117,21 +178,124 @@ RLSC_INLINE void forward_rows(scalar_t* buf, int64_t V, const int64_t* targets, 
 RLSC_CPU_CLONES void forward_rows_f32(float* buf, int64_t V, const int64_t* targets, float inv_t, bool want_mean_z,
                                       float* lse, float* logp, float* sumexp, float* rest, float* mean_z, int64_t r0,
                                       int64_t r1) {
-  forward_rows<float>(buf, V, targets, inv_t, want_mean_z, lse, logp, sumexp, rest, mean_z, r0, r1);
+  forward_rows<float, false>(buf, V, targets, inv_t, want_mean_z, lse, logp, sumexp, rest, mean_z, r0, r1);
+}
+
+RLSC_CPU_CLONES void forward_rows_f32_to_bf16(float* buf, int64_t V, const int64_t* targets, float inv_t,
+                                              bool want_mean_z, float* lse, float* logp, float* sumexp, float* rest,
+                                              float* mean_z, int64_t r0, int64_t r1) {
+  forward_rows<float, true>(buf, V, targets, inv_t, want_mean_z, lse, logp, sumexp, rest, mean_z, r0, r1);
 }
 
 template <typename scalar_t>
 void forward_block(scalar_t* buf, int64_t V, const int64_t* targets, scalar_t inv_t, bool want_mean_z,
                    scalar_t* lse, scalar_t* logp, scalar_t* sumexp, scalar_t* rest, scalar_t* mean_z, int64_t r0,
-                   int64_t r1) {
+                   int64_t r1, bool bf16_out) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    forward_rows_f32(buf, V, targets, inv_t, want_mean_z, lse, logp, sumexp, rest, mean_z, r0, r1);
+    if (bf16_out) {
+      forward_rows_f32_to_bf16(buf, V, targets, inv_t, want_mean_z, lse, logp, sumexp, rest, mean_z, r0, r1);
+    } else {
+      forward_rows_f32(buf, V, targets, inv_t, want_mean_z, lse, logp, sumexp, rest, mean_z, r0, r1);
+    }
   } else {
-    forward_rows<scalar_t>(buf, V, targets, inv_t, want_mean_z, lse, logp, sumexp, rest, mean_z, r0, r1);
+    forward_rows<scalar_t, false>(buf, V, targets, inv_t, want_mean_z, lse, logp, sumexp, rest, mean_z, r0, r1);
   }
 }
 
-void check_chunk(const at::Tensor& buf, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets) {
+// ---- bf16 GEMMs with fp32 accumulation and fp32 output: MKL's cblas_gemm_bf16bf16f32 ----------
+// Looked up at run time in the libraries already loaded (the torch CPU wheel's libtorch_cpu
+// exports it), used only where the CPU has bf16 matrix or vector units (AMX-BF16 or AVX512-BF16,
+// read from cpuid, with the OS enabling their register state). MKL_INT is 32-bit (LP64).
+using Bf16GemmFn = void (*)(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
+                            int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc);
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+struct Bf16Gemm {
+  Bf16GemmFn fn = nullptr;  // null: not usable here, see status
+  bool amx_bf16 = false, avx512_bf16 = false, symbol = false;
+  std::string status;
+};
+
+#if defined(__x86_64__) && defined(__GNUC__)
+void cpu_bf16_units(bool& amx_bf16, bool& avx512_bf16) {
+  unsigned a, b, c, d;
+  amx_bf16 = avx512_bf16 = false;
+  if (!__get_cpuid_count(1, 0, &a, &b, &c, &d) || !(c & (1u << 27))) return;  // OSXSAVE
+  unsigned xcr0_lo, xcr0_hi;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  const uint64_t xcr0 = (static_cast<uint64_t>(xcr0_hi) << 32) | xcr0_lo;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return;
+  const bool avx512_os = (xcr0 & 0xE6) == 0xE6;                   // SSE, AVX, opmask, ZMM state
+  const bool amx_os = (xcr0 & (3ull << 17)) == (3ull << 17);       // TILECFG, TILEDATA state
+  const bool amx_cpu = (d & (1u << 22)) && (d & (1u << 24));      // AMX-BF16, AMX-TILE
+  const bool avx512f = b & (1u << 16);
+  if (amx_cpu && amx_os) {
+    // Linux hands out the tile data state on request (arch_prctl ARCH_REQ_XCOMP_PERM); without it
+    // the first AMX instruction faults. Granted or already held: the library may use AMX.
+    constexpr long kReqXcompPerm = 0x1023, kGetXcompPerm = 0x1022, kXtileData = 18;
+    uint64_t perm = 0;
+    syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData);
+    if (syscall(SYS_arch_prctl, kGetXcompPerm, &perm) == 0 && (perm & (1ull << kXtileData))) amx_bf16 = true;
+  }
+  if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) avx512_bf16 = avx512f && avx512_os && (a & (1u << 5));
+}
+#else
+void cpu_bf16_units(bool& amx_bf16, bool& avx512_bf16) { amx_bf16 = avx512_bf16 = false; }
+#endif
+
+void* find_symbol(const char* name) {
+  if (void* p = dlsym(RTLD_DEFAULT, name)) return p;
+  // The library that holds ATen (libtorch_cpu), already loaded: dlopen only returns its handle.
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&at::get_num_threads), &info) && info.dli_fname) {
+    if (void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD)) {
+      void* p = dlsym(lib, name);
+      dlclose(lib);
+      return p;
+    }
+  }
+  return nullptr;
+}
+
+const Bf16Gemm& bf16_gemm() {
+  static const Bf16Gemm g = [] {
+    Bf16Gemm r;
+    cpu_bf16_units(r.amx_bf16, r.avx512_bf16);
+    void* p = find_symbol("cblas_gemm_bf16bf16f32");
+    r.symbol = p != nullptr;
+    if (!r.symbol) {
+      r.status = "cblas_gemm_bf16bf16f32 not found in the loaded libraries (a torch without MKL?)";
+    } else if (!r.amx_bf16 && !r.avx512_bf16) {
+      r.status = "the CPU (or the OS) offers neither AMX-BF16 nor AVX512-BF16";
+    } else {
+      r.fn = reinterpret_cast<Bf16GemmFn>(p);
+      r.status = std::string("MKL cblas_gemm_bf16bf16f32 on ") + (r.amx_bf16 ? "AMX-BF16" : "AVX512-BF16");
+    }
+    return r;
+  }();
+  return g;
+}
+
+int as_int(int64_t x, const char* what) {
+  TORCH_CHECK(x <= std::numeric_limits<int>::max(), "rlsc native backend: ", what, " = ", x,
+              " exceeds the bf16 GEMM's 32-bit sizes");
+  return static_cast<int>(x);
+}
+
+// Row-major C [m, n] = alpha op(A) op(B) + beta C; A, B bf16 bits, C float32.
+void gemm_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda, const void* b,
+               int64_t ldb, float beta, float* c, int64_t ldc) {
+  const Bf16GemmFn fn = bf16_gemm().fn;
+  TORCH_CHECK(fn != nullptr, "rlsc native backend: bf16 GEMM unavailable: ", bf16_gemm().status);
+  if (m == 0 || n == 0) return;
+  fn(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, as_int(m, "m"), as_int(n, "n"),
+     as_int(k, "k"), 1.0f, static_cast<const uint16_t*>(a), as_int(lda, "lda"), static_cast<const uint16_t*>(b),
+     as_int(ldb, "ldb"), beta, c, as_int(ldc, "ldc"));
+}
+
+// Which operands a chunk has: fp32/fp64 throughout (buf, hidden and weight of one dtype), or bf16
+// hidden and weight with an fp32 buf (the bf16 GEMMs; buf then ends in the bf16 form of e).
+bool check_chunk(const at::Tensor& buf, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets) {
   TORCH_CHECK(buf.device().is_cpu() && hidden.device().is_cpu() && weight.device().is_cpu(),
               "rlsc native backend: tensors must be on the CPU");
   TORCH_CHECK(buf.dim() == 2 && buf.is_contiguous(), "rlsc native backend: buf must be a contiguous [n, V] tensor");
@@ -139,28 +303,61 @@ void check_chunk(const at::Tensor& buf, const at::Tensor& hidden, const at::Tens
               "rlsc native backend: hidden [n, D] and weight [V, D] expected");
   TORCH_CHECK(buf.size(0) == hidden.size(0) && buf.size(1) == weight.size(0),
               "rlsc native backend: buf must be [n, V] = [", hidden.size(0), ", ", weight.size(0), "]");
-  TORCH_CHECK(buf.scalar_type() == hidden.scalar_type() && buf.scalar_type() == weight.scalar_type(),
-              "rlsc native backend: buf, hidden and weight must share one dtype (float32 or float64)");
+  const bool bf16 = hidden.scalar_type() == at::kBFloat16;
+  if (bf16) {
+    TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && buf.scalar_type() == at::kFloat,
+                "rlsc native backend: bf16 hidden needs bf16 weight and a float32 buf");
+    TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous(),
+                "rlsc native backend: bf16 hidden and weight must be contiguous");
+    TORCH_CHECK(bf16_gemm().fn != nullptr, "rlsc native backend: bf16 operands need the bf16 GEMM, unavailable here: ",
+                bf16_gemm().status, "; pass float32 operands");
+  } else {
+    TORCH_CHECK(buf.scalar_type() == hidden.scalar_type() && buf.scalar_type() == weight.scalar_type(),
+                "rlsc native backend: buf, hidden and weight must share one dtype (float32 or float64), "
+                "or hidden and weight be bfloat16 with a float32 buf");
+  }
   TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.size(0) == hidden.size(0) &&
                   targets.is_contiguous(),
               "rlsc native backend: targets must be contiguous int64 [n] (ignored tokens mapped to a valid id)");
+  // Every id indexes a row of V logits: one out of range would read (and zero) memory outside
+  // the buffer. n comparisons per chunk, next to n * V exponentials: checked always, also
+  // with check_values=False.
+  const int64_t* y = targets.data_ptr<int64_t>();
+  const int64_t V = weight.size(0);
+  for (int64_t i = 0, n = targets.numel(); i < n; ++i) {
+    TORCH_CHECK_INDEX(y[i] >= 0 && y[i] < V, "rlsc native backend: target id ", y[i],
+                      " is outside the vocabulary [0, ", V, ") (and is not ignore_index)");
+  }
+  return bf16;
 }
 
 constexpr int64_t kRowGrain = 4;
 
 // Logits of the chunk into buf, then the fused pass. Returns (lse, logp, sumexp, 1 - p_target,
-// mean_z or empty); buf ends holding e = exp(z - max), 0 at each row's target.
+// mean_z or empty); buf ends holding e = exp(z - max), 0 at each row's target: as float32/64 (the
+// dtype of hidden and weight), or, for bf16 hidden and weight, as bf16 in the first half of each
+// fp32 row (row stride 2V bf16 elements). bf16 operands: the logits GEMM takes bf16 products
+// with fp32 accumulation and fp32 output (as exact as an fp32 GEMM of the same bf16 inputs); the
+// fp32 bias is added in fp32.
 std::vector<at::Tensor> chunk_forward(at::Tensor buf, const at::Tensor& hidden, const at::Tensor& weight,
                                       const c10::optional<at::Tensor>& bias, const at::Tensor& targets,
                                       double temperature, bool want_mean_z) {
-  check_chunk(buf, hidden, weight, targets);
+  const bool bf16 = check_chunk(buf, hidden, weight, targets);
   TORCH_CHECK(temperature > 0, "rlsc native backend: temperature must be > 0");
-  if (bias.has_value() && bias->defined()) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  const int64_t n = buf.size(0), V = buf.size(1), D = hidden.size(1);
+  if (bf16) {
+    if (has_bias) {
+      TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == V, "rlsc native backend: bias must be float32 [V]");
+      buf.copy_(bias->unsqueeze(0).expand({n, V}));
+    }
+    gemm_bf16(false, true, n, V, D, hidden.data_ptr(), D, weight.data_ptr(), D, has_bias ? 1.0f : 0.0f,
+              buf.data_ptr<float>(), V);
+  } else if (has_bias) {
     at::addmm_out(buf, *bias, hidden, weight.t());
   } else {
     at::mm_out(buf, hidden, weight.t());
   }
-  const int64_t n = buf.size(0), V = buf.size(1);
   auto opts = buf.options();
   at::Tensor lse = at::empty({n}, opts), logp = at::empty({n}, opts), sumexp = at::empty({n}, opts);
   at::Tensor rest = at::empty({n}, opts);
@@ -175,7 +372,7 @@ std::vector<at::Tensor> chunk_forward(at::Tensor buf, const at::Tensor& hidden, 
     scalar_t* rest_p = rest.data_ptr<scalar_t>();
     scalar_t* mz_p = want_mean_z ? mean_z.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, n, kRowGrain, [&](int64_t r0, int64_t r1) {
-      forward_block<scalar_t>(b, V, y, inv_t, want_mean_z, lse_p, logp_p, s_p, rest_p, mz_p, r0, r1);
+      forward_block<scalar_t>(b, V, y, inv_t, want_mean_z, lse_p, logp_p, s_p, rest_p, mz_p, r0, r1, bf16);
     });
   });
   return {lse, logp, sumexp, rest, mean_z};
@@ -186,33 +383,88 @@ std::vector<at::Tensor> chunk_forward(at::Tensor buf, const at::Tensor& hidden, 
 // small operands,
 //   dH = c (e W) + g (1 - p_y) W_y,  dW += e^T (c h) + scatter_y(g (1 - p_y) h),  db likewise,
 // which saves a read-modify-write sweep over the [n, V] buffer. g [n] = dLoss/dlogp_t / T (0 for
-// ignored tokens), rest [n] = 1 - p_y from chunk_forward. Outputs undefined = not needed: dhidden [n, D] is overwritten, dweight [V, D]
-// and dbias [V] are accumulated.
+// ignored tokens), rest [n] = 1 - p_y from chunk_forward (float32, float64 for float64 operands).
+// Outputs undefined = not needed: dhidden [n, D] is overwritten, dweight [V, D] and dbias [V] are
+// accumulated, all in buf's dtype. bf16 operands (buf holding the bf16 e): the two GEMMs take
+// bf16 e, bf16 W and bf16 (c h) with fp32 accumulation and fp32 outputs (dW accumulates in fp32
+// over the chunks); e and c h are the only values rounded to 16 bits (the logit gradient c e of
+// 16-bit precision), the target's term and the row scale c are applied in fp32.
 void chunk_backward(const at::Tensor& buf, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                     const at::Tensor& g, const at::Tensor& sumexp, const at::Tensor& rest,
                     c10::optional<at::Tensor> dhidden,
                     c10::optional<at::Tensor> dweight, c10::optional<at::Tensor> dbias) {
-  check_chunk(buf, hidden, weight, targets);
-  const int64_t n = buf.size(0);
+  const bool bf16 = check_chunk(buf, hidden, weight, targets);
+  const int64_t n = buf.size(0), V = buf.size(1), D = hidden.size(1);
   for (const at::Tensor* t : {&g, &sumexp, &rest}) {
     TORCH_CHECK(t->scalar_type() == buf.scalar_type() && t->dim() == 1 && t->numel() == n,
                 "rlsc native backend: g, sumexp and rest must be [n] tensors of buf's dtype");
   }
-  const at::Tensor c = -g / sumexp;
+  const bool need_h = dhidden.has_value() && dhidden->defined();
+  const bool need_w = dweight.has_value() && dweight->defined();
+  const bool need_b = dbias.has_value() && dbias->defined();
+  for (const auto* t : {&dhidden, &dweight, &dbias}) {
+    if (t->has_value() && (*t)->defined()) {
+      TORCH_CHECK((*t)->scalar_type() == buf.scalar_type() && (*t)->is_contiguous(),
+                  "rlsc native backend: dhidden, dweight and dbias must be contiguous tensors of buf's dtype");
+    }
+  }
+  const at::Tensor c = (-g / sumexp).contiguous();
   const at::Tensor g_target = (g * rest).unsqueeze(1);
-  if (dhidden.has_value() && dhidden->defined()) {
-    at::mm_out(*dhidden, buf, weight);
+  if (!bf16) {
+    if (need_h) {
+      at::mm_out(*dhidden, buf, weight);
+      dhidden->mul_(c.unsqueeze(1));
+      dhidden->add_(weight.index_select(0, targets) * g_target);
+    }
+    if (need_w) {
+      dweight->addmm_(buf.t(), hidden * c.unsqueeze(1));
+      dweight->index_add_(0, targets, hidden * g_target);
+    }
+    if (need_b) {
+      dbias->addmv_(buf.t(), c);
+      dbias->index_add_(0, targets, g_target.squeeze(1));
+    }
+    return;
+  }
+  const void* e = buf.data_ptr();  // bf16 [n, V], row stride 2V
+  if (need_h) {
+    TORCH_CHECK(dhidden->dim() == 2 && dhidden->size(0) == n && dhidden->size(1) == D,
+                "rlsc native backend: dhidden must be [n, D]");
+    gemm_bf16(false, false, n, D, V, e, 2 * V, weight.data_ptr(), D, 0.0f, dhidden->data_ptr<float>(), D);
     dhidden->mul_(c.unsqueeze(1));
-    dhidden->add_(weight.index_select(0, targets) * g_target);
+    dhidden->add_(weight.index_select(0, targets).to(at::kFloat) * g_target);
   }
-  if (dweight.has_value() && dweight->defined()) {
-    dweight->addmm_(buf.t(), hidden * c.unsqueeze(1));
-    dweight->index_add_(0, targets, hidden * g_target);
+  if (need_w) {
+    TORCH_CHECK(dweight->dim() == 2 && dweight->size(0) == V && dweight->size(1) == D,
+                "rlsc native backend: dweight must be [V, D]");
+    const at::Tensor hidden_f = hidden.to(at::kFloat);
+    const at::Tensor ch = (hidden_f * c.unsqueeze(1)).to(at::kBFloat16).contiguous();
+    gemm_bf16(true, false, V, D, n, e, 2 * V, ch.data_ptr(), D, 1.0f, dweight->data_ptr<float>(), D);
+    dweight->index_add_(0, targets, hidden_f * g_target);
   }
-  if (dbias.has_value() && dbias->defined()) {
-    dbias->addmv_(buf.t(), c);
+  if (need_b) {
+    TORCH_CHECK(dbias->numel() == V, "rlsc native backend: dbias must be [V]");
+    // db += e^T c in fp32 (no bf16 rounding of c): columns in parallel, rows in order.
+    const Bf16Bits* eb = static_cast<const Bf16Bits*>(e);
+    const float* cp = c.data_ptr<float>();
+    float* db = dbias->data_ptr<float>();
+    at::parallel_for(0, V, 2048, [&](int64_t v0, int64_t v1) {
+      for (int64_t t = 0; t < n; ++t) {
+        const Bf16Bits* row = eb + t * 2 * V;
+        const float ct = cp[t];
+#pragma omp simd
+        for (int64_t v = v0; v < v1; ++v) db[v] += ct * from_bf16(row[v]);
+      }
+    });
     dbias->index_add_(0, targets, g_target.squeeze(1));
   }
+}
+
+// (usable, hardware, symbol, status): whether chunk_forward/chunk_backward accept bf16 operands
+// here, and why (AMX-BF16 or AVX512-BF16 present and enabled, MKL's bf16 GEMM symbol found).
+std::tuple<bool, bool, bool, bool, std::string> bf16_gemm_status() {
+  const Bf16Gemm& g = bf16_gemm();
+  return {g.fn != nullptr, g.amx_bf16, g.avx512_bf16, g.symbol, g.status};
 }
 
 int64_t num_threads() { return at::get_num_threads(); }
@@ -236,6 +488,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Native CPU kernels of the single-pass RLSC loss";
   m.def("chunk_forward", &chunk_forward, "logits GEMM + fused lse/log-prob pass for one chunk");
   m.def("chunk_backward", &chunk_backward, "dH / dW / db GEMMs of one chunk from its exp(z - max) buffer");
+  m.def("bf16_gemm_status", &bf16_gemm_status,
+        "(usable, amx_bf16, avx512_bf16, symbol_found, status): the bf16 GEMM path of chunk_forward/chunk_backward");
   m.def("num_threads", &num_threads, "at::get_num_threads() as seen by the extension");
   m.def("parallel_for_threads", &parallel_for_threads, "threads used by one at::parallel_for of the extension");
 }

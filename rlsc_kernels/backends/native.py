@@ -6,14 +6,29 @@ one fused pass per row (lse, log-prob, entropy statistic; the buffer becomes exp
 the chunk's sequence weights here in Python, then the two gradient GEMMs (dH = dz W,
 dW += dz^T h) with dz = c exp(z - max) + onehot(y) g (1 - p_y) applied through their small
 operands (no sweep writes dz), all in float32 (float64 for float64 inputs).
-dW is accumulated over the chunks in float32; 16-bit weights are upcast to float32 once per
-call (one W-sized float32 temporary next to the float32 dW).
+dW is accumulated over the chunks in float32.
+
+bf16 inputs (`gemm_operands`): where the CPU has bf16 matrix or vector units (AMX-BF16,
+AVX512-BF16) and the loaded torch exports MKL's cblas_gemm_bf16bf16f32 (`bf16_gemm_status()`),
+the three GEMMs take the bf16 operands as they are, with fp32 accumulation and fp32 outputs:
+the logits are as exact as an fp32 GEMM of the same bf16 inputs, so every statistic (lse, logp,
+entropy, weights) is the fp32 path's; only the logit gradient's exp(z - max) and the small
+operand c h of dW are rounded to bf16 (a 16-bit logit gradient, the GPU bf16 path's bound), and
+dW still accumulates in fp32. No fp32 copy of W is made. Elsewhere, or with
+native_matmul="fp32", bf16 and fp16 inputs are upcast to float32 (the weight once per call: one
+W-sized float32 temporary next to the float32 dW) and take the float32 GEMMs.
+
+Invalid target ids: the C++ bounds-checks every id on every call, also with check_values=False
+(n comparisons per chunk, no sync: the tensors are on the CPU). An id outside [0, V) that is not
+ignore_index raises IndexError naming the id and V; nothing is read or written out of bounds.
 
 The two-sweep forward/backward (linear_logprobs, and extra upstream gradients of
 linear_rlsc_loss's per-token outputs) are the PyTorch backend's: the C++ serves the single pass.
 Threads: ATen's pool, so torch.set_num_threads applies.
 """
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch
 
@@ -58,6 +73,43 @@ def extension():
     return _EXT
 
 
+def bf16_gemm_status() -> Tuple[bool, str]:
+    """(usable, why): whether bf16 inputs can take the bf16 GEMMs here. Detected once per process
+    by the extension: the CPU's AMX-BF16 / AVX512-BF16 (cpuid, with the OS enabling their
+    register state) and MKL's cblas_gemm_bf16bf16f32 in the loaded libraries."""
+    if _EXT is None:
+        return False, f"native extension not built ({unavailable_reason()})"
+    usable, _amx, _avx512_bf16, _symbol, why = _EXT.bf16_gemm_status()
+    return bool(usable), why
+
+
+def gemm_dtype(dtype: torch.dtype, native_matmul: str = "auto") -> torch.dtype:
+    """The dtype of the GEMM operands for inputs of `dtype`: bfloat16 for bf16 inputs on the bf16
+    GEMMs (native_matmul "auto" where bf16_gemm_status() is usable, or "bf16", which raises where
+    it is not), else the statistics dtype (float32; float64 for float64 inputs)."""
+    acc = output_dtype(dtype)
+    if dtype != torch.bfloat16 or native_matmul == "fp32":
+        return acc
+    usable, why = bf16_gemm_status()
+    if usable:
+        return torch.bfloat16
+    if native_matmul == "bf16":
+        raise RuntimeError(f"native_matmul='bf16': the bf16 GEMMs are not available here ({why}); "
+                           "use native_matmul='auto' or 'fp32'")
+    return acc
+
+
+def gemm_operands(weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype, opts: FusedOptions):
+    """(weight, bias, operand dtype) as the C++ chunk kernels take them for inputs of `dtype`:
+    weight contiguous in the operand dtype (gemm_dtype), bias in the statistics dtype (added in
+    fp32 also on the bf16 GEMMs). Hidden rows go in as hidden[t0:t1].to(operand dtype)."""
+    op_dtype = gemm_dtype(dtype, getattr(opts, "native_matmul", "auto"))
+    acc = output_dtype(dtype)
+    w = weight.to(op_dtype).contiguous()
+    b = bias.to(acc).contiguous() if bias is not None else None
+    return w, b, op_dtype
+
+
 def forward(hidden, weight, bias, targets, opts: FusedOptions):
     """Two-sweep forward: the PyTorch backend's."""
     return torch_chunked.forward(hidden, weight, bias, targets, opts)
@@ -81,8 +133,7 @@ def rlsc_single_pass(hidden, weight, bias, targets, seq, chunks, weigh, opts: Fu
     need_b = need_b and bias is not None
     inv_t = 1.0 / opts.temperature
     with torch.no_grad():
-        w = weight.to(acc).contiguous()
-        b = bias.to(acc).contiguous() if bias is not None else None
+        w, b, op_dtype = gemm_operands(weight, bias, hidden.dtype, opts)
         valid = targets != opts.ignore_index
         safe_targets = torch.where(valid, targets, torch.zeros_like(targets)).contiguous()
         token_logp = torch.zeros(N, dtype=acc)
@@ -100,7 +151,7 @@ def rlsc_single_pass(hidden, weight, bias, targets, seq, chunks, weigh, opts: Fu
             if t1 == t0:
                 seq_weight[s0:s1], _ = weigh(seq_logp[s0:s1], n_tokens[s0:s1])
                 continue
-            h = hidden[t0:t1].to(acc).contiguous()
+            h = hidden[t0:t1].to(op_dtype).contiguous()
             ok = valid[t0:t1]
             y = safe_targets[t0:t1]
             z = buf[: t1 - t0]
