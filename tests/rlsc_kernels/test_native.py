@@ -370,3 +370,15 @@ def test_out_of_range_target_ids_raise_without_touching_memory():
     lines = proc.stdout.splitlines()
     assert lines[-1] == "survived" and not any(line.startswith("NO ERROR") for line in lines), proc.stdout
     assert sum(line.startswith("raised") for line in lines) == 2 * 6 + 3
+
+
+@needs_native
+def test_native_matmul_keyword_of_linear_rlsc_loss():
+    """The public keyword reaches the native backend: "fp32" and the default agree within the
+    bf16 GEMMs' bound, a bad value is named, LinearRLSCLoss accepts it."""
+    h, w, b, y, seq, S, N = _bf16_case(300, seed=2)
+    ref = rk.linear_rlsc_loss(h, w, y, seq_index=seq, bias=b, backend="native", native_matmul="fp32")
+    out = rk.LinearRLSCLoss(backend="native", native_matmul="auto")(h, w, y, seq_index=seq, bias=b)
+    assert torch.allclose(out.seq_logp, ref.seq_logp, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="native_matmul must be one of"):
+        rk.linear_rlsc_loss(h, w, y, seq_index=seq, backend="native", native_matmul="amx")
