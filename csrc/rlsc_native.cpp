@@ -212,14 +212,15 @@ constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 
 struct Bf16Gemm {
   Bf16GemmFn fn = nullptr;  // null: not usable here, see status
-  bool amx_bf16 = false, avx512_bf16 = false, symbol = false;
+  bool amx_bf16 = false, avx512_bf16 = false, symbol = false, intel = false;
   std::string status;
 };
 
 #if defined(__x86_64__) && defined(__GNUC__)
-void cpu_bf16_units(bool& amx_bf16, bool& avx512_bf16) {
+void cpu_bf16_units(bool& amx_bf16, bool& avx512_bf16, bool& intel) {
   unsigned a, b, c, d;
-  amx_bf16 = avx512_bf16 = false;
+  amx_bf16 = avx512_bf16 = intel = false;
+  if (__get_cpuid(0, &a, &b, &c, &d)) intel = b == 0x756e6547 && d == 0x49656e69 && c == 0x6c65746e;  // GenuineIntel
   if (!__get_cpuid_count(1, 0, &a, &b, &c, &d) || !(c & (1u << 27))) return;  // OSXSAVE
   unsigned xcr0_lo, xcr0_hi;
   __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
@@ -240,7 +241,7 @@ void cpu_bf16_units(bool& amx_bf16, bool& avx512_bf16) {
   if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) avx512_bf16 = avx512f && avx512_os && (a & (1u << 5));
 }
 #else
-void cpu_bf16_units(bool& amx_bf16, bool& avx512_bf16) { amx_bf16 = avx512_bf16 = false; }
+void cpu_bf16_units(bool& amx_bf16, bool& avx512_bf16, bool& intel) { amx_bf16 = avx512_bf16 = intel = false; }
 #endif
 
 void* find_symbol(const char* name) {
@@ -260,7 +261,7 @@ void* find_symbol(const char* name) {
 const Bf16Gemm& bf16_gemm() {
   static const Bf16Gemm g = [] {
     Bf16Gemm r;
-    cpu_bf16_units(r.amx_bf16, r.avx512_bf16);
+    cpu_bf16_units(r.amx_bf16, r.avx512_bf16, r.intel);
     void* p = find_symbol("cblas_gemm_bf16bf16f32");
     r.symbol = p != nullptr;
     if (!r.symbol) {
@@ -269,7 +270,8 @@ const Bf16Gemm& bf16_gemm() {
       r.status = "the CPU (or the OS) offers neither AMX-BF16 nor AVX512-BF16";
     } else {
       r.fn = reinterpret_cast<Bf16GemmFn>(p);
-      r.status = std::string("MKL cblas_gemm_bf16bf16f32 on ") + (r.amx_bf16 ? "AMX-BF16" : "AVX512-BF16");
+      r.status = std::string("MKL cblas_gemm_bf16bf16f32 on ") + (r.amx_bf16 ? "AMX-BF16" : "AVX512-BF16") +
+                 (r.intel ? "" : " (not an Intel CPU: MKL's speed there unmeasured)");
     }
     return r;
   }();
@@ -460,11 +462,12 @@ void chunk_backward(const at::Tensor& buf, const at::Tensor& hidden, const at::T
   }
 }
 
-// (usable, hardware, symbol, status): whether chunk_forward/chunk_backward accept bf16 operands
-// here, and why (AMX-BF16 or AVX512-BF16 present and enabled, MKL's bf16 GEMM symbol found).
-std::tuple<bool, bool, bool, bool, std::string> bf16_gemm_status() {
+// (usable, amx_bf16, avx512_bf16, symbol, intel, status): whether chunk_forward/chunk_backward
+// accept bf16 operands here, and why (AMX-BF16 or AVX512-BF16 present and enabled by the OS,
+// MKL's bf16 GEMM symbol found; the vendor, for the caller's default).
+std::tuple<bool, bool, bool, bool, bool, std::string> bf16_gemm_status() {
   const Bf16Gemm& g = bf16_gemm();
-  return {g.fn != nullptr, g.amx_bf16, g.avx512_bf16, g.symbol, g.status};
+  return {g.fn != nullptr, g.amx_bf16, g.avx512_bf16, g.symbol, g.intel, g.status};
 }
 
 int64_t num_threads() { return at::get_num_threads(); }
@@ -489,7 +492,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chunk_forward", &chunk_forward, "logits GEMM + fused lse/log-prob pass for one chunk");
   m.def("chunk_backward", &chunk_backward, "dH / dW / db GEMMs of one chunk from its exp(z - max) buffer");
   m.def("bf16_gemm_status", &bf16_gemm_status,
-        "(usable, amx_bf16, avx512_bf16, symbol_found, status): the bf16 GEMM path of chunk_forward/chunk_backward");
+        "(usable, amx_bf16, avx512_bf16, symbol_found, intel, status): the bf16 GEMM path of chunk_forward/chunk_backward");
   m.def("num_threads", &num_threads, "at::get_num_threads() as seen by the extension");
   m.def("parallel_for_threads", &parallel_for_threads, "threads used by one at::parallel_for of the extension");
 }

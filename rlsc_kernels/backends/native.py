@@ -73,14 +73,16 @@ def extension():
     return _EXT
 
 
-def bf16_gemm_status() -> Tuple[bool, str]:
-    """(usable, why): whether bf16 inputs can take the bf16 GEMMs here. Detected once per process
-    by the extension: the CPU's AMX-BF16 / AVX512-BF16 (cpuid, with the OS enabling their
-    register state) and MKL's cblas_gemm_bf16bf16f32 in the loaded libraries."""
+def bf16_gemm_status(default: bool = True) -> Tuple[bool, str]:
+    """(usable, why): whether bf16 inputs take the bf16 GEMMs here, by default (native_matmul
+    "auto"; default=False: whether they can at all, for "bf16"). Detected once per process by
+    the extension: the CPU's AMX-BF16 / AVX512-BF16 (cpuid, with the OS enabling their register
+    state) and MKL's cblas_gemm_bf16bf16f32 in the loaded libraries. The default also wants an
+    Intel CPU: MKL's bf16 kernels were measured on Intel only (elsewhere "bf16" opts in)."""
     if _EXT is None:
         return False, f"native extension not built ({unavailable_reason()})"
-    usable, _amx, _avx512_bf16, _symbol, why = _EXT.bf16_gemm_status()
-    return bool(usable), why
+    usable, _amx, _avx512_bf16, _symbol, intel, why = _EXT.bf16_gemm_status()
+    return bool(usable and (intel or not default)), why
 
 
 def gemm_dtype(dtype: torch.dtype, native_matmul: str = "auto") -> torch.dtype:
@@ -90,7 +92,7 @@ def gemm_dtype(dtype: torch.dtype, native_matmul: str = "auto") -> torch.dtype:
     acc = output_dtype(dtype)
     if dtype != torch.bfloat16 or native_matmul == "fp32":
         return acc
-    usable, why = bf16_gemm_status()
+    usable, why = bf16_gemm_status(default=native_matmul == "auto")
     if usable:
         return torch.bfloat16
     if native_matmul == "bf16":

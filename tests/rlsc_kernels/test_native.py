@@ -220,8 +220,9 @@ def test_bf16_fallback_is_the_fp32_computation_of_the_bf16_inputs(V):
 def test_bf16_gemm_detection_agrees_with_the_kernel():
     """The extension's own cpuid reading (hardware and OS state) against the flags Linux reports,
     and usable only with a bf16 unit and the symbol."""
-    usable, amx, avx512_bf16, symbol, why = native.extension().bf16_gemm_status()
+    usable, amx, avx512_bf16, symbol, intel, why = native.extension().bf16_gemm_status()
     assert usable == (symbol and (amx or avx512_bf16)), why
+    assert native.bf16_gemm_status() == (usable and intel, why)
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     except (OSError, StopIteration):
@@ -239,7 +240,7 @@ def test_native_matmul_choice_is_explicit(monkeypatch):
     assert native.gemm_dtype(torch.float16, "auto") == torch.float32
     assert native.gemm_dtype(torch.float64, "auto") == torch.float64
     assert native.gemm_dtype(torch.bfloat16, "auto") == (torch.bfloat16 if BF16_GEMMS_USABLE else torch.float32)
-    monkeypatch.setattr(native, "bf16_gemm_status", lambda: (False, "simulated: no AMX"))
+    monkeypatch.setattr(native, "bf16_gemm_status", lambda default=True: (False, "simulated: no AMX"))
     assert native.gemm_dtype(torch.bfloat16, "auto") == torch.float32
     with pytest.raises(RuntimeError, match="native_matmul='bf16'.*simulated: no AMX"):
         native.gemm_dtype(torch.bfloat16, "bf16")
