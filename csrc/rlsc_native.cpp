@@ -49,7 +49,8 @@
 namespace {
 
 RLSC_INLINE float exp_nonpositive(float x) {
-  // exp(x) for x <= 0: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-7 polynomial, 2^n by bits.
+  // exp(x) for x <= 0 (valid up to x = 88: the bf16 pass uses it up to kAboveRef): x = n ln2 + r,
+  // |r| <= ln2/2, exp(r) by a degree-7 polynomial, 2^n by bits.
   // Branch-free and call-free (n is rounded with the 1.5 * 2^23 trick, not floor) so that the
   // row loops vectorise with the baseline instruction set too.
   const float lo = -87.33654f;  // below: the result underflows float32's normal range -> 0
@@ -75,33 +76,26 @@ RLSC_INLINE float exp_nonpositive(float x) {
 
 RLSC_INLINE double exp_nonpositive(double x) { return std::exp(x); }
 
-// Fused forward pass over rows [r0, r1) of buf [n, V] (raw logits on entry). On exit each row
-// holds e = exp(z - m) with the target's entry 0, written over the row's own bytes: as scalar_t
-// (row stride V), or with kBf16Out as bf16 bits in the first half of the row's fp32 bytes (row
-// stride 2V bf16 elements), where the bf16 GEMMs of the backward read it. Block [v0, v1)'s
-// outputs go to bytes [2 v0, 2 v1) of the row, all of which the pass has read already (it reads
-// the block into tmp first), so nothing unread is overwritten.
+// Fused forward pass over rows [r0, r1) of buf [n, V] (raw logits on entry, e = exp(z - m) on
+// exit, the target's entry 0). Each block of kSumBlock entries goes through tmp (L1) first.
 constexpr int64_t kSumBlock = 512;
 
-// Stores to the bf16 form go through a may_alias type: they overwrite float data of the same row.
-typedef uint16_t __attribute__((may_alias)) Bf16Bits;
-
-RLSC_INLINE Bf16Bits to_bf16(float x) {
-  // Round to nearest even (x is finite and >= 0 here: an exponential).
+// bf16 <-> float bits (round to nearest even; x is finite here: an exponential).
+RLSC_INLINE uint16_t to_bf16(float x) {
   uint32_t u;
   std::memcpy(&u, &x, sizeof(u));
   u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<Bf16Bits>(u >> 16);
+  return static_cast<uint16_t>(u >> 16);
 }
 
-RLSC_INLINE float from_bf16(Bf16Bits b) {
+RLSC_INLINE float from_bf16(uint16_t b) {
   const uint32_t u = static_cast<uint32_t>(b) << 16;
   float x;
   std::memcpy(&x, &u, sizeof(x));
   return x;
 }
 
-template <typename scalar_t, bool kBf16Out>
+template <typename scalar_t>
 RLSC_INLINE void forward_rows(scalar_t* buf, int64_t V, const int64_t* targets, scalar_t inv_t, bool want_mean_z,
                   scalar_t* lse, scalar_t* logp, scalar_t* sumexp, scalar_t* rest, scalar_t* mean_z, int64_t r0,
                   int64_t r1) {
@@ -153,15 +147,9 @@ RLSC_INLINE void forward_rows(scalar_t* buf, int64_t V, const int64_t* targets, 
       }
       others += bs;
       a += ba;
-      if constexpr (kBf16Out) {
-        Bf16Bits* dst = reinterpret_cast<Bf16Bits*>(row) + v0;
+      scalar_t* dst = row + v0;
 #pragma omp simd
-        for (int64_t j = 0; j < len; ++j) dst[j] = to_bf16(tmp[j]);
-      } else {
-        scalar_t* dst = row + v0;
-#pragma omp simd
-        for (int64_t j = 0; j < len; ++j) dst[j] = tmp[j];
-      }
+      for (int64_t j = 0; j < len; ++j) dst[j] = tmp[j];
     }
     const double s = others + static_cast<double>(e_target);
     const double log_s = std::log(s);
@@ -178,27 +166,98 @@ RLSC_INLINE void forward_rows(scalar_t* buf, int64_t V, const int64_t* targets, 
 RLSC_CPU_CLONES void forward_rows_f32(float* buf, int64_t V, const int64_t* targets, float inv_t, bool want_mean_z,
                                       float* lse, float* logp, float* sumexp, float* rest, float* mean_z, int64_t r0,
                                       int64_t r1) {
-  forward_rows<float, false>(buf, V, targets, inv_t, want_mean_z, lse, logp, sumexp, rest, mean_z, r0, r1);
-}
-
-RLSC_CPU_CLONES void forward_rows_f32_to_bf16(float* buf, int64_t V, const int64_t* targets, float inv_t,
-                                              bool want_mean_z, float* lse, float* logp, float* sumexp, float* rest,
-                                              float* mean_z, int64_t r0, int64_t r1) {
-  forward_rows<float, true>(buf, V, targets, inv_t, want_mean_z, lse, logp, sumexp, rest, mean_z, r0, r1);
+  forward_rows<float>(buf, V, targets, inv_t, want_mean_z, lse, logp, sumexp, rest, mean_z, r0, r1);
 }
 
 template <typename scalar_t>
 void forward_block(scalar_t* buf, int64_t V, const int64_t* targets, scalar_t inv_t, bool want_mean_z,
                    scalar_t* lse, scalar_t* logp, scalar_t* sumexp, scalar_t* rest, scalar_t* mean_z, int64_t r0,
-                   int64_t r1, bool bf16_out) {
+                   int64_t r1) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (bf16_out) {
-      forward_rows_f32_to_bf16(buf, V, targets, inv_t, want_mean_z, lse, logp, sumexp, rest, mean_z, r0, r1);
-    } else {
-      forward_rows_f32(buf, V, targets, inv_t, want_mean_z, lse, logp, sumexp, rest, mean_z, r0, r1);
-    }
+    forward_rows_f32(buf, V, targets, inv_t, want_mean_z, lse, logp, sumexp, rest, mean_z, r0, r1);
   } else {
-    forward_rows<scalar_t, false>(buf, V, targets, inv_t, want_mean_z, lse, logp, sumexp, rest, mean_z, r0, r1);
+    forward_rows<scalar_t>(buf, V, targets, inv_t, want_mean_z, lse, logp, sumexp, rest, mean_z, r0, r1);
+  }
+}
+
+// The bf16 forward, by vocabulary blocks of kVBlock: the logits GEMM of one block writes an fp32
+// scratch [n, kVBlock] (8 MiB at 512 rows: it stays in cache, where the whole [n, V] fp32 block
+// would go to memory and back), and this pass turns it into that block's e = exp(z - ref) as
+// bf16 in E [n, V] right away. ref is the row's first-block max; a later block whose max is more
+// than kAboveRef above it rescales the row's e written so far (rare: logits of one row rarely
+// spread so) and takes its max as ref. So e <= exp(kAboveRef) and no overflow, and an entry far
+// below the true max underflows only where exp(z - max) < 2^-126 too. Per-row state across
+// blocks: ref, others = sum of e without the target, a = sum of e (z - ref), e_t and z_t (the
+// target's e and z).
+constexpr int64_t kVBlock = 4096;
+constexpr float kAboveRef = 32.0f;
+
+RLSC_CPU_CLONES void bf16_block_rows(const float* scratch, int64_t ld_s, uint16_t* E, int64_t V, int64_t v0,
+                                     int64_t v1, const int64_t* targets, float inv_t, bool want_mean_z, float* ref,
+                                     double* others, double* a, float* e_t, float* z_t, int64_t r0, int64_t r1) {
+  alignas(64) float tmp[kSumBlock];
+  const int64_t len = v1 - v0;
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* row = scratch + i * ld_s;
+    uint16_t* erow = E + i * V;
+    float raw_max = row[0];
+#pragma omp simd reduction(max : raw_max)
+    for (int64_t j = 0; j < len; ++j) raw_max = row[j] > raw_max ? row[j] : raw_max;
+    const float block_max = raw_max * inv_t;
+    if (v0 == 0) {
+      ref[i] = block_max;
+      others[i] = a[i] = 0;
+      e_t[i] = 0;
+    } else if (block_max > ref[i] + kAboveRef) {
+      const float f = exp_nonpositive(ref[i] - block_max);
+      a[i] = f * (a[i] + static_cast<double>(ref[i] - block_max) * (others[i] + e_t[i]));
+      others[i] *= f;
+      e_t[i] *= f;
+#pragma omp simd
+      for (int64_t v = 0; v < v0; ++v) erow[v] = to_bf16(from_bf16(erow[v]) * f);
+      ref[i] = block_max;
+    }
+    const float m = ref[i];
+    const int64_t y = targets[i];
+    double o = 0, aa = 0;
+    for (int64_t j0 = 0; j0 < len; j0 += kSumBlock) {
+      const int64_t j1 = j0 + kSumBlock < len ? j0 + kSumBlock : len;
+      const int64_t bl = j1 - j0;
+      const float* in = row + j0;
+      float bs = 0, ba = 0;
+      if (want_mean_z) {
+#pragma omp simd reduction(+ : bs, ba)
+        for (int64_t j = 0; j < bl; ++j) {
+          const float zs = in[j] * inv_t - m;
+          const float e = exp_nonpositive(zs);
+          tmp[j] = e;
+          bs += e;
+          ba += e * zs;
+        }
+      } else {
+#pragma omp simd reduction(+ : bs)
+        for (int64_t j = 0; j < bl; ++j) {
+          const float e = exp_nonpositive(in[j] * inv_t - m);
+          tmp[j] = e;
+          bs += e;
+        }
+      }
+      if (y >= v0 + j0 && y < v0 + j1) {
+        e_t[i] = tmp[y - v0 - j0];
+        z_t[i] = in[y - v0 - j0] * inv_t;
+        tmp[y - v0 - j0] = 0;
+        bs = 0;
+#pragma omp simd reduction(+ : bs)
+        for (int64_t j = 0; j < bl; ++j) bs += tmp[j];
+      }
+      o += bs;
+      aa += ba;
+      uint16_t* dst = erow + v0 + j0;
+#pragma omp simd
+      for (int64_t j = 0; j < bl; ++j) dst[j] = to_bf16(tmp[j]);
+    }
+    others[i] += o;
+    a[i] += aa;
   }
 }
 
@@ -335,35 +394,87 @@ bool check_chunk(const at::Tensor& buf, const at::Tensor& hidden, const at::Tens
 
 constexpr int64_t kRowGrain = 4;
 
-// Logits of the chunk into buf, then the fused pass. Returns (lse, logp, sumexp, 1 - p_target,
-// mean_z or empty); buf ends holding e = exp(z - max), 0 at each row's target: as float32/64 (the
-// dtype of hidden and weight), or, for bf16 hidden and weight, as bf16 in the first half of each
-// fp32 row (row stride 2V bf16 elements). bf16 operands: the logits GEMM takes bf16 products
-// with fp32 accumulation and fp32 output (as exact as an fp32 GEMM of the same bf16 inputs); the
-// fp32 bias is added in fp32.
+// The bf16 forward of a chunk (see bf16_block_rows): E = e as bf16 [n, V], contiguous in the
+// first half of buf's bytes; the fp32 scratch in the second half where it fits (V >= 2 kVBlock),
+// else allocated. The fp32 bias is added to the scratch before each block's GEMM (beta = 1).
+void chunk_forward_bf16(at::Tensor& buf, const at::Tensor& hidden, const at::Tensor& weight,
+                        const c10::optional<at::Tensor>& bias, const at::Tensor& targets, double temperature,
+                        bool want_mean_z, float* lse, float* logp, float* sumexp, float* rest, float* mean_z) {
+  const int64_t n = buf.size(0), V = buf.size(1), D = hidden.size(1);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == V && bias->is_contiguous(),
+                "rlsc native backend: bias must be contiguous float32 [V]");
+  }
+  const int64_t vb = V < kVBlock ? V : kVBlock;
+  at::Tensor own_scratch;
+  float* scratch;
+  if (2 * vb <= V) {
+    scratch = buf.data_ptr<float>() + (n * V + 1) / 2;  // after E's n V bf16 = ceil(n V / 2) floats
+  } else {
+    own_scratch = at::empty({n, vb}, buf.options());
+    scratch = own_scratch.data_ptr<float>();
+  }
+  uint16_t* E = static_cast<uint16_t*>(buf.data_ptr());
+  auto f32 = buf.options();
+  at::Tensor ref = at::empty({n}, f32), e_t = at::empty({n}, f32), z_t = at::empty({n}, f32);
+  at::Tensor others = at::empty({n}, f32.dtype(at::kDouble)), a = at::empty({n}, f32.dtype(at::kDouble));
+  float *ref_p = ref.data_ptr<float>(), *e_t_p = e_t.data_ptr<float>(), *z_t_p = z_t.data_ptr<float>();
+  double *others_p = others.data_ptr<double>(), *a_p = a.data_ptr<double>();
+  const int64_t* y = targets.data_ptr<int64_t>();
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const auto* w = static_cast<const uint16_t*>(weight.data_ptr());
+  for (int64_t v0 = 0; v0 < V; v0 += vb) {
+    const int64_t v1 = v0 + vb < V ? v0 + vb : V;
+    const int64_t len = v1 - v0;
+    if (has_bias) {
+      const float* bp = bias->data_ptr<float>() + v0;
+      at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t i = r0; i < r1; ++i) std::memcpy(scratch + i * vb, bp, len * sizeof(float));
+      });
+    }
+    gemm_bf16(false, true, n, len, D, hidden.data_ptr(), D, w + v0 * D, D, has_bias ? 1.0f : 0.0f, scratch, vb);
+    at::parallel_for(0, n, kRowGrain, [&](int64_t r0, int64_t r1) {
+      bf16_block_rows(scratch, vb, E, V, v0, v1, y, inv_t, want_mean_z, ref_p, others_p, a_p, e_t_p, z_t_p, r0, r1);
+    });
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const double s = others_p[i] + static_cast<double>(e_t_p[i]);
+    const double log_s = std::log(s);
+    lse[i] = static_cast<float>(ref_p[i] + log_s);
+    logp[i] = static_cast<float>((z_t_p[i] - ref_p[i]) - log_s);
+    sumexp[i] = static_cast<float>(s);
+    rest[i] = static_cast<float>(others_p[i] / s);  // 1 - p_y, no cancellation
+    if (want_mean_z) mean_z[i] = static_cast<float>(ref_p[i] + a_p[i] / s);
+  }
+}
+
+// Logits of the chunk, then the fused pass. Returns (lse, logp, sumexp, 1 - p_target, mean_z or
+// empty). buf ends holding e = exp(z - ref), 0 at each row's target: float32/64 operands write
+// the logits into buf ([n, V], ref = the row max) and turn them into e in place; bf16 operands
+// (chunk_forward_bf16) leave e as a contiguous bf16 [n, V] in the first half of buf's bytes.
+// Either way sumexp is the sum of that e, so the backward's c = -g / sumexp matches it.
 std::vector<at::Tensor> chunk_forward(at::Tensor buf, const at::Tensor& hidden, const at::Tensor& weight,
                                       const c10::optional<at::Tensor>& bias, const at::Tensor& targets,
                                       double temperature, bool want_mean_z) {
   const bool bf16 = check_chunk(buf, hidden, weight, targets);
   TORCH_CHECK(temperature > 0, "rlsc native backend: temperature must be > 0");
-  const bool has_bias = bias.has_value() && bias->defined();
-  const int64_t n = buf.size(0), V = buf.size(1), D = hidden.size(1);
-  if (bf16) {
-    if (has_bias) {
-      TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == V, "rlsc native backend: bias must be float32 [V]");
-      buf.copy_(bias->unsqueeze(0).expand({n, V}));
-    }
-    gemm_bf16(false, true, n, V, D, hidden.data_ptr(), D, weight.data_ptr(), D, has_bias ? 1.0f : 0.0f,
-              buf.data_ptr<float>(), V);
-  } else if (has_bias) {
-    at::addmm_out(buf, *bias, hidden, weight.t());
-  } else {
-    at::mm_out(buf, hidden, weight.t());
-  }
+  const int64_t n = buf.size(0), V = buf.size(1);
   auto opts = buf.options();
   at::Tensor lse = at::empty({n}, opts), logp = at::empty({n}, opts), sumexp = at::empty({n}, opts);
   at::Tensor rest = at::empty({n}, opts);
   at::Tensor mean_z = want_mean_z ? at::empty({n}, opts) : at::empty({0}, opts);
+  if (bf16) {
+    chunk_forward_bf16(buf, hidden, weight, bias, targets, temperature, want_mean_z, lse.data_ptr<float>(),
+                       logp.data_ptr<float>(), sumexp.data_ptr<float>(), rest.data_ptr<float>(),
+                       want_mean_z ? mean_z.data_ptr<float>() : nullptr);
+    return {lse, logp, sumexp, rest, mean_z};
+  }
+  if (bias.has_value() && bias->defined()) {
+    at::addmm_out(buf, *bias, hidden, weight.t());
+  } else {
+    at::mm_out(buf, hidden, weight.t());
+  }
   AT_DISPATCH_FLOATING_TYPES(buf.scalar_type(), "rlsc_chunk_forward", [&] {
     scalar_t* b = buf.data_ptr<scalar_t>();
     const int64_t* y = targets.data_ptr<int64_t>();
@@ -374,7 +485,7 @@ std::vector<at::Tensor> chunk_forward(at::Tensor buf, const at::Tensor& hidden, 
     scalar_t* rest_p = rest.data_ptr<scalar_t>();
     scalar_t* mz_p = want_mean_z ? mean_z.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, n, kRowGrain, [&](int64_t r0, int64_t r1) {
-      forward_block<scalar_t>(b, V, y, inv_t, want_mean_z, lse_p, logp_p, s_p, rest_p, mz_p, r0, r1, bf16);
+      forward_block<scalar_t>(b, V, y, inv_t, want_mean_z, lse_p, logp_p, s_p, rest_p, mz_p, r0, r1);
     });
   });
   return {lse, logp, sumexp, rest, mean_z};
@@ -428,11 +539,11 @@ void chunk_backward(const at::Tensor& buf, const at::Tensor& hidden, const at::T
     }
     return;
   }
-  const void* e = buf.data_ptr();  // bf16 [n, V], row stride 2V
+  const void* e = buf.data_ptr();  // bf16 [n, V], contiguous (chunk_forward_bf16)
   if (need_h) {
     TORCH_CHECK(dhidden->dim() == 2 && dhidden->size(0) == n && dhidden->size(1) == D,
                 "rlsc native backend: dhidden must be [n, D]");
-    gemm_bf16(false, false, n, D, V, e, 2 * V, weight.data_ptr(), D, 0.0f, dhidden->data_ptr<float>(), D);
+    gemm_bf16(false, false, n, D, V, e, V, weight.data_ptr(), D, 0.0f, dhidden->data_ptr<float>(), D);
     dhidden->mul_(c.unsqueeze(1));
     dhidden->add_(weight.index_select(0, targets).to(at::kFloat) * g_target);
   }
@@ -441,18 +552,18 @@ void chunk_backward(const at::Tensor& buf, const at::Tensor& hidden, const at::T
                 "rlsc native backend: dweight must be [V, D]");
     const at::Tensor hidden_f = hidden.to(at::kFloat);
     const at::Tensor ch = (hidden_f * c.unsqueeze(1)).to(at::kBFloat16).contiguous();
-    gemm_bf16(true, false, V, D, n, e, 2 * V, ch.data_ptr(), D, 1.0f, dweight->data_ptr<float>(), D);
+    gemm_bf16(true, false, V, D, n, e, V, ch.data_ptr(), D, 1.0f, dweight->data_ptr<float>(), D);
     dweight->index_add_(0, targets, hidden_f * g_target);
   }
   if (need_b) {
     TORCH_CHECK(dbias->numel() == V, "rlsc native backend: dbias must be [V]");
     // db += e^T c in fp32 (no bf16 rounding of c): columns in parallel, rows in order.
-    const Bf16Bits* eb = static_cast<const Bf16Bits*>(e);
+    const uint16_t* eb = static_cast<const uint16_t*>(e);
     const float* cp = c.data_ptr<float>();
     float* db = dbias->data_ptr<float>();
     at::parallel_for(0, V, 2048, [&](int64_t v0, int64_t v1) {
       for (int64_t t = 0; t < n; ++t) {
-        const Bf16Bits* row = eb + t * 2 * V;
+        const uint16_t* row = eb + t * V;
         const float ct = cp[t];
 #pragma omp simd
         for (int64_t v = v0; v < v1; ++v) db[v] += ct * from_bf16(row[v]);

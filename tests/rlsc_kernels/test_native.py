@@ -202,6 +202,40 @@ def test_bf16_gemms_give_fp32_statistics_and_16bit_logit_gradients(V):
 
 
 @needs_native
+@needs_bf16_gemms
+def test_bf16_gemms_across_vocabulary_blocks_with_a_late_maximum():
+    """The bf16 forward runs the logits by vocabulary blocks of 4096, each row's e relative to its
+    first block's max, rescaled when a later block's max is more than 32 above it. Three blocks
+    (the last one partial), and a last block whose logits are 3x larger: some rows rescale, some
+    not (checked), targets in every block; judged as in the test above."""
+    V, D = 2 * 4096 + 1234, 19
+    lengths = [3, 9, 1, 14, 6]
+    S, N = len(lengths), sum(lengths)
+    h, w, b, y = make_inputs(N, D, V, dtype=torch.float64, logit_scale=4.0, seed=11)
+    w[8192:] *= 3.0
+    y[:6] = torch.tensor([0, 4095, 4096, 8191, 8192, V - 1])
+    h, w, b = h.bfloat16(), w.bfloat16(), b.bfloat16()
+    seq = torch.repeat_interleave(torch.arange(S), torch.tensor(lengths))
+    z = (h.double() @ w.double().T + b.double()) / 0.7
+    late = z[:, 8192:].amax(1) - z[:, :4096].amax(1)
+    assert (late > 32).any() and (late < 32).any(), "the inputs must exercise both sides of the rescale"
+    opts = FusedOptions(temperature=0.7, ignore_index=-100, return_entropy=True, native_matmul="bf16")
+    fast = _single_pass(native, h, w, b, y, seq, S, opts, rows=15)
+    fp32 = _single_pass(torch_single_pass, h.float(), w.float(), b.float(), y, seq, S, opts, rows=15)
+    exact = _single_pass(torch_single_pass, h.double(), w.double(), b.double(), y, seq, S, opts, rows=N)
+    pick = lambda r, names: {k: getattr(r, k).double() for k in names}  # noqa: E731
+    assert_within_oracle(pick(fast, STATISTICS), pick(fp32, STATISTICS), pick(exact, STATISTICS), torch.float32,
+                         "bf16 GEMMs, blocks", floor={"token_entropy": 1e-6 * z.abs().max().item()})
+    bound16 = _grads_with_16bit_logit_gradient(h, w, b, y, seq, S, 0.7, exact.seq_weight)
+    for name in GRADIENTS:
+        want = getattr(exact, name)
+        err = (getattr(fast, name).double() - want).abs().max().item()
+        err16 = (bound16[name] - want).abs().max().item()
+        limit = 2 * err16 + TOL[torch.float32] * want.abs().max().item()
+        assert err <= limit, f"bf16 blocks {name}: error {err:.3e} > 2 x 16-bit-logit-gradient error {err16:.3e} + tol"
+
+
+@needs_native
 @pytest.mark.parametrize("V", [7, 1000])
 def test_bf16_fallback_is_the_fp32_computation_of_the_bf16_inputs(V):
     """native_matmul="fp32" (the path of a CPU without bf16 units or without MKL's symbol):
