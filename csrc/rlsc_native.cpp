@@ -24,6 +24,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -271,6 +272,7 @@ constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 
 struct Bf16Gemm {
   Bf16GemmFn fn = nullptr;  // null: not usable here, see status
+  int (*set_threads_local)(int) = nullptr;  // MKL_Set_Num_Threads_Local (C interface), where found
   bool amx_bf16 = false, avx512_bf16 = false, symbol = false, intel = false;
   std::string status;
 };
@@ -329,6 +331,7 @@ const Bf16Gemm& bf16_gemm() {
       r.status = "the CPU (or the OS) offers neither AMX-BF16 nor AVX512-BF16";
     } else {
       r.fn = reinterpret_cast<Bf16GemmFn>(p);
+      r.set_threads_local = reinterpret_cast<int (*)(int)>(find_symbol("MKL_Set_Num_Threads_Local"));
       r.status = std::string("MKL cblas_gemm_bf16bf16f32 on ") + (r.amx_bf16 ? "AMX-BF16" : "AVX512-BF16") +
                  (r.intel ? "" : " (not an Intel CPU: MKL's speed there unmeasured)");
     }
@@ -336,6 +339,19 @@ const Bf16Gemm& bf16_gemm() {
   }();
   return g;
 }
+
+// MKL single-threaded on this thread while alive (inside a parallel region: one GEMM per thread).
+// Without MKL_Set_Num_Threads_Local, MKL's default (sequential when called inside OpenMP) holds.
+struct SequentialGemms {
+  int (*set)(int) = nullptr;
+  int before = 0;
+  explicit SequentialGemms(bool active) {
+    if (active && (set = bf16_gemm().set_threads_local) != nullptr) before = set(1);
+  }
+  ~SequentialGemms() {
+    if (set != nullptr) set(before);
+  }
+};
 
 int as_int(int64_t x, const char* what) {
   TORCH_CHECK(x <= std::numeric_limits<int>::max(), "rlsc native backend: ", what, " = ", x,
@@ -424,20 +440,26 @@ void chunk_forward_bf16(at::Tensor& buf, const at::Tensor& hidden, const at::Ten
   const int64_t* y = targets.data_ptr<int64_t>();
   const float inv_t = static_cast<float>(1.0 / temperature);
   const auto* w = static_cast<const uint16_t*>(weight.data_ptr());
-  for (int64_t v0 = 0; v0 < V; v0 += vb) {
-    const int64_t v1 = v0 + vb < V ? v0 + vb : V;
-    const int64_t len = v1 - v0;
-    if (has_bias) {
-      const float* bp = bias->data_ptr<float>() + v0;
-      at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-        for (int64_t i = r0; i < r1; ++i) std::memcpy(scratch + i * vb, bp, len * sizeof(float));
-      });
-    }
-    gemm_bf16(false, true, n, len, D, hidden.data_ptr(), D, w + v0 * D, D, has_bias ? 1.0f : 0.0f, scratch, vb);
-    at::parallel_for(0, n, kRowGrain, [&](int64_t r0, int64_t r1) {
+  const auto* h = static_cast<const uint16_t*>(hidden.data_ptr());
+  const float* bias_p = has_bias ? bias->data_ptr<float>() : nullptr;
+  // One parallel region: each thread takes a range of rows through all the vocabulary blocks
+  // (its GEMMs single-threaded, its part of the scratch its own), instead of a threaded GEMM and a
+  // row pass per block: two synchronisations per block would cost most where the cores are shared.
+  const int64_t threads = at::get_num_threads();
+  const int64_t grain = std::max<int64_t>(kRowGrain, (n + threads - 1) / threads);
+  at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
+    SequentialGemms one_thread(at::in_parallel_region());
+    for (int64_t v0 = 0; v0 < V; v0 += vb) {
+      const int64_t v1 = v0 + vb < V ? v0 + vb : V;
+      const int64_t len = v1 - v0;
+      if (bias_p != nullptr) {
+        for (int64_t i = r0; i < r1; ++i) std::memcpy(scratch + i * vb, bias_p + v0, len * sizeof(float));
+      }
+      gemm_bf16(false, true, r1 - r0, len, D, h + r0 * D, D, w + v0 * D, D, bias_p != nullptr ? 1.0f : 0.0f,
+                scratch + r0 * vb, vb);
       bf16_block_rows(scratch, vb, E, V, v0, v1, y, inv_t, want_mean_z, ref_p, others_p, a_p, e_t_p, z_t_p, r0, r1);
-    });
-  }
+    }
+  });
   for (int64_t i = 0; i < n; ++i) {
     const double s = others_p[i] + static_cast<double>(e_t_p[i]);
     const double log_s = std::log(s);
