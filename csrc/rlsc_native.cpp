@@ -13,6 +13,9 @@
 //                   dz = c e + onehot(y) g, c = -g / s, goes into the two library GEMMs through
 //                   their small operands: dH = c (e W) + g W_y, dW += e^T (c h) + scatter_y(g h)
 //                   (fp32 accumulation), db += e^T c + scatter_y(g). No sweep writes dz.
+// bf16 h and W (MKL's cblas_gemm_bf16bf16f32, fp32 accumulation and output): the forward goes by
+// vocabulary blocks whose fp32 logits stay in cache (chunk_forward_bf16), e is kept as bf16, and
+// the two gradient GEMMs take bf16 operands with fp32 outputs.
 // Target ids are bounds-checked here on every call (an id outside [0, V) raises IndexError), so
 // no input reads or writes outside the buffers, also with the Python checks off.
 // The exponential is a Cephes-style polynomial written so the compiler vectorises the row loop
