@@ -565,26 +565,50 @@ void chunk_backward(const at::Tensor& buf, const at::Tensor& hidden, const at::T
     return;
   }
   const void* e = buf.data_ptr();  // bf16 [n, V], contiguous (chunk_forward_bf16)
+  // The [n, D]-sized work around the GEMMs in plain serial loops (about n D operations each, next
+  // to the GEMMs' n V D): one parallel region fewer per torch op, which is what costs where the
+  // cores are shared. The target's term g (1 - p_y) is applied in fp32.
+  const at::Tensor g_c = g.contiguous(), rest_c = rest.contiguous();
+  const float *cp = c.data_ptr<float>(), *gp = g_c.data_ptr<float>(), *rp = rest_c.data_ptr<float>();
+  const auto* hb = static_cast<const uint16_t*>(hidden.data_ptr());
+  const auto* wb = static_cast<const uint16_t*>(weight.data_ptr());
+  const int64_t* y = targets.data_ptr<int64_t>();
   if (need_h) {
     TORCH_CHECK(dhidden->dim() == 2 && dhidden->size(0) == n && dhidden->size(1) == D,
                 "rlsc native backend: dhidden must be [n, D]");
-    gemm_bf16(false, false, n, D, V, e, V, weight.data_ptr(), D, 0.0f, dhidden->data_ptr<float>(), D);
-    dhidden->mul_(c.unsqueeze(1));
-    dhidden->add_(weight.index_select(0, targets).to(at::kFloat) * g_target);
+    float* dh = dhidden->data_ptr<float>();
+    gemm_bf16(false, false, n, D, V, e, V, wb, D, 0.0f, dh, D);
+    for (int64_t t = 0; t < n; ++t) {
+      const float ct = cp[t], gt = gp[t] * rp[t];
+      const uint16_t* wy = wb + y[t] * D;
+      float* row = dh + t * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) row[d] = row[d] * ct + from_bf16(wy[d]) * gt;
+    }
   }
   if (need_w) {
     TORCH_CHECK(dweight->dim() == 2 && dweight->size(0) == V && dweight->size(1) == D,
                 "rlsc native backend: dweight must be [V, D]");
-    const at::Tensor hidden_f = hidden.to(at::kFloat);
-    const at::Tensor ch = (hidden_f * c.unsqueeze(1)).to(at::kBFloat16).contiguous();
-    gemm_bf16(true, false, V, D, n, e, V, ch.data_ptr(), D, 1.0f, dweight->data_ptr<float>(), D);
-    dweight->index_add_(0, targets, hidden_f * g_target);
+    float* dw = dweight->data_ptr<float>();
+    at::Tensor ch = at::empty({n, D}, hidden.options());
+    auto* chp = static_cast<uint16_t*>(ch.data_ptr());
+    for (int64_t t = 0; t < n; ++t) {
+      const float ct = cp[t];
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) chp[t * D + d] = to_bf16(from_bf16(hb[t * D + d]) * ct);
+    }
+    gemm_bf16(true, false, V, D, n, e, V, chp, D, 1.0f, dw, D);
+    for (int64_t t = 0; t < n; ++t) {
+      const float gt = gp[t] * rp[t];
+      float* row = dw + y[t] * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) row[d] += from_bf16(hb[t * D + d]) * gt;
+    }
   }
   if (need_b) {
     TORCH_CHECK(dbias->numel() == V, "rlsc native backend: dbias must be [V]");
     // db += e^T c in fp32 (no bf16 rounding of c): columns in parallel, rows in order.
     const uint16_t* eb = static_cast<const uint16_t*>(e);
-    const float* cp = c.data_ptr<float>();
     float* db = dbias->data_ptr<float>();
     at::parallel_for(0, V, 2048, [&](int64_t v0, int64_t v1) {
       for (int64_t t = 0; t < n; ++t) {
@@ -594,7 +618,7 @@ void chunk_backward(const at::Tensor& buf, const at::Tensor& hidden, const at::T
         for (int64_t v = v0; v < v1; ++v) db[v] += ct * from_bf16(row[v]);
       }
     });
-    dbias->index_add_(0, targets, g_target.squeeze(1));
+    for (int64_t t = 0; t < n; ++t) db[y[t]] += gp[t] * rp[t];
   }
 }
 
