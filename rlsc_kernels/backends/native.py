@@ -20,9 +20,11 @@ driver: it passes the same buffer to chunk_backward). No fp32 copy of W is made.
 native_matmul="fp32", bf16 and fp16 inputs are upcast to float32 (the weight once per call: one
 W-sized float32 temporary next to the float32 dW) and take the float32 GEMMs.
 
-Invalid target ids: the C++ bounds-checks every id on every call, also with check_values=False
-(n comparisons per chunk, no sync: the tensors are on the CPU). An id outside [0, V) that is not
-ignore_index raises IndexError naming the id and V; nothing is read or written out of bounds.
+Invalid target ids (check_values=False): an id outside [0, V) counts as ignored, as on every
+backend (autograd.scored): log-prob 0, no gradient, no effect on its sequence's L_s. The C++
+also bounds-checks every id it is handed on every call (n comparisons per chunk, no sync: the
+tensors are on the CPU) and raises IndexError naming it, so no input reads or writes out of
+bounds whatever the driver passes.
 
 The two-sweep forward/backward (linear_logprobs, and extra upstream gradients of
 linear_rlsc_loss's per-token outputs) are the PyTorch backend's: the C++ serves the single pass.
@@ -34,6 +36,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..autograd import scored
 from ..options import FusedOptions
 from ..reference import output_dtype
 from ..single_pass import SinglePassResult
@@ -138,7 +141,7 @@ def rlsc_single_pass(hidden, weight, bias, targets, seq, chunks, weigh, opts: Fu
     inv_t = 1.0 / opts.temperature
     with torch.no_grad():
         w, b, op_dtype = gemm_operands(weight, bias, hidden.dtype, opts)
-        valid = targets != opts.ignore_index
+        valid = scored(targets, opts.ignore_index, V)  # ids outside [0, V) count as ignored
         safe_targets = torch.where(valid, targets, torch.zeros_like(targets)).contiguous()
         token_logp = torch.zeros(N, dtype=acc)
         lse = torch.zeros(N, dtype=acc)
