@@ -196,14 +196,14 @@ void forward_block(scalar_t* buf, int64_t V, const int64_t* targets, scalar_t in
 constexpr int64_t kVBlock = 4096;
 constexpr float kAboveRef = 32.0f;
 
-RLSC_CPU_CLONES void bf16_block_rows(const float* scratch, int64_t ld_s, uint16_t* E, int64_t V, int64_t v0,
+RLSC_CPU_CLONES void bf16_block_rows(const float* scratch, int64_t ld_s, uint16_t* E, int64_t ld_e, int64_t v0,
                                      int64_t v1, const int64_t* targets, float inv_t, bool want_mean_z, float* ref,
                                      double* others, double* a, float* e_t, float* z_t, int64_t r0, int64_t r1) {
   alignas(64) float tmp[kSumBlock];
   const int64_t len = v1 - v0;
   for (int64_t i = r0; i < r1; ++i) {
     const float* row = scratch + i * ld_s;
-    uint16_t* erow = E + i * V;
+    uint16_t* erow = E + i * ld_e;
     float raw_max = row[0];
 #pragma omp simd reduction(max : raw_max)
     for (int64_t j = 0; j < len; ++j) raw_max = row[j] > raw_max ? row[j] : raw_max;
@@ -413,9 +413,12 @@ bool check_chunk(const at::Tensor& buf, const at::Tensor& hidden, const at::Tens
 
 constexpr int64_t kRowGrain = 4;
 
-// The bf16 forward of a chunk (see bf16_block_rows): E = e as bf16 [n, V], contiguous in the
-// first half of buf's bytes; the fp32 scratch in the second half where it fits (V >= 2 kVBlock),
-// else allocated. The fp32 bias is added to the scratch before each block's GEMM (beta = 1).
+// The bf16 forward of a chunk (see bf16_block_rows). Everything of row i stays inside row i's
+// own 4V bytes of buf, so a row slice of buf is the same slice of E (the driver may run the
+// backward over row ranges): E = e as bf16 in the first 2V bytes (row stride 2V bf16), the fp32
+// scratch of the row's current block in the last 2V bytes (row stride V floats) where a block
+// fits there (V >= 2 kVBlock), else in an allocated [n, kVBlock]. The fp32 bias is added to the
+// scratch before each block's GEMM (beta = 1).
 void chunk_forward_bf16(at::Tensor& buf, const at::Tensor& hidden, const at::Tensor& weight,
                         const c10::optional<at::Tensor>& bias, const at::Tensor& targets, double temperature,
                         bool want_mean_z, float* lse, float* logp, float* sumexp, float* rest, float* mean_z) {
@@ -428,11 +431,14 @@ void chunk_forward_bf16(at::Tensor& buf, const at::Tensor& hidden, const at::Ten
   const int64_t vb = V < kVBlock ? V : kVBlock;
   at::Tensor own_scratch;
   float* scratch;
+  int64_t ld_s;
   if (2 * vb <= V) {
-    scratch = buf.data_ptr<float>() + (n * V + 1) / 2;  // after E's n V bf16 = ceil(n V / 2) floats
+    scratch = buf.data_ptr<float>() + (V + 1) / 2;  // row i: after its V bf16 = ceil(V / 2) floats
+    ld_s = V;
   } else {
     own_scratch = at::empty({n, vb}, buf.options());
     scratch = own_scratch.data_ptr<float>();
+    ld_s = vb;
   }
   uint16_t* E = static_cast<uint16_t*>(buf.data_ptr());
   auto f32 = buf.options();
@@ -456,11 +462,12 @@ void chunk_forward_bf16(at::Tensor& buf, const at::Tensor& hidden, const at::Ten
       const int64_t v1 = v0 + vb < V ? v0 + vb : V;
       const int64_t len = v1 - v0;
       if (bias_p != nullptr) {
-        for (int64_t i = r0; i < r1; ++i) std::memcpy(scratch + i * vb, bias_p + v0, len * sizeof(float));
+        for (int64_t i = r0; i < r1; ++i) std::memcpy(scratch + i * ld_s, bias_p + v0, len * sizeof(float));
       }
       gemm_bf16(false, true, r1 - r0, len, D, h + r0 * D, D, w + v0 * D, D, bias_p != nullptr ? 1.0f : 0.0f,
-                scratch + r0 * vb, vb);
-      bf16_block_rows(scratch, vb, E, V, v0, v1, y, inv_t, want_mean_z, ref_p, others_p, a_p, e_t_p, z_t_p, r0, r1);
+                scratch + r0 * ld_s, ld_s);
+      bf16_block_rows(scratch, ld_s, E, 2 * V, v0, v1, y, inv_t, want_mean_z, ref_p, others_p, a_p, e_t_p, z_t_p, r0,
+                      r1);
     }
   });
   for (int64_t i = 0; i < n; ++i) {
@@ -477,7 +484,7 @@ void chunk_forward_bf16(at::Tensor& buf, const at::Tensor& hidden, const at::Ten
 // Logits of the chunk, then the fused pass. Returns (lse, logp, sumexp, 1 - p_target, mean_z or
 // empty). buf ends holding e = exp(z - ref), 0 at each row's target: float32/64 operands write
 // the logits into buf ([n, V], ref = the row max) and turn them into e in place; bf16 operands
-// (chunk_forward_bf16) leave e as a contiguous bf16 [n, V] in the first half of buf's bytes.
+// (chunk_forward_bf16) leave e as bf16 in the first half of each row's bytes (row stride 2V).
 // Either way sumexp is the sum of that e, so the backward's c = -g / sumexp matches it.
 std::vector<at::Tensor> chunk_forward(at::Tensor buf, const at::Tensor& hidden, const at::Tensor& weight,
                                       const c10::optional<at::Tensor>& bias, const at::Tensor& targets,
@@ -564,7 +571,7 @@ void chunk_backward(const at::Tensor& buf, const at::Tensor& hidden, const at::T
     }
     return;
   }
-  const void* e = buf.data_ptr();  // bf16 [n, V], contiguous (chunk_forward_bf16)
+  const void* e = buf.data_ptr();  // bf16 [n, V], row stride 2V (chunk_forward_bf16)
   // The [n, D]-sized work around the GEMMs in plain serial loops (about n D operations each, next
   // to the GEMMs' n V D): one parallel region fewer per torch op, which is what costs where the
   // cores are shared. The target's term g (1 - p_y) is applied in fp32.
@@ -577,7 +584,7 @@ void chunk_backward(const at::Tensor& buf, const at::Tensor& hidden, const at::T
     TORCH_CHECK(dhidden->dim() == 2 && dhidden->size(0) == n && dhidden->size(1) == D,
                 "rlsc native backend: dhidden must be [n, D]");
     float* dh = dhidden->data_ptr<float>();
-    gemm_bf16(false, false, n, D, V, e, V, wb, D, 0.0f, dh, D);
+    gemm_bf16(false, false, n, D, V, e, 2 * V, wb, D, 0.0f, dh, D);
     for (int64_t t = 0; t < n; ++t) {
       const float ct = cp[t], gt = gp[t] * rp[t];
       const uint16_t* wy = wb + y[t] * D;
@@ -597,7 +604,7 @@ void chunk_backward(const at::Tensor& buf, const at::Tensor& hidden, const at::T
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) chp[t * D + d] = to_bf16(from_bf16(hb[t * D + d]) * ct);
     }
-    gemm_bf16(true, false, V, D, n, e, V, chp, D, 1.0f, dw, D);
+    gemm_bf16(true, false, V, D, n, e, 2 * V, chp, D, 1.0f, dw, D);
     for (int64_t t = 0; t < n; ++t) {
       const float gt = gp[t] * rp[t];
       float* row = dw + y[t] * D;
@@ -612,7 +619,7 @@ void chunk_backward(const at::Tensor& buf, const at::Tensor& hidden, const at::T
     float* db = dbias->data_ptr<float>();
     at::parallel_for(0, V, 2048, [&](int64_t v0, int64_t v1) {
       for (int64_t t = 0; t < n; ++t) {
-        const uint16_t* row = eb + t * V;
+        const uint16_t* row = eb + t * 2 * V;
         const float ct = cp[t];
 #pragma omp simd
         for (int64_t v = v0; v < v1; ++v) db[v] += ct * from_bf16(row[v]);

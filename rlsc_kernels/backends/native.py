@@ -15,8 +15,8 @@ the logits are as exact as an fp32 GEMM of the same bf16 inputs, so every statis
 entropy, weights) is the fp32 path's; only e = exp(z - r) (r: a per-row reference near the
 max) and the small operand c h of dW are rounded to bf16 (a 16-bit logit gradient, the GPU bf16
 path's bound), and dW still accumulates in fp32. The forward goes by vocabulary blocks whose fp32
-logits stay in cache; the chunk buffer ends holding e as bf16 in its first half (opaque to this
-driver: it passes the same buffer to chunk_backward). No fp32 copy of W is made. Elsewhere, or with
+logits stay in cache; the chunk buffer ends holding e as bf16 in the first half of each row's
+bytes (opaque to this driver: it passes the same buffer, or row slices of it, to chunk_backward). No fp32 copy of W is made. Elsewhere, or with
 native_matmul="fp32", bf16 and fp16 inputs are upcast to float32 (the weight once per call: one
 W-sized float32 temporary next to the float32 dW) and take the float32 GEMMs.
 
