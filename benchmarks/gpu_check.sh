@@ -192,6 +192,14 @@ if (( $(left) > 200 )); then
         ${RLSC_PROFILE_ARGS:-} > "$OUT/single_pass_profile.log" 2>&1
     note "single-pass profile rc=$? (cap ${T}s): $(grep -E '"single_pass_over_gemm"' "$OUT/single_pass_profile.log")"
 fi
+# the single pass at every length (issue 19): 16 x 3072 against three full-size GEMMs, alternating,
+# with its dispatcher GEMM count and chunk layout
+if (( $(left) > 150 )); then
+    T=$(cap 90 120)
+    timeout -k 5 "$T" python3 -m benchmarks.single_pass_lengths --device cuda --head "$HEAD_NAME" --dtype bfloat16 \
+        --shapes 16x3072 --rounds 3 --out "$OUT/single_pass_lengths.json" > "$OUT/single_pass_lengths.log" 2>&1
+    note "single pass 16x3072 rc=$? (cap ${T}s): $(grep -E '^16x3072:' "$OUT/single_pass_lengths.log")"
+fi
 if (( $(left) > 120 )); then
     compare "B (${HEAD_NAME} 16x3072)" 80 40 --heads "$HEAD_NAME" --seq-lens 3072 --impls "$LONG_IMPLS" --ops rlsc_fwd_bwd,logprobs_fwd
 fi

@@ -372,19 +372,19 @@ def rk_fwd_bwd(inp: HeadInputs, hidden, weight, backend: str, filter_eps="auto",
 
 def three_gemms_fwd_bwd(inp: HeadInputs, hidden, weight):
     """The floor of an exact single pass: its three GEMMs alone (logits z = h W^T, dH = z W,
-    dW += z^T h) over the chunks of whole sequences the native backend plans at its default
-    budget, into reused buffers. Returns (0, dH, dW): the timing floor, not a loss."""
+    dW += z^T h) over the chunks the native backend plans at its default budget, into reused
+    buffers. Returns (0, dH, dW): the timing floor, not a loss."""
     from rlsc_kernels.backends import native
-    from rlsc_kernels.single_pass import budget_rows, plan_chunks
+    from rlsc_kernels.single_pass import plan
 
     V, D = weight.shape
     counts = torch.bincount(inp.seq_index, minlength=inp.n_seqs).tolist()
-    chunks = plan_chunks(counts, budget_rows(V, hidden.dtype, native.BUFFER_BYTES))
+    chunks = plan(counts, V, D, hidden.dtype, native.BUFFER_BYTES, True).chunks  # any length: whole or split
     with torch.no_grad():
         dH = torch.empty_like(hidden)
         dW = torch.zeros_like(weight)
-        buf = torch.empty(max(t1 - t0 for t0, t1, _, _ in chunks), V, dtype=hidden.dtype, device=hidden.device)
-        for t0, t1, _, _ in chunks:
+        buf = torch.empty(max(c.t1 - c.t0 for c in chunks), V, dtype=hidden.dtype, device=hidden.device)
+        for t0, t1, *_ in chunks:
             h, z = hidden[t0:t1], buf[: t1 - t0]
             torch.mm(h, weight.T, out=z)
             torch.mm(z, weight, out=dH[t0:t1])
@@ -424,12 +424,12 @@ def _rk_path(backend: str, filter_eps, path: str = "auto"):
         if taken:
             return text + f" -> took {taken!r}"
         if backend == "triton" and path == "auto":
-            # the op does not report its path: apply the dispatch rule (a sequence's fp32 logits
-            # must fit the single pass's default budget)
-            from rlsc_kernels.backends.triton_single_pass import BUFFER_BYTES
+            # the op does not report its path: apply the dispatch rule (defaults only on proven
+            # paths: "auto" takes the single pass only on rlsc_kernels.single_pass.SINGLE_PASS_DEFAULT_DEVICES)
+            from rlsc_kernels.single_pass import auto_takes_single_pass
 
-            fits = (inp.N // inp.n_seqs) * inp.weight.shape[0] * 4 <= BUFFER_BYTES
-            return text + f" -> {'single-pass' if fits else 'two-sweep'} (by the budget rule)"
+            taken = "single-pass" if auto_takes_single_pass(inp.hidden.device) else "two-sweep"
+            return text + f" -> {taken} (by the dispatch rule)"
         return text
 
     return describe

@@ -68,7 +68,7 @@ def main(argv=None):
     from rlsc_kernels.kernels.single_pass_grad import single_pass_grad_kernel
     from rlsc_kernels.kernels.single_pass_stats import single_pass_stats_kernel
     from rlsc_kernels.options import FusedOptions
-    from rlsc_kernels.single_pass import Weigh
+    from rlsc_kernels.single_pass import Weigh, rlsc_single_pass
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -100,7 +100,7 @@ def main(argv=None):
 
     def grad_kernel():
         single_pass_grad_kernel[(triton.cdiv(n, gr.block_n),)](
-            buf, grad, buf, y, lse, coef, n, V, buf.stride(0), grad.stride(0), 2.0,
+            buf, grad, buf, y, lse, logp, coef, n, V, buf.stride(0), grad.stride(0), 2.0,
             HAS_BIAS=False, ROUND_BF16_RTNE=False, BLOCK_N=gr.block_n, BLOCK_V=gr.block_v, num_warps=gr.num_warps)
 
     chunk = {
@@ -119,8 +119,8 @@ def main(argv=None):
     chunks = plan_chunks(counts, n)
 
     def whole():
-        return tsp.rlsc_single_pass(hidden, weight, None, targets, seq, chunks, Weigh("rlsc", 0.1, "mean", S),
-                                    FusedOptions(temperature=0.5), (True, True, False))
+        return rlsc_single_pass(tsp, hidden, weight, None, targets, seq, chunks, Weigh("rlsc", 0.1, "mean", S),
+                                FusedOptions(temperature=0.5), (True, True, False))
 
     whole_ms = run(whole, max(3, reps // 3))
     n_chunks = len(chunks)

@@ -277,10 +277,12 @@ def linear_rlsc_loss(
     return_entropy: also return each scored token's entropy (for monitoring; it is not in the
       loss, and costs nothing in the backward unless the caller backpropagates through it).
     filter_eps, backend, softcap: as in linear_logprobs.
-    path: "auto" computes the loss and its gradients in one pass (three GEMMs per chunk of whole
-      sequences; the backward only scales them) wherever that applies: backends torch, native
-      and triton, each sequence's logits within buffer_bytes. Elsewhere, and with "two-sweep",
-      the per-token op's two sweeps. "single-pass" raises where it does not apply. The single
+    path: "auto" computes the loss and its gradients in one pass (three GEMMs at every sequence
+      length: sequences longer than buffer_bytes allows are split across chunks; the backward
+      only scales the gradients) wherever that applies and is proven: backends torch and native
+      on CPU. On CUDA "auto" takes the two sweeps until a GPU run has measured the single pass;
+      "single-pass" opts in there (backend triton). Elsewhere, and with "two-sweep", the
+      per-token op's two sweeps. "single-pass" raises where it does not apply. The single
       pass makes one more device-to-host sync (tokens per sequence, for the chunk plan). With
       vocab_parallel the loss always takes the two sweeps (the single pass does not split the
       vocabulary), and "single-pass" raises.

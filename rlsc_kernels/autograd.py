@@ -12,14 +12,13 @@ gradients (double backward) raises a clear error instead of silently missing ter
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch._C import _functions as _autograd_functions
 
-
-from dataclasses import replace
-
+from .dtypes import output_dtype
 from .options import FusedOptions
-from .reference import output_dtype
 
 
 _CASTABLE = (torch.float32, torch.float16, torch.bfloat16)

@@ -51,8 +51,8 @@ from torch import Tensor
 
 from . import backends
 from .autograd import scored
+from .dtypes import output_dtype
 from .options import BlockConfigs, FusedOptions, KernelConfig
-from .reference import output_dtype
 
 _LIB = "rlsc_kernels"
 

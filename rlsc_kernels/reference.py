@@ -11,12 +11,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .dtypes import output_dtype  # noqa: F401  (re-exported: it lives below every path now)
 from .options import FusedOptions
-
-
-def output_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics are float32, or float64 when the inputs are float64 (the oracle)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def reference_logprobs(

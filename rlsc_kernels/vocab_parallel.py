@@ -41,8 +41,8 @@ import torch
 import torch.distributed as dist
 
 from .autograd import _zero_ignored, not_differentiable
+from .dtypes import output_dtype
 from .options import FusedOptions
-from .reference import output_dtype
 from .validation import _confirm_not_finite, _maybe_not_finite
 
 

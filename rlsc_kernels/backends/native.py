@@ -1,9 +1,10 @@
 """The native CPU backend (backend="native"): the single-pass RLSC loss in C++ (csrc/rlsc_native.cpp,
 built by the package build as rlsc_kernels._native).
 
-Per chunk of whole sequences: the logits with the library GEMM into one reused [rows, V] buffer,
-one fused pass per row (lse, log-prob, entropy statistic; the buffer becomes exp(z - max)),
-the chunk's sequence weights here in Python, then the two gradient GEMMs (dH = dz W,
+The chunk loop is the single-pass driver's (rlsc_kernels/single_pass/driver.py); per chunk this
+module runs the logits with the library GEMM into one reused [rows, V] buffer, one fused pass
+per row (lse, log-prob, entropy statistic; the buffer becomes exp(z - max)), then, with the
+driver's per-token coefficients, the two gradient GEMMs (dH = dz W,
 dW += dz^T h) with dz = c exp(z - max) + onehot(y) g (1 - p_y) applied through their small
 operands (no sweep writes dz), all in float32 (float64 for float64 inputs).
 dW is accumulated over the chunks in float32.
@@ -38,8 +39,7 @@ import torch
 
 from ..autograd import scored
 from ..options import FusedOptions
-from ..reference import output_dtype
-from ..single_pass import SinglePassResult
+from ..dtypes import output_dtype
 from . import torch_chunked
 
 
@@ -127,55 +127,45 @@ def backward(hidden, weight, bias, targets, saved, grad_logp, grad_entropy, opts
     return torch_chunked.backward(hidden, weight, bias, targets, saved, grad_logp, grad_entropy, opts, needs)
 
 
-def rlsc_single_pass(hidden, weight, bias, targets, seq, chunks, weigh, opts: FusedOptions, needs) -> SinglePassResult:
-    """The single-pass contract of rlsc_kernels/single_pass.py, on CPU tensors."""
-    ext = extension()
-    if hidden.device.type != "cpu":
-        raise ValueError(f"backend='native' runs on CPU tensors, got hidden on {hidden.device}")
-    N, D = hidden.shape
-    V = weight.shape[0]
-    n_seqs = chunks[-1][3]
-    acc = output_dtype(hidden.dtype)
-    need_h, need_w, need_b = needs
-    need_b = need_b and bias is not None
-    inv_t = 1.0 / opts.temperature
-    with torch.no_grad():
-        w, b, op_dtype = gemm_operands(weight, bias, hidden.dtype, opts)
-        valid = scored(targets, opts.ignore_index, V)  # ids outside [0, V) count as ignored
-        safe_targets = torch.where(valid, targets, torch.zeros_like(targets)).contiguous()
-        token_logp = torch.zeros(N, dtype=acc)
-        lse = torch.zeros(N, dtype=acc)
-        mean_z = torch.zeros(N, dtype=acc) if opts.return_entropy else None
-        seq_logp = torch.zeros(n_seqs, dtype=acc)
-        seq_weight = torch.zeros(n_seqs, dtype=torch.float32)
-        n_tokens = torch.zeros(n_seqs, dtype=torch.int64).index_add_(0, seq, valid.long())
-        dh = torch.zeros(N, D, dtype=acc) if need_h else None
-        dw = torch.zeros(V, D, dtype=acc) if need_w else None
-        db = torch.zeros(V, dtype=acc) if need_b else None
-        rows = max(t1 - t0 for t0, t1, _, _ in chunks)
-        buf = torch.empty(rows, V, dtype=acc)
-        for t0, t1, s0, s1 in chunks:
-            if t1 == t0:
-                seq_weight[s0:s1], _ = weigh(seq_logp[s0:s1], n_tokens[s0:s1])
-                continue
-            h = hidden[t0:t1].to(op_dtype).contiguous()
-            ok = valid[t0:t1]
-            y = safe_targets[t0:t1]
-            z = buf[: t1 - t0]
-            lse_c, logp_c, sumexp, rest, mz_c = ext.chunk_forward(z, h, w, b, y, opts.temperature, mean_z is not None)
-            logp_c = torch.where(ok, logp_c, torch.zeros_like(logp_c))
-            token_logp[t0:t1] = logp_c
-            lse[t0:t1] = lse_c
-            if mean_z is not None:
-                mean_z[t0:t1] = mz_c
-            local = seq[t0:t1] - s0
-            seq_logp[s0:s1] = torch.zeros(s1 - s0, dtype=acc).index_add_(0, local, logp_c)
-            seq_weight[s0:s1], coef = weigh(seq_logp[s0:s1], n_tokens[s0:s1])
-            if not (need_h or need_w or need_b):
-                continue
-            g = torch.where(ok, coef.to(acc)[local] * inv_t, torch.zeros_like(logp_c)).contiguous()
-            ext.chunk_backward(z, h, w, y, g, sumexp, rest, dh[t0:t1] if dh is not None else None, dw, db)
-    entropy = None
-    if mean_z is not None:
-        entropy = torch.where(valid, lse - mean_z, torch.zeros_like(lse))
-    return SinglePassResult(token_logp, entropy, seq_logp, seq_weight, lse, mean_z, dh, dw, db)
+class SinglePassOps:
+    """The driver's primitives (single_pass/driver.py) on CPU tensors: the C++ chunk_forward and
+    chunk_backward, each called from one place."""
+
+    def __init__(self, hidden, weight, bias, targets, opts: FusedOptions, max_rows: int):
+        self.ext = extension()
+        if hidden.device.type != "cpu":
+            raise ValueError(f"backend='native' runs on CPU tensors, got hidden on {hidden.device}")
+        self.acc = output_dtype(hidden.dtype)
+        self.hidden = hidden
+        self.w, self.b, self.op_dtype = gemm_operands(weight, bias, hidden.dtype, opts)
+        self.temperature = opts.temperature
+        self.entropy = opts.return_entropy
+        valid = scored(targets, opts.ignore_index, weight.shape[0])  # ids outside [0, V) count as ignored
+        self.targets = torch.where(valid, targets, torch.zeros_like(targets)).contiguous()
+        self.buf = torch.empty(max_rows, weight.shape[0], dtype=self.acc)
+        self._chunk = None
+
+    def stats(self, t0, t1):
+        h = self.hidden[t0:t1].to(self.op_dtype).contiguous()
+        y = self.targets[t0:t1]
+        z = self.buf[: t1 - t0]
+        lse, logp, sumexp, rest, mean_z = self.ext.chunk_forward(z, h, self.w, self.b, y, self.temperature,
+                                                                  self.entropy)
+        self._chunk = (h, y, z, sumexp, rest)
+        return lse, logp, mean_z if self.entropy else None
+
+    def grads(self, t0, t1, g, dh, parts):
+        h, y, z, sumexp, rest = self._chunk
+        self._chunk = None
+        g = g.contiguous()
+        if not parts:  # dhidden only
+            parts = [(0, t1 - t0, None, None)]
+        for r0, r1, dw, db in parts:
+            self.ext.chunk_backward(z[r0:r1], h[r0:r1], self.w, y[r0:r1], g[r0:r1], sumexp[r0:r1], rest[r0:r1],
+                                    dh[r0:r1] if dh is not None else None, dw, db)
+
+    def grad_scale(self, bound):
+        return 1.0  # dz is fp32 (fp64), or bf16 with fp32's range, here: no range to fit
+
+    def finish(self):
+        self._chunk = self.buf = None

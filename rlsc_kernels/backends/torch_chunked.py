@@ -23,8 +23,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..dtypes import output_dtype
 from ..options import FusedOptions
-from ..reference import output_dtype
 
 #: Upper bound on the elements of one logits block (tokens x vocab) held at a time (128 MB in
 #: fp32): on 2 CPU cores at the SmolLM2 head, 2^25 ran fwd+bwd 25% faster than 2^23 (thin chunks

@@ -102,7 +102,7 @@ def _single_pass_stats_signature(ty: str):
 def _single_pass_grad_signature(ty: str):
     # 16-bit inputs: the gradient is written over the fp32 logits block as 16-bit values
     sig = {"logits_ptr": "*fp32", "grad_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "targets_ptr": "*i64",
-           "lse_ptr": "*fp32", "coef_ptr": "*fp32"}
+           "lse_ptr": "*fp32", "logp_ptr": "*fp32", "coef_ptr": "*fp32"}
     sig.update(n_rows="i32", V="i32", stride_ln="i32", stride_gn="i32", inv_temperature="fp32")
     return sig
 

@@ -11,7 +11,7 @@ import rlsc_kernels as rk
 from rlsc_kernels import backends
 from rlsc_kernels.backends import native, torch_single_pass
 from rlsc_kernels.options import FusedOptions
-from rlsc_kernels.single_pass import Weigh, plan_chunks
+from rlsc_kernels.single_pass import Weigh, plan_chunks, rlsc_single_pass
 
 from .oracle import TOL, assert_within_oracle, make_inputs, run_logprobs
 
@@ -33,7 +33,8 @@ def test_extension_is_built_where_a_compiler_is_present():
 def _single_pass(module, hidden, weight, bias, targets, seq, S, opts, rows, needs=(True, True, True)):
     counts = torch.bincount(seq, minlength=S).tolist()
     chunks = plan_chunks(counts, rows)
-    return module.rlsc_single_pass(hidden, weight, bias, targets, seq, chunks, Weigh("rlsc", 0.1, "mean", S), opts, needs)
+    return rlsc_single_pass(module, hidden, weight, bias, targets, seq, chunks, Weigh("rlsc", 0.1, "mean", S), opts,
+                            needs)
 
 
 @needs_native

@@ -234,14 +234,19 @@ def test_frozen_head_and_no_grad(backend):
     assert math.isclose(out2.loss.item(), exact["loss"].item(), rel_tol=1e-5)
 
 
-def test_auto_path_falls_back_to_two_sweep_for_a_sequence_over_the_budget():
-    hidden, weight, bias, targets, seq = packed_batch([5, 30, 4], seed=1)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequences_over_the_budget_are_split_across_chunks(backend):
+    """A sequence longer than the chunk budget is served by the single pass (split across chunks,
+    its gradient scaled when it closes), on path "auto" and "single-pass" alike. (Before issue 19
+    path="single-pass" refused it and "auto" took the two sweeps.)"""
+    hidden, weight, bias, targets, seq = packed_batch([5, 80, 4, 61], seed=1)
+    counts = torch.bincount(seq, minlength=4).tolist()
+    assert single_pass.plan(counts, 203, 24, torch.float32, 812 * 20, True).layout == "split"
     kw = dict(temperature=0.7, alpha=0.1, weighting="rlsc", reduction="mean")
-    exact = oracle(hidden, weight, bias, targets, seq, 3, **kw)
-    got = run_op(hidden, weight, bias, targets, seq, backend="torch", buffer_bytes=812 * 20, **kw)
-    assert_close(got, exact, 2e-5)
-    with pytest.raises(ValueError, match="path='single-pass'.*30 tokens.*buffer_bytes"):
-        run_op(hidden, weight, bias, targets, seq, backend="torch", path="single-pass", buffer_bytes=812 * 20, **kw)
+    exact = oracle(hidden, weight, bias, targets, seq, 4, **kw)
+    for path in ("auto", "single-pass"):
+        got = run_op(hidden, weight, bias, targets, seq, backend=backend, path=path, buffer_bytes=812 * 20, **kw)
+        assert_close(got, exact, 2e-5, f"{backend}/{path}")
 
 
 def test_single_pass_refusals_name_the_reason():
@@ -256,14 +261,233 @@ def test_single_pass_refusals_name_the_reason():
 
 
 def test_weigh_slices_external_weights_by_position():
+    """Weigh is a pure function of (L, n, first sequence): the same call gives the same answer."""
     w = torch.tensor([1.0, 2.0, 3.0, 4.0])
     weigh = single_pass.Weigh(w, 0.1, "mean", 4)
     L = torch.zeros(2)
     n = torch.ones(2, dtype=torch.int64)
-    assert weigh(L, n)[0].tolist() == [1.0, 2.0]
-    sw, coef = weigh(L, n)
+    assert weigh(L, n, 0)[0].tolist() == [1.0, 2.0]
+    sw, coef = weigh(L, n, 2)
     assert sw.tolist() == [3.0, 4.0] and coef.tolist() == [-0.75, -1.0]
     assert weigh(L[:1], n[:1], s0=1)[0].tolist() == [2.0]
-    assert weigh(L, n)[0].tolist() == [3.0, 4.0]  # continues after the s0 = 1 call
+    assert weigh(L, n, 2)[0].tolist() == [3.0, 4.0]  # no state: the s0 = 1 call changed nothing
     with pytest.raises(RuntimeError, match="outside"):
-        weigh(L, n)
+        weigh(L, n, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sequences longer than the chunk budget (issue 19): split across chunks, through the driver.
+
+from rlsc_kernels.options import FusedOptions  # noqa: E402
+from rlsc_kernels.single_pass.plan import chunks_from_bounds, split_bounds  # noqa: E402
+
+SPLIT_LENGTHS = [37, 3, 0, 50, 2, 0, 23]  # 37 opens at token 0 (dweight is its accumulator), 50 and 23 do not
+
+
+def run_split(backend, lengths, rows, *, dtype=torch.float64, needs=(True, True, True), weighting="rlsc",
+              entropy=True, seed=0, bias=True):
+    hidden, weight, b, targets, seq = packed_batch(lengths, dtype=dtype, seed=seed, shuffle=False)
+    b = b if bias else None
+    S = len(lengths)
+    chunks = chunks_from_bounds(lengths, split_bounds(lengths, rows))
+    opts = FusedOptions(temperature=0.7, return_entropy=entropy)
+    weigh = single_pass.Weigh(weighting, 0.1, "mean", S)
+    res = single_pass.rlsc_single_pass(backend, hidden, weight, b, targets, seq, chunks, weigh, opts, needs)
+    return res, chunks, (hidden, weight, b, targets, seq, S)
+
+
+def test_split_plan_cuts_only_sequences_longer_than_the_rows():
+    counts = [37, 3, 0, 50, 2, 0, 23, 10, 0]
+    rows = 10
+    bounds = split_bounds(counts, rows)
+    chunks = chunks_from_bounds(counts, bounds)
+    starts = [sum(counts[:s]) for s in range(len(counts) + 1)]
+    assert bounds[0] == 0 and bounds[-1] == sum(counts)
+    assert all(0 < c.t1 - c.t0 <= rows for c in chunks)
+    for s, n in enumerate(counts):  # a sequence of at most `rows` tokens lies in one chunk
+        if 0 < n <= rows:
+            assert any(c.t0 <= starts[s] and starts[s] + n <= c.t1 for c in chunks), s
+    # every sequence is weighed exactly once, in the chunk holding its last token
+    assert [c.s0 for c in chunks[1:]] == [c.s1 for c in chunks[:-1]] and chunks[-1].s1 == len(counts)
+    for c in chunks:
+        for s in range(c.s0, c.s1):
+            if counts[s]:
+                assert c.t0 <= starts[s + 1] - 1 < c.t1
+        assert c.carry_start <= c.t0 and c.t0 <= max(c.open_start, c.t0) <= c.t1
+        if c.carry_start < c.t0:
+            assert c.carry_start == starts[c.s0]
+    assert chunks_from_bounds([0, 0], split_bounds([0, 0], 5)) == [(0, 0, 0, 2, 0, 0)]
+
+
+def test_plan_picks_the_layout_by_the_cost_model():
+    V, D, f32 = 1000, 100, torch.float32
+    budget = 4 * V * 20  # 20 rows
+    assert single_pass.plan([20, 5], V, D, f32, budget, True).layout == "whole"
+    # a 60-token sequence: 60 rows of logits (240 kB) fit within B + 4 V D (80 kB + 400 kB): grow the block
+    grown = single_pass.plan([60, 5], V, D, f32, budget, True)
+    assert (grown.layout, grown.rows, grown.open_bytes) == ("whole", 60, 0)
+    # a 200-token sequence does not (800 kB): split, with the open accumulator 4 V D
+    split = single_pass.plan([200, 5], V, D, f32, budget, True)
+    assert (split.layout, split.rows, split.open_bytes) == ("split", 20, 4 * V * D)
+    # without a weight gradient the split costs no memory: always split at the budget
+    no_dw = single_pass.plan([60, 5], V, D, f32, budget, False)
+    assert (no_dw.layout, no_dw.rows, no_dw.open_bytes) == ("split", 20, 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows", [1, 7, 10, 36])
+def test_split_chunks_match_float64_oracle(backend, rows):
+    """Sequences spanning 2-50 chunks (rows = 1: every token its own chunk), one opening at token 0,
+    empty sequences between them, ignored tokens, bias, entropy: every output against Algorithm 1."""
+    res, chunks, (h, w, b, y, seq, S) = run_split(backend, SPLIT_LENGTHS, rows)
+    assert any(c.carry_start < c.t0 for c in chunks)
+    exact = oracle(h, w, b, y, seq, S, temperature=0.7, alpha=0.1, weighting="rlsc", reduction="mean")
+    got = {"seq_logp": res.seq_logp, "seq_weight": res.seq_weight, "token_logp": res.token_logp,
+           "token_entropy": res.token_entropy, "dhidden": res.dhidden, "dweight": res.dweight, "dbias": res.dbias}
+    got["loss"] = single_pass.Weigh("rlsc", 0.1, "mean", S).loss(res.seq_logp, res.seq_weight)
+    assert_close({k: v.double() for k, v in got.items()}, exact, 1e-11, f"{backend} rows={rows}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)])
+def test_split_chunks_compute_only_the_gradients_asked_for(backend, needs):
+    full, _, _ = run_split(backend, SPLIT_LENGTHS, 9, dtype=torch.float32, weighting="length", seed=3)
+    part, _, _ = run_split(backend, SPLIT_LENGTHS, 9, dtype=torch.float32, weighting="length", seed=3, needs=needs)
+    for name, need in zip(("dhidden", "dweight", "dbias"), needs):
+        got = getattr(part, name)
+        assert (got is not None) == need, name
+        if need:
+            assert torch.allclose(got, getattr(full, name), rtol=1e-5, atol=1e-7), name
+    assert torch.equal(part.token_logp, full.token_logp)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weighting", ["rlsc-l1", "entropy", "tensor"])
+def test_public_op_long_sequences_every_weighting(backend, weighting):
+    """Through linear_rlsc_loss (unsorted ids), sequences of 60-90 tokens at a 20-token budget."""
+    lengths = [61, 4, 90, 13, 77]
+    hidden, weight, bias, targets, seq = packed_batch(lengths, seed=21)
+    S = len(lengths)
+    wt = torch.rand(S, generator=torch.Generator().manual_seed(2)) + 0.5 if weighting == "tensor" else weighting
+    kw = dict(temperature=0.6, alpha=0.1, reduction="sum")
+    exact = oracle(hidden, weight, bias, targets, seq, S, weighting=wt, **kw)
+    got = run_op(hidden, weight, bias, targets, seq, weighting=wt, backend=backend, path="single-pass",
+                 buffer_bytes=812 * 20, return_entropy=True, **kw)
+    assert_close(got, exact, 2e-5, f"{backend}/{weighting}")
+
+
+def _peaked_two_token_batch(dtype=torch.float32):
+    """A two-token vocabulary with every target at p close to 1 (issue 16's hypothesis example):
+    the target's 1 - p cancels if p is computed first."""
+    gen = torch.Generator().manual_seed(0)
+    N, D = 12, 4
+    h = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 2, (N,), generator=gen)
+    # margin ~ 11-13 nats towards each token's target: p_y = 1 - O(1e-5)
+    w = torch.zeros(2, D, dtype=torch.float64)
+    w[:, 0] = torch.tensor([1.0, -1.0])
+    h[:, 0] = torch.where(y == 0, 6.0, -6.0).double() + torch.rand(N, generator=gen, dtype=torch.float64) * 0.5
+    seq = torch.arange(N) // 4
+    return h.to(dtype), w.to(dtype), y, seq
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_target_gradient_does_not_cancel_when_p_is_close_to_1(backend):
+    """dweight within twice plain fp32 PyTorch's error against float64 (it was 10x worse when
+    the target's 1 - p was formed from p)."""
+    h, w, y, seq = _peaked_two_token_batch()
+    kw = dict(temperature=1.0, alpha=0.1, weighting="rlsc", reduction="mean")
+    exact = oracle(h, w, None, y, seq, 3, **kw)
+    got = run_op(h, w, None, y, seq, backend=backend, path="single-pass", **kw)
+    same = run_op(h, w, None, y, seq, backend="reference", **kw)
+    for name in ("dweight", "dhidden"):
+        err = (got[name] - exact[name]).abs().max().item()
+        err_ref = (same[name] - exact[name]).abs().max().item()
+        assert err <= 2 * err_ref + 1e-9 * exact[name].abs().max().item(), f"{name}: {err:.3e} vs fp32 torch {err_ref:.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scaler_scale_is_applied_in_fp32(backend, dtype):
+    """grad_output = 2^16 (GradScaler's default scale, inf in fp16) and 2^-20: the 16-bit gradients
+    are the float32 gradients times the scale, rounded once (these backends upcast 16-bit inputs,
+    so the float32 run of the same values computes the same float32 gradients)."""
+    hidden, weight, bias, targets, seq = packed_batch([40, 7, 55], dtype=dtype, seed=4, shuffle=False)
+
+    def grads(dt, scale):
+        h, W, b = (t.to(dt, copy=True).requires_grad_() for t in (hidden, weight, bias))
+        # native_matmul="fp32": the native bf16 GEMMs do not compute the fp32 run's gradients
+        # (test_native.py checks their scaling against their own unit-scale run)
+        out = rk.linear_rlsc_loss(h, W, targets, seq_index=seq, bias=b, backend=backend, path="single-pass",
+                                  buffer_bytes=812 * 20, native_matmul="fp32")
+        (out.loss * scale).backward()
+        return [t.grad for t in (h, W, b)]
+
+    unit32 = grads(torch.float32, 1.0)
+    for scale in (2.0**16, 2.0**-20):
+        for g, g32, name in zip(grads(dtype, scale), unit32, ("dhidden", "dweight", "dbias")):
+            assert g.dtype == dtype and torch.isfinite(g).all(), name
+            want = (g32 * scale).to(dtype)
+            assert (g != 0).float().mean() > 0.5 if scale > 1 else True
+            torch.testing.assert_close(g, want, rtol=torch.finfo(dtype).eps, atol=0.0, msg=f"{name} x {scale}")
+
+
+def test_backends_and_kernels_import_nothing_above_them():
+    """The arrows run single_pass -> backends -> kernels (issue 18): no backend or kernel module
+    imports the single-pass package or the naive oracle (reference.py)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(rk.__file__).parent
+    for path in sorted((root / "backends").glob("*.py")) + sorted((root / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert "single_pass" not in name.split("."), f"{path.name}: {name}"
+                assert not (node.__class__ is ast.ImportFrom and (node.module or "").endswith("reference")), path.name
+
+
+def test_auto_takes_the_single_pass_only_where_it_is_proven():
+    """Defaults only on proven paths (issue 16): "auto" tries the single pass on CPU (measured)
+    and takes the two sweeps on CUDA until a GPU record adds it; "single-pass" opts in anywhere."""
+    assert single_pass.auto_takes_single_pass(torch.device("cpu"))
+    assert not single_pass.auto_takes_single_pass(torch.device("cuda"))
+    assert not single_pass.auto_takes_single_pass("cuda:1")
+    assert single_pass.SINGLE_PASS_DEFAULT_DEVICES == ("cpu",)
+    hidden, weight, bias, targets, seq = packed_batch([5, 9, 30], seed=7)
+    kw = dict(temperature=0.7, backend="torch", buffer_bytes=812 * 10)
+    auto = run_op(hidden, weight, bias, targets, seq, path="auto", **kw)
+    single = run_op(hidden, weight, bias, targets, seq, path="single-pass", **kw)
+    two = run_op(hidden, weight, bias, targets, seq, path="two-sweep", **kw)
+    assert all(torch.equal(auto[k], single[k]) for k in auto)
+    assert not all(torch.equal(auto[k], two[k]) for k in auto)  # the paths are told apart
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_takes_the_two_sweeps_on_cuda():
+    hidden, weight, bias, targets, seq = (t.cuda() for t in packed_batch([5, 9, 30], seed=7))
+    kw = dict(temperature=0.7, backend="triton", buffer_bytes=812 * 10)
+    auto = run_op(hidden, weight, bias, targets, seq, path="auto", **kw)
+    two = run_op(hidden, weight, bias, targets, seq, path="two-sweep", **kw)
+    assert all(torch.equal(auto[k], two[k]) for k in auto)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_twice_with_retain_graph_accumulates_the_same_gradient(backend):
+    """On CPU a grad_output of 1 hands autograd the saved gradient itself (no W-sized pass): a
+    second backward through the retained graph must still add the same gradient."""
+    hidden, weight, bias, targets, seq = packed_batch([6, 9, 4], seed=12)
+    h, W = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = rk.linear_rlsc_loss(h, W, targets, seq_index=seq, backend=backend, path="single-pass")
+    out.loss.backward(retain_graph=True)
+    once = (h.grad.clone(), W.grad.clone())
+    out.loss.backward(retain_graph=True)
+    assert torch.equal(h.grad, 2 * once[0]) and torch.equal(W.grad, 2 * once[1])
+    (out.loss * 3.0).backward()
+    assert torch.allclose(W.grad, 5 * once[1], rtol=1e-6, atol=0)

@@ -11,7 +11,7 @@ import torch
 
 from rlsc_kernels.options import FusedOptions
 from rlsc_kernels.reference import reference_logprobs
-from rlsc_kernels.single_pass import Weigh, plan_chunks
+from rlsc_kernels.single_pass import Weigh, plan_chunks, rlsc_single_pass
 from rlsc_kernels.weighting import rlsc_weights
 
 from .oracle import TOL, assert_within_oracle
@@ -66,14 +66,15 @@ def _oracle(h, w, b, y, seq, S, *, T, weighting, alpha, reduction, entropy):
 
 def _single_pass(h, w, b, y, seq, S, *, T, weighting, alpha, reduction, entropy, max_rows, configs=None,
                  needs=(True, True, True)):
-    from rlsc_kernels.backends.triton_single_pass import rlsc_single_pass
+    from rlsc_kernels.backends import triton_single_pass
 
     counts = torch.bincount(seq, minlength=S).tolist()
     chunks = plan_chunks(counts, max(max_rows, max(counts)))
     assert chunks is not None
     weigh = Weigh(weighting, alpha, reduction, S)
     opts = FusedOptions(temperature=T, return_entropy=entropy)
-    res = rlsc_single_pass(h, w, b, y, seq, chunks, weigh, opts, needs, configs=configs or _small_configs())
+    res = rlsc_single_pass(triton_single_pass, h, w, b, y, seq, chunks, weigh, opts, needs,
+                           configs=configs or _small_configs())
     out = {"loss": weigh.loss(res.seq_logp, res.seq_weight), "token_logp": res.token_logp, "seq_logp": res.seq_logp,
            "dhidden": res.dhidden, "dweight": res.dweight}
     if entropy:
@@ -100,7 +101,9 @@ def test_single_pass_matches_float64_oracle_over_several_chunks(dtype):
     assert len(chunks) >= 3
     for name in ("token_logp", "lse", "seq_weight"):
         assert torch.isfinite(getattr(res, name)).all(), name
-    assert res.dweight.dtype == dtype and res.dhidden.dtype == torch.float32
+    # float32 whatever the input dtype: grad_output is applied in float32 and the result rounded
+    # to 16 bits once, at the very end of the backward (issue 16; it was rounded in the forward)
+    assert res.dweight.dtype == torch.float32 and res.dhidden.dtype == torch.float32
 
 
 @pytest.mark.parametrize("weighting", ["rlsc", "rlsc-l1", "entropy", "length", "external"])
@@ -190,12 +193,10 @@ def test_gradients_not_needed_are_not_computed():
 
 
 def test_chunks_that_do_not_tile_the_tokens_are_refused():
-    from rlsc_kernels.backends.triton_single_pass import rlsc_single_pass
-
     h, w, b, y, seq = _draw(10, 8, 16, 2, torch.float32, bias=False, seed=7)
     weigh = Weigh("rlsc", 0.1, "mean", 2)
     with pytest.raises(ValueError, match="chunks must tile"):
-        rlsc_single_pass(h, w, None, y, seq, [(0, 5, 0, 1)], weigh, FusedOptions(), (True, True, False))
+        rlsc_single_pass("triton", h, w, None, y, seq, [(0, 5, 0, 1)], weigh, FusedOptions(), (True, True, False))
 
 
 def test_shipped_block_sizes_in_the_interpreter():
@@ -280,9 +281,7 @@ def test_sequences_without_scored_tokens_and_an_empty_batch():
     assert_within_oracle(fast, same, exact, torch.float32, label="empty sequence")
     assert res.seq_logp[2] == 0 and (res.dhidden[seq == 2] == 0).all()
 
-    from rlsc_kernels.backends.triton_single_pass import rlsc_single_pass
-
-    empty = rlsc_single_pass(h[:0], w, b, y[:0], seq[:0], [(0, 0, 0, 2)], Weigh("rlsc", 0.1, "mean", 2),
+    empty = rlsc_single_pass("triton", h[:0], w, b, y[:0], seq[:0], [(0, 0, 0, 2)], Weigh("rlsc", 0.1, "mean", 2),
                              FusedOptions(), (True, True, True))
     assert empty.dhidden.shape == (0, 8) and empty.token_logp.shape == (0,)
     assert (empty.dweight == 0).all() and (empty.dbias == 0).all() and (empty.seq_logp == 0).all()
@@ -306,3 +305,145 @@ def test_any_layout_gives_the_contiguous_answer():
                               y_strided.contiguous(), seq, 3, max_rows=10, **kw)
     for name in want:
         assert torch.allclose(got[name], want[name], rtol=1e-6, atol=1e-7), name
+
+
+# ------------------------------------------------------------------------------------------------
+# Sequences longer than the chunk (issue 19), grad_output in fp32, the target's 1 - p, and target
+# ids out of range (issue 16).
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [5, 13])
+def test_sequences_longer_than_the_chunk_are_split(dtype, rows):
+    from rlsc_kernels.backends import triton_single_pass
+    from rlsc_kernels.single_pass.plan import chunks_from_bounds, split_bounds
+
+    S = 4
+    h, w, b, y, seq = _draw(71, 16, 90, S, dtype, bias=True, seed=13)
+    counts = torch.bincount(seq, minlength=S).tolist()
+    chunks = chunks_from_bounds(counts, split_bounds(counts, rows))
+    assert max(counts) > rows and any(c.carry_start < c.t0 for c in chunks)
+    kw = dict(T=0.6, weighting="rlsc", alpha=0.1, reduction="mean", entropy=True)
+    exact = _oracle(h.double(), w.double(), b.double(), y, seq, S, **kw)
+    same = _oracle(h, w, b, y, seq, S, **kw)
+    weigh = Weigh("rlsc", 0.1, "mean", S)
+    res = rlsc_single_pass(triton_single_pass, h, w, b, y, seq, chunks, weigh, FusedOptions(temperature=0.6,
+                           return_entropy=True), (True, True, True), configs=_small_configs())
+    fast = {"loss": weigh.loss(res.seq_logp, res.seq_weight), "token_logp": res.token_logp, "seq_logp": res.seq_logp,
+            "dhidden": res.dhidden, "dweight": res.dweight, "token_entropy": res.token_entropy, "dbias": res.dbias}
+    fast = {k: v.detach().double().reshape(-1) for k, v in fast.items()}
+    assert_within_oracle(fast, same, exact, dtype, label=f"split {dtype} rows={rows}")
+
+
+def test_public_op_long_sequences_on_triton_match_float64():
+    h, w, b, y, seq = _draw(80, 16, 150, 3, torch.float32, bias=True, seed=14)
+    kw = dict(temperature=0.6, weighting="rlsc", reduction="mean", buffer_bytes=150 * 4 * 10)
+    exact = _public(h.double(), w.double(), b.double(), y, seq, 3, torch.float64, path="auto", **kw)
+    fast = _public(h, w, b, y, seq, 3, torch.float32, path="single-pass", **kw)
+    for name in exact:
+        scale = exact[name].abs().max().item()
+        assert (fast[name] - exact[name]).abs().max().item() <= 2e-5 * scale + 1e-12, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grad_scaler_scale_does_not_overflow_16_bit_gradients(dtype):
+    """grad_output = 2^16 (GradScaler's default scale, inf in fp16): dW was rounded to the weight
+    dtype in the forward and the scale cast to fp16 in the backward (100% non-finite dW). Now the
+    16-bit gradients are the grad_output = 1 ones times the scale, rounded once."""
+    import rlsc_kernels as rk
+
+    h, w, b, y, seq = _draw(40, 16, 70, 3, dtype, bias=True, seed=15)
+    grads = {}
+    for scale in (1.0, 2.0**16):
+        hh, ww, bb = (t.detach().clone().requires_grad_() for t in (h, w, b))
+        out = rk.linear_rlsc_loss(hh, ww, y, seq_index=seq, bias=bb, backend="triton", path="single-pass",
+                                  buffer_bytes=70 * 4 * 16)
+        (out.loss * scale).backward()
+        grads[scale] = [hh.grad, ww.grad, bb.grad]
+    for g1, gs, name in zip(grads[1.0], grads[2.0**16], ("dhidden", "dweight", "dbias")):
+        assert gs.dtype == dtype and torch.isfinite(gs).all(), name
+        normal = g1.abs() >= torch.finfo(dtype).tiny
+        rel = ((gs.double() - g1.double() * 2.0**16).abs() / (g1.double().abs() * 2.0**16))[normal]
+        assert rel.max() <= 2 * torch.finfo(dtype).eps, f"{name}: {rel.max():.3e}"
+
+
+def test_target_gradient_does_not_cancel_when_p_is_close_to_1():
+    """Two-token vocabulary, every target at p = 1 - O(1e-5): dweight within twice plain fp32
+    PyTorch's error against float64 (1 - p from the log-prob, not from p)."""
+    gen = torch.Generator().manual_seed(0)
+    N, D = 12, 4
+    y = torch.randint(0, 2, (N,), generator=gen)
+    h = torch.zeros(N, D, dtype=torch.float64)
+    h[:, 0] = torch.where(y == 0, 6.0, -6.0).double() + torch.rand(N, generator=gen, dtype=torch.float64) * 0.5
+    h[:, 1:] = torch.randn(N, D - 1, generator=gen, dtype=torch.float64)
+    w = torch.zeros(2, D, dtype=torch.float64)
+    w[:, 0] = torch.tensor([1.0, -1.0])
+    w[:, 1:] = torch.randn(2, D - 1, generator=gen, dtype=torch.float64) * 0.01
+    seq = torch.arange(N) // 4
+    kw = dict(T=1.0, weighting="rlsc", alpha=0.1, reduction="mean", entropy=False)
+    exact = _oracle(h, w, None, y, seq, 3, **kw)
+    same = _oracle(h.float(), w.float(), None, y, seq, 3, **kw)
+    fast, _, _ = _single_pass(h.float(), w.float(), None, y, seq, 3, max_rows=4, **kw)
+    for name in ("dweight", "dhidden"):
+        err = (fast[name] - exact[name]).abs().max().item()
+        err_ref = (same[name] - exact[name]).abs().max().item()
+        assert err <= 2 * err_ref + 1e-9 * exact[name].abs().max().item(), f"{name}: {err:.3e} vs {err_ref:.3e}"
+
+
+def test_target_ids_out_of_range_read_and_write_nothing_out_of_bounds():
+    """check_values=False lets any id through. The kernels only compare ids with column indices:
+    an id outside [0, V) gets logp = -lse (its target logit taken as 0 ... never read) and the
+    gradient -g p over the row, with every output finite and the other tokens unchanged."""
+    h, w, b, y, seq = _draw(30, 8, 40, 3, torch.float32, bias=True, seed=16)
+    kw = dict(T=0.7, weighting="rlsc", alpha=0.1, reduction="mean", entropy=True)
+    good, res_good, _ = _single_pass(h, w, b, y, seq, 3, max_rows=12, **kw)
+    bad_y = y.clone()
+    bad = [1, 7, 20]
+    bad_y[bad] = torch.tensor([40, 2**40, -7])
+    _, res, _ = _single_pass(h, w, b, bad_y, seq, 3, max_rows=12, **kw)
+    for name in ("token_logp", "lse", "token_entropy", "dhidden", "dweight", "dbias", "seq_logp"):
+        assert torch.isfinite(getattr(res, name)).all(), name
+    assert torch.allclose(res.token_logp[bad], -res.lse[bad], rtol=1e-6, atol=1e-6)
+    keep = torch.ones(30, dtype=torch.bool)
+    keep[bad] = False
+    assert torch.equal(res.token_logp[keep], res_good.token_logp[keep])
+    assert torch.equal(res.lse, res_good.lse)
+
+
+def test_fp16_logit_gradient_keeps_small_probabilities(monkeypatch):
+    """The fp16 dz is formed before grad_output is known: at g ~ 1/S a probability below ~1e-6
+    would flush to 0 there, losing whole rows of dW that GradScaler's 2^16 makes representable.
+    The operand is scaled by a power of two (|K g| <= 2^14, divided out in fp32): every dW entry
+    whose exact scaled value is a normal fp16 comes out within a few fp16 ulps. Forcing K = 1
+    shows the test can fail."""
+    import rlsc_kernels as rk
+    from rlsc_kernels.backends import triton_single_pass
+
+    S = 16
+    h, w, b, y, seq = _draw(64, 16, 300, S, torch.float16, bias=False, seed=17, logit_scale=14.0, ignore_frac=0.0)
+    scale = 2.0**16
+    kw = dict(T=1.0, weighting="rlsc", alpha=0.1, reduction="mean", entropy=False)
+    exact = _oracle(h.double(), w.double(), None, y, seq, S, **kw)["dweight"] * scale
+
+    def dweight():
+        ww = w.detach().clone().requires_grad_()
+        out = rk.linear_rlsc_loss(h, ww, y, seq_index=seq, backend="triton", path="single-pass", temperature=1.0)
+        (out.loss * scale).backward()
+        return ww.grad.double().reshape(-1)
+
+    # each entry's error relative to the sum of its terms' magnitudes, sum_t |dz_tv| |h_td|
+    # (a sum that cancels has no relative accuracy to keep), where that is a normal fp16
+    with torch.no_grad():
+        hh, ww = h.double(), w.double()
+        p = torch.softmax(hh @ ww.T, -1)
+        L = torch.zeros(S, dtype=torch.float64).index_add(0, seq, p.gather(1, y[:, None]).squeeze(1).log())
+        g = -(L.exp() + 0.1).float().double()[seq] / S
+        dz = g[:, None] * (torch.nn.functional.one_hot(y, 300).double() - p)
+        terms = (dz.abs().T @ hh.abs()).reshape(-1) * scale
+    normal = terms >= torch.finfo(torch.float16).tiny
+    rel = lambda got: ((got - exact).abs() / terms)[normal].max().item()  # noqa: E731
+    err = rel(dweight())
+    assert err <= 2.0**-7, f"max relative error {err:.3e} over normal entries"
+    with monkeypatch.context() as m:
+        m.setattr(triton_single_pass.SinglePassOps, "grad_scale", lambda self, bound: 1.0)
+        assert rel(dweight()) > 2.0**-7  # without the scale, small entries are flushed or coarse
