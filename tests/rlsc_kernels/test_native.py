@@ -420,3 +420,37 @@ def test_native_matmul_keyword_of_linear_rlsc_loss():
     assert torch.allclose(out.seq_logp, ref.seq_logp, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="native_matmul must be one of"):
         rk.linear_rlsc_loss(h, w, y, seq_index=seq, backend="native", native_matmul="amx")
+
+
+@needs_native
+@needs_bf16_gemms
+def test_bf16_gemms_with_sequences_longer_than_a_chunk():
+    """A 150-token sequence over 32-row chunks (the driver runs the backward over row ranges of
+    the buffer): the same bounds as above, through the public op, bias and ignored tokens."""
+    lengths = [150, 9, 40]
+    S, N, D, V = len(lengths), sum(lengths), 19, 9001
+    h, w, b, y = make_inputs(N, D, V, dtype=torch.bfloat16, logit_scale=4.0, seed=21)
+    seq = torch.repeat_interleave(torch.arange(S), torch.tensor(lengths))
+
+    def run(dt, **kw):
+        hh, ww, bb = (t.to(dt).detach().requires_grad_() for t in (h, w, b))
+        out = rk.linear_rlsc_loss(hh, ww, y, seq_index=seq, bias=bb, temperature=0.7, backend="native",
+                                  path="single-pass", buffer_bytes=V * 4 * 32, **kw)
+        out.loss.backward()
+        return out, {"dhidden": hh.grad.double(), "dweight": ww.grad.double(), "dbias": bb.grad.double()}
+
+    fast, g_fast = run(torch.bfloat16, native_matmul="bf16")
+    fp32, _ = run(torch.float32)
+    exact, g_exact = run(torch.float64)
+    for name in ("token_logp", "seq_logp"):
+        err = (getattr(fast, name).double() - getattr(exact, name)).abs().max().item()
+        err32 = (getattr(fp32, name).double() - getattr(exact, name)).abs().max().item()
+        assert err <= err32 + TOL[torch.float32] * getattr(exact, name).abs().max().item(), name
+    bound16 = _grads_with_16bit_logit_gradient(h, w, b, y, seq, S, 0.7, exact.seq_weight)
+    for name in GRADIENTS:
+        want = g_exact[name]
+        err = (g_fast[name] - want).abs().max().item()
+        err16 = (bound16[name] - want).abs().max().item()
+        # + the final rounding of the bf16 gradient returned
+        limit = 2 * err16 + (TOL[torch.float32] + 2.0**-8) * want.abs().max().item()
+        assert err <= limit, f"{name}: error {err:.3e} > 2 x 16-bit-logit-gradient error {err16:.3e} + tol"
