@@ -47,7 +47,7 @@ def _native_build():
         NATIVE,
         [os.path.join("csrc", "rlsc_native.cpp")],
         extra_compile_args={"cxx": extra},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp", "-ldl"],
     )
     return {"ext_modules": [ext]}, {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 

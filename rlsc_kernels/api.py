@@ -250,6 +250,7 @@ def linear_rlsc_loss(
     block_configs: Optional[BlockConfigs] = None,
     path: str = "auto",
     vocab_parallel: Optional[VocabParallel] = None,
+    native_matmul: str = "auto",
 ) -> RLSCLossOutput:
     """The RLSC loss -sum_s w_s L_s from hidden states and the lm_head weight, without logits.
 
@@ -289,6 +290,11 @@ def linear_rlsc_loss(
       of the scored tokens (one), and the packed form's S = max(seq_index) + 1 without
       num_sequences (one). The packed form with num_sequences, check_values=False and
       path="two-sweep" makes none (the single pass reads the tokens per sequence for its plan).
+    native_matmul: the native CPU backend's single pass on bf16 inputs: "auto" (default) runs its
+      three GEMMs on bf16 operands with fp32 accumulation and fp32 outputs where the CPU has
+      AMX-BF16 or AVX512-BF16 and the loaded torch exports MKL's cblas_gemm_bf16bf16f32
+      (rlsc_kernels.backends.native.bf16_gemm_status()), else upcasts to fp32; "bf16" requires
+      the bf16 GEMMs (raises where unavailable); "fp32" always upcasts.
     Under torch.compile (also fullgraph=True) the loss is built from the registered custom ops
     (rlsc_kernels/custom_ops.py) on the two-sweep path: same loss and gradients, but token_logp /
     token_entropy hold every position of the input (0 where unscored) rather than the scored
@@ -300,7 +306,7 @@ def linear_rlsc_loss(
         ignore_index=ignore_index, filter_eps=filter_eps, backend=backend, return_entropy=return_entropy,
         softcap=softcap, num_sequences=num_sequences, backward=backward, grad_matmul=grad_matmul,
         buffer_bytes=buffer_bytes, check_values=check_values, block_configs=block_configs, path=path,
-        vocab_parallel=vocab_parallel)
+        vocab_parallel=vocab_parallel, native_matmul=native_matmul)
     if plan.op.tracing:  # traced by Dynamo: the registered custom ops (custom_ops.py)
         from .custom_ops import traced_rlsc_loss
 
@@ -368,10 +374,10 @@ class LinearRLSCLoss(torch.nn.Module):
         **execution,
     ):
         """execution: linear_rlsc_loss's other keyword options (backward, grad_matmul, buffer_bytes,
-        check_values, block_configs, softcap, vocab_parallel, path)."""
+        check_values, block_configs, softcap, vocab_parallel, path, native_matmul)."""
         super().__init__()
         allowed = ("backward", "grad_matmul", "buffer_bytes", "check_values", "block_configs", "softcap",
-                   "vocab_parallel", "path")
+                   "vocab_parallel", "path", "native_matmul")
         unknown = sorted(set(execution) - set(allowed))
         if unknown:
             raise TypeError(f"LinearRLSCLoss got unexpected keyword arguments {unknown}; execution options are {allowed}")

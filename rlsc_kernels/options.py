@@ -20,6 +20,7 @@ AUTO_FILTER_EPS = 2.0**-7 / 32
 
 BACKWARD_STRATEGIES = ("sliced", "fused")
 GRAD_MATMULS = ("library", "triton")
+NATIVE_MATMULS = ("auto", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ class FusedOptions:
     dweight_fp32: return dweight in fp32 for 16-bit inputs (set by the autograd boundary for an
         fp32 master weight under autocast, not by callers): the fp32 accumulation is never
         rounded to 16 bits.
+    native_matmul: the native CPU backend's GEMMs for bf16 inputs: "bf16" (bf16 operands, fp32
+        accumulation and fp32 outputs, on AMX-BF16 / AVX512-BF16 through MKL; raises where
+        unavailable), "fp32" (operands upcast to fp32) or "auto" (bf16 where available). Other
+        input dtypes always take their own precision.
     """
 
     temperature: float = 1.0
@@ -86,6 +91,7 @@ class FusedOptions:
     softcap: Optional[float] = None
     block_configs: Optional[BlockConfigs] = None
     dweight_fp32: bool = False
+    native_matmul: str = "auto"
 
 
 def check_softcap(softcap) -> Optional[float]:
@@ -106,6 +112,12 @@ def check_grad_matmul(grad_matmul) -> str:
     if grad_matmul not in GRAD_MATMULS:
         raise ValueError(f"grad_matmul must be one of {GRAD_MATMULS}, got {grad_matmul!r}")
     return grad_matmul
+
+
+def check_native_matmul(native_matmul) -> str:
+    if native_matmul not in NATIVE_MATMULS:
+        raise ValueError(f"native_matmul must be one of {NATIVE_MATMULS}, got {native_matmul!r}")
+    return native_matmul
 
 
 def check_buffer_bytes(buffer_bytes) -> Optional[int]:

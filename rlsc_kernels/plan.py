@@ -28,6 +28,7 @@ from .options import (
     check_block_configs,
     check_buffer_bytes,
     check_grad_matmul,
+    check_native_matmul,
     check_softcap,
     resolve_filter_eps,
 )
@@ -206,7 +207,8 @@ def _check_vocab_parallel(vocab_parallel, weight, bias, tracing: bool) -> None:
 
 
 def plan_logprobs(hidden, weight, bias, targets, *, temperature, ignore_index, return_entropy, filter_eps, backend,
-                  softcap, backward, grad_matmul, buffer_bytes, check_values, block_configs, vocab_parallel):
+                  softcap, backward, grad_matmul, buffer_bytes, check_values, block_configs, vocab_parallel,
+                  native_matmul="auto"):
     """Validates a per-token call and plans it. Returns (hidden, weight, bias, autocast_off,
     plan): the tensors cast as autocast would (differentiably), the context the run goes in."""
     tracing = torch.compiler.is_compiling()
@@ -229,6 +231,7 @@ def plan_logprobs(hidden, weight, bias, targets, *, temperature, ignore_index, r
         buffer_bytes=check_buffer_bytes(buffer_bytes),
         block_configs=check_block_configs(block_configs),
         softcap=check_softcap(softcap),
+        native_matmul=check_native_matmul(native_matmul),
     )
     _check_vocab_parallel(vocab_parallel, weight, bias, tracing)
     plan = LogprobsPlan(opts, backend, check_values, vocab_parallel, tracing, temperature, compute_dtype)
@@ -237,13 +240,13 @@ def plan_logprobs(hidden, weight, bias, targets, *, temperature, ignore_index, r
 
 def plan_loss(hidden, weight, bias, targets, *, temperature, alpha, weighting, reduction, ignore_index, filter_eps,
               backend, return_entropy, softcap, num_sequences, backward, grad_matmul, buffer_bytes, check_values,
-              block_configs, path, vocab_parallel):
+              block_configs, path, vocab_parallel, native_matmul="auto"):
     """Validates a loss call and plans it: (hidden, weight, bias, autocast_off, LossPlan)."""
     hidden, weight, bias, autocast_off, op = plan_logprobs(
         hidden, weight, bias, targets, temperature=temperature, ignore_index=ignore_index,
         return_entropy=return_entropy, filter_eps=filter_eps, backend=backend, softcap=softcap, backward=backward,
         grad_matmul=grad_matmul, buffer_bytes=buffer_bytes, check_values=check_values, block_configs=block_configs,
-        vocab_parallel=vocab_parallel)
+        vocab_parallel=vocab_parallel, native_matmul=native_matmul)
     check_reduction(reduction)
     check_weighting(weighting)
     alpha = check_alpha(alpha, tracing=op.tracing)
