@@ -27,7 +27,9 @@ import torch
 import rlsc_kernels as rk
 from rlsc_kernels.backends import native
 
-from .compare import _commit, _versions
+from rlsc.provenance import git_commit
+
+from .compare import _versions
 from .inputs import HEADS, make_inputs
 
 ALPHA = 0.1
@@ -128,7 +130,7 @@ def main(argv=None):
     for name, a in acc.items():
         print(f"{name} accuracy on 2 x {args.seq_len}: " + ", ".join(f"{k} {v:.2e}" for k, v in a.items()))
     doc = {"machine": machine(), "bf16_gemm": why, "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "versions": _versions(), "commit": _commit(), "date": datetime.date.today().isoformat(),
+           "versions": _versions(), "commit": git_commit(), "date": datetime.date.today().isoformat(),
            "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "note": args.note, "rounds": args.rounds, "mean_entropy": inp.mean_entropy,
            "temperature": inp.temperature, "results": rows, "accuracy_first_2_seqs": acc}
