@@ -35,16 +35,14 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(output_dir: str | Path, *, model, optimizer, step: int, config: dict) -> Path:
-    path = checkpoint_path(output_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"step": step, "model": trainable_state(model), "rng": rng_state(), "config": config, "format": 1}
-    if optimizer is not None:  # None: weights and RNG only (a third of the size under AdamW)
-        payload["optimizer"] = optimizer.state_dict()
+def write_atomic(path: Path, write) -> None:
+    """Calls write(fh) on a temporary file beside `path`, flushes it to disk and moves it over
+    `path` (os.replace), then syncs the directory: a crash leaves the old file or the new one,
+    never a torn one (at worst a stray temporary, removed on the next start)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -56,6 +54,15 @@ def save_checkpoint(output_dir: str | Path, *, model, optimizer, step: int, conf
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save_checkpoint(output_dir: str | Path, *, model, optimizer, step: int, config: dict) -> Path:
+    path = checkpoint_path(output_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"step": step, "model": trainable_state(model), "rng": rng_state(), "config": config, "format": 1}
+    if optimizer is not None:  # None: weights and RNG only (a third of the size under AdamW)
+        payload["optimizer"] = optimizer.state_dict()
+    write_atomic(path, lambda fh: torch.save(payload, fh))
     return path
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,22 +165,13 @@ def save_best(out_dir: Path, model, info: dict) -> Path:
     """Atomically writes the trained tensors and `info` to out_dir/best_checkpoint.pt (+ .json)."""
     import torch
 
-    from .checkpoint import trainable_state
+    from .checkpoint import trainable_state, write_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / BEST_CHECKPOINT
     for target, write in ((path, lambda fh: torch.save({"model": trainable_state(model), **info}, fh)),
                           (out_dir / "best_checkpoint.json", lambda fh: fh.write(json.dumps(info, indent=2).encode()))):
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as fh:
-                write(fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        write_atomic(target, write)
     return path
 
 
