@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .compare import _commit, _versions, device_name
+from rlsc.provenance import git_commit
+
+from .compare import _versions, device_name
 from .flop_count import GemmCounter
 from .inputs import HEADS, make_inputs
 from .timing import cleanup, peak_memory_mb
@@ -140,7 +142,7 @@ def main(argv=None):
               f"{gemm_eq:.3f} GEMM-eq, {plan.layout} x{len(plan.chunks)}", flush=True)
         del inp, h, W
     doc = {"device": device_name(device), "threads": torch.get_num_threads(), "versions": _versions(),
-           "commit": _commit(), "date": datetime.date.today().isoformat(),
+           "commit": git_commit(), "date": datetime.date.today().isoformat(),
            "utc": datetime.datetime.utcnow().isoformat(timespec="seconds"),
            "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "note": args.note,
            "rounds": args.rounds, "head": args.head,
