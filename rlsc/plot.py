@@ -46,12 +46,7 @@ def plot_training_curves(metrics_path: str | Path, out_path: str | Path, title: 
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return _save(fig, title, out_path)
 
 
 def plot_before_after(before: dict[str, dict], after: dict[str, dict], out_path: str | Path,
@@ -82,6 +77,13 @@ def plot_before_after(before: dict[str, dict], after: dict[str, dict], out_path:
         ax.set_title(name, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
+    return _save(fig, title, out_path)
+
+
+def _save(fig, title: str, out_path: str | Path) -> Path:
+    """Titles, lays out and writes `fig` as a PNG at out_path, then closes it."""
+    import matplotlib.pyplot as plt
+
     fig.suptitle(title)
     fig.tight_layout()
     out_path = Path(out_path)
