@@ -134,6 +134,23 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     return _dynamic_loop(model, prompt_ids, prompt_mask, **kw)
 
 
+def _ancestral(logits, advance, finished, eos, *, max_new_tokens, greedy, pad_id, return_logp):
+    """The token loop every full-batch sampler shares: draw from `logits`, pad rows that already
+    ended, stop at the cap or when every row has an EOS, else logits = advance(i, token) (the
+    loop's own forward of the drawn tokens). `finished` [B] bool is updated in place."""
+    tokens, logps = [], []
+    for i in range(max_new_tokens):
+        token, logp = _draw(logits, greedy)
+        token = token.masked_fill(finished, pad_id)
+        tokens.append(token)
+        logps.append(logp)
+        finished |= torch.isin(token, eos)
+        if i + 1 == max_new_tokens or bool(finished.all()):
+            break
+        logits = advance(i, token)
+    return _finish(tokens, logps, return_logp)
+
+
 def _dynamic_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_ids, pad_id, return_logp):
     """Left-padded prompts get explicit position ids (cumulative count of real tokens), the same
     ones the training pass uses, so the sampled and the scored distributions see identical inputs."""
@@ -146,19 +163,16 @@ def _dynamic_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     logits, past = step(prompt_ids, attention, positions, None)
     next_position = positions[:, -1:] + 1
-    tokens, logps = [], []
-    for i in range(max_new_tokens):
-        token, logp = _draw(logits, temperature is None)
-        token = token.masked_fill(finished, pad_id)
-        tokens.append(token)
-        logps.append(logp)
-        finished |= torch.isin(token, eos)
-        if i + 1 == max_new_tokens or bool(finished.all()):
-            break
+
+    def advance(i, token):
+        nonlocal attention, past, next_position
         attention = torch.cat([attention, torch.ones(B, 1, dtype=attention.dtype, device=device)], dim=1)
-        logits, past = step(token[:, None], attention, next_position, past)
+        next_logits, past = step(token[:, None], attention, next_position, past)
         next_position = next_position + 1
-    return _finish(tokens, logps, return_logp)
+        return next_logits
+
+    return _ancestral(logits, advance, finished, eos, max_new_tokens=max_new_tokens, greedy=temperature is None,
+                      pad_id=pad_id, return_logp=return_logp)
 
 
 def _compact_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_ids, pad_id, return_logp, greedy_rows=None):
@@ -242,20 +256,17 @@ def _static_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature,
     logits, _ = step(prompt_ids, attention[:, :P], positions, decoder.cache,            # prefill: eager
                      cache_position=torch.arange(P, device=device))
     next_position = positions[:, -1:] + 1
-    tokens, logps = [], []
-    for i in range(max_new_tokens):
-        token, logp = _draw(logits, temperature is None)
-        token = token.masked_fill(finished, pad_id)
-        tokens.append(token)
-        logps.append(logp)
-        finished |= torch.isin(token, eos)
-        if i + 1 == max_new_tokens or bool(finished.all()):
-            break
+
+    def advance(i, token):
+        nonlocal next_position
         attention[:, P + i] = 1
-        logits, _ = step(token[:, None], attention, next_position, decoder.cache, fn=decoder.fn,
-                         cache_position=torch.tensor([P + i], device=device))
+        next_logits, _ = step(token[:, None], attention, next_position, decoder.cache, fn=decoder.fn,
+                              cache_position=torch.tensor([P + i], device=device))
         next_position = next_position + 1
-    return _finish(tokens, logps, return_logp)
+        return next_logits
+
+    return _ancestral(logits, advance, finished, eos, max_new_tokens=max_new_tokens, greedy=temperature is None,
+                      pad_id=pad_id, return_logp=return_logp)
 
 
 def release_static_decoders(model) -> None:
