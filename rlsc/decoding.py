@@ -13,8 +13,9 @@ logit scale and soft-cap applied in fp32). A 16-bit lm_head (bf16 logits) is nev
 so the sampled distribution is the one the loss scores, up to the body's own rounding between a
 KV-cache forward and a full forward. greedy: the argmax of the same logits.
 
-The loops (all consume the random stream the same way: one torch.multinomial over all B rows per
-step, finished rows included, so for one seed they return the same tokens up to rounding):
+The loops (all consume the random stream the same way: one uniform number per row over all B rows
+per step, finished rows included, so for one seed they return the same tokens up to rounding; the
+draw is rlsc.decoding.draw_from_logprobs):
 - "dynamic": the model's dynamic KV cache, every row every step.
 - "compact": the dynamic cache, but rows that have emitted EOS leave the batch (their later draws
   are discarded as in "dynamic").
@@ -86,19 +87,30 @@ def _draw(logits: torch.Tensor, greedy: bool, greedy_rows: torch.Tensor | None =
     already), in row order (the random stream is consumed as if the greedy rows were not there).
     Always in float32, outside autocast (CPU autocast would run softmax in bf16)."""
     with torch.autocast(logits.device.type, enabled=False):
-        return _draw_fp32(logits.float(), greedy, greedy_rows)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        if greedy:
+            token = logp.argmax(-1)
+        elif greedy_rows is None:
+            token = draw_from_logprobs(logp)
+        else:
+            token = logp.argmax(-1)
+            sampled = ~greedy_rows
+            token[sampled] = draw_from_logprobs(logp[sampled])
+        return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
-def _draw_fp32(logits, greedy, greedy_rows):
-    if greedy:
-        token = logits.argmax(-1)
-    elif greedy_rows is None:
-        token = torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(-1)
-    else:
-        token = logits.argmax(-1)
-        sampled = ~greedy_rows
-        token[sampled] = torch.multinomial(torch.softmax(logits[sampled], dim=-1), 1).squeeze(-1)
-    return token, torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
+def draw_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
+    """One token per row [B] drawn from the distribution with log-probabilities logp [B, V] (float32,
+    rows normalised): the inverse of the row's cumulative distribution, summed in float64, at one
+    uniform float64 number per row from torch's generator (torch.rand(B), so a seed fixes the
+    draws). Token v is drawn exactly when u lies in [c_{v-1}, c_v), c the cumulative sums: with
+    probability p_v to float64 rounding, never for p_v = 0. Same distribution as torch.multinomial,
+    without its V exponential numbers per row (5-10% of a CPU decode step at V = 49152)."""
+    cdf = torch.cumsum(logp.exp(), dim=-1, dtype=torch.float64)
+    total = cdf[:, -1:]
+    u = torch.rand(logp.shape[0], 1, dtype=torch.float64, device=logp.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))   # u < total: never past the last p_v > 0
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
 def _finish(tokens: list, logps: list, return_logp: bool):

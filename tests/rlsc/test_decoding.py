@@ -191,3 +191,25 @@ def test_static_decoders_are_keyed_by_the_compute_dtype(tiny_tokenizer):
     decode(model, ids, mask, **kw)
     dtypes = sorted(str(key[-1]) for key in model.__dict__["_rlsc_static_decoders"])
     assert dtypes == ["torch.bfloat16", "torch.float32"]
+
+
+def test_draw_from_logprobs_frequencies_and_zero_probability_tokens():
+    """The inverse-CDF draw: frequencies within 5 standard errors of p, never a token of p = 0 (the
+    last ones included, where u near the total would land), and a seed fixes the draws."""
+    from rlsc.decoding import draw_from_logprobs
+
+    torch.manual_seed(5)
+    p = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0, 0.0])
+    logp = p.log().expand(20000, -1).contiguous()
+    tokens = draw_from_logprobs(logp)
+    counts = torch.bincount(tokens, minlength=p.numel()).double() / tokens.numel()
+    assert counts[p == 0].sum() == 0
+    se = (p * (1 - p) / tokens.numel()).sqrt()
+    assert ((counts - p.double()).abs() <= 5 * se + 1e-12).all(), counts
+    one_hot = torch.full((3, 9), float("-inf"))
+    one_hot[:, 4] = 0.0
+    assert draw_from_logprobs(one_hot).tolist() == [4, 4, 4]
+    torch.manual_seed(9)
+    a = draw_from_logprobs(torch.randn(4, 50).log_softmax(-1))
+    torch.manual_seed(9)
+    assert torch.equal(a, draw_from_logprobs(torch.randn(4, 50).log_softmax(-1)))

@@ -58,7 +58,8 @@ def test_samples_replay_exactly_under_a_from_scratch_softmax_sampler(tiny_tokeni
     with torch.no_grad():
         for _ in range(r.completion_ids.shape[1]):
             logits = model(input_ids=ids).logits[:, -1].float()
-            tok_t = torch.multinomial(torch.softmax(logits / T, -1), 1).squeeze(-1)
+            cdf = torch.softmax(logits.double() / T, -1).cumsum(-1)   # inverse CDF, one uniform per row
+            tok_t = (cdf < torch.rand(n, 1, dtype=torch.float64) * cdf[:, -1:]).sum(-1)
             tok_t = tok_t.masked_fill(done, tok.pad_token_id)
             done |= tok_t == tok.eos_token_id
             ref.append(tok_t)
