@@ -220,7 +220,8 @@ class FusedHead:
                 bias = extra if bias is None else bias + extra
         self.bias, self._sources = bias, sources
         self.weight_copies = 0
-        self._prepared = None
+        self._prepared = self._prepared_fp32 = None
+        self._reuse = reuse_weight
         if reuse_weight and (len(sources) > 1 or dtype != weight.dtype):
             with torch.no_grad():
                 self._prepared = torch.cat([src.detach().to(dtype) for src in sources], dim=1)
@@ -262,10 +263,22 @@ class FusedHead:
                 except (RuntimeError, TypeError, NotImplementedError):
                     z = None
             if z is None:
-                z = h.float() @ w.float().T
+                z = h.float() @ self._fp32_weight(w).T
             if b is not None:
                 z = z + b.float()
         return z.reshape(*lead, z.shape[-1])
+
+    def _fp32_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """w [V, D'] in float32 (exact: every 16-bit value is an fp32 value). With reuse_weight and
+        no gradient wanted, made once and kept: a decode loop's every step reuses it (on CPU the
+        per-step copy of a 16-bit [V, D] weight cost more than the body's bf16 saving)."""
+        if w.dtype == torch.float32:
+            return w
+        if not self._reuse or (torch.is_grad_enabled() and w.requires_grad):
+            return w.float()
+        if self._prepared_fp32 is None:
+            self._prepared_fp32 = w.detach().float()
+        return self._prepared_fp32
 
     def logits(self, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """float32 [n, V]: the logits / T the op scores, from hidden [n, D] (what a sampler draws from)."""
