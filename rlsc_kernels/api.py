@@ -28,8 +28,10 @@ from .plan import (
     plan_logprobs,
     plan_loss,
 )
+from .dtypes import output_dtype
 from .reference import reference_logprobs
 from .single_pass import maybe_single_pass
+from .temperature import BAD_TEMPERATURE, PerTokenTemperature, bad_temperature
 from .validation import check_backend, check_tensor
 from .validation import check_values as _check_values
 from .vocab_parallel import VocabParallel, vocab_parallel_logprobs
@@ -46,20 +48,24 @@ _AUTOCAST_DOC = """
 def _logprobs_flat(hidden2d, weight, bias, targets1d, plan: LogprobsPlan, masters=None):
     """Per-token (logp, entropy|None) for flat inputs hidden [N, D], targets [N]; inputs already
     checked. masters: under autocast, the same (hidden2d, weight, bias) before the autocast cast:
-    the fused Function casts them itself and returns their gradients unrounded (autograd.py)."""
+    the fused Function casts them itself and returns their gradients unrounded (autograd.py).
+    A per-token temperature (plan.token_temperature) wraps the backend (temperature.py)."""
     opts = plan.opts
+    token_t = plan.token_temperature
     name = backends.resolve(plan.backend, hidden2d)
-    if plan.vocab_parallel is not None and name != "reference" and plan.compute_dtype is not None and masters:
-        return vocab_parallel_logprobs(*masters[:3], targets1d, opts, name, plan.vocab_parallel, plan.compute_dtype)
     if plan.vocab_parallel is not None:
-        return vocab_parallel_logprobs(hidden2d, weight, bias, targets1d, opts, name, plan.vocab_parallel)
+        use_masters = name != "reference" and plan.compute_dtype is not None and masters
+        inputs = masters[:3] if use_masters else (hidden2d, weight, bias)
+        return vocab_parallel_logprobs(*inputs, targets1d, opts, name, plan.vocab_parallel,
+                                       plan.compute_dtype if use_masters else None, token_temperature=token_t)
     if name == "reference":
-        return reference_logprobs(hidden2d, weight, bias, targets1d, opts)
+        t = None if token_t is None else token_t.to(output_dtype(hidden2d.dtype))[:, None]
+        return reference_logprobs(hidden2d, weight, bias, targets1d, opts, temperature=t)
+    backend = backends.get(name) if token_t is None else PerTokenTemperature(backends.get(name), token_t)
     if plan.compute_dtype is not None and masters is not None:
-        logp, entropy = LinearLogprobsFunction.apply(*masters[:3], targets1d, opts, backends.get(name),
-                                                     plan.compute_dtype)
+        logp, entropy = LinearLogprobsFunction.apply(*masters[:3], targets1d, opts, backend, plan.compute_dtype)
     else:
-        logp, entropy = LinearLogprobsFunction.apply(hidden2d, weight, bias, targets1d, opts, backends.get(name))
+        logp, entropy = LinearLogprobsFunction.apply(hidden2d, weight, bias, targets1d, opts, backend)
     return logp, (entropy if opts.return_entropy else None)
 
 
@@ -67,6 +73,8 @@ def _value_checks(hidden, weight, bias, targets, plan: LogprobsPlan, extra=None)
     """The data-dependent checks (one host sync) unless the plan turned them off."""
     if not plan.check_values:
         return
+    if plan.token_temperature is not None:
+        extra = dict(extra or {}, **{BAD_TEMPERATURE: bad_temperature(plan.token_temperature)})
     if plan.vocab_parallel is not None:
         _check_values_vocab_parallel(hidden, weight, bias, targets, plan.opts.ignore_index, plan.vocab_parallel, extra)
     else:
@@ -103,7 +111,7 @@ def linear_logprobs(
     targets: torch.Tensor,
     *,
     bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
+    temperature: Union[float, torch.Tensor] = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
     filter_eps: Union[None, str, float] = "auto",
@@ -138,11 +146,19 @@ def linear_logprobs(
     its contiguous copy. Zero tokens are legal: the outputs are empty and still differentiable
     (zero gradients). With check_values=False the call makes no device-to-host sync.
     temperature: a float > 0, or a 0-d float tensor (a schedule's value; a CUDA tensor costs one
-    host read in an eager call).
+    host read in an eager call), or a per-sample temperature: a float tensor shaped like targets
+    (per token) or [B] for targets [B, T] (per row; for sequences of a packed batch pass
+    temperature[seq_index]), on targets' device. Its values must be finite and > 0 (checked with
+    the value checks; with check_values=False a bad value gives NaN, never a crash). No gradient
+    flows to a temperature tensor. Without bias and softcap the op runs once on hidden / T_t
+    (one extra rounding of that quotient to the input dtype); with either, once per distinct
+    temperature value, exact, reading the weight once per value and the distinct values on the
+    host (rlsc_kernels/temperature.py).
     Under torch.compile (also fullgraph=True) the op runs as registered custom ops
     (rlsc_kernels/custom_ops.py): same results and gradients, a new token count is not a new
-    compilation, nor is a new temperature (a Python float Dynamo makes dynamic, or a 0-d
-    tensor), and the value checks run inside the op.
+    compilation, nor is a new temperature (a Python float Dynamo makes dynamic, a 0-d tensor,
+    or new values of a per-token tensor, whose grouping runs inside the op), and the value
+    checks run inside the op.
     Precision: logits, their gradient and the gradient accumulations are fp32; the upstream
     gradient meets them in fp32 (a GradScaler's 2^16 cannot overflow a 16-bit intermediate) and
     the gradients are rounded once, to the dtypes of the tensors passed (under autocast, the fp32
