@@ -7,6 +7,7 @@ imports it.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Union
 
 import torch
@@ -188,10 +189,11 @@ def linear_logprobs(
 linear_logprobs.__doc__ += _AUTOCAST_DOC + _OPTION_DOCS
 
 
-def _select_tokens(hidden, targets, completion_mask, seq_index, num_sequences, ignore_index):
+def _select_tokens(hidden, targets, completion_mask, seq_index, num_sequences, ignore_index, token_temperature=None):
     """Brings both input forms to packed tokens: (hidden [n, D], targets [n], seq [n] int64, S,
-    checks) where checks maps an error message to a bool tensor that must be all False (checked
-    with the value checks' single sync). Syncs: the padded form's gather of the scored tokens
+    checks, temperature [n] | None) where checks maps an error message to a bool tensor that
+    must be all False (checked with the value checks' single sync); token_temperature: one per
+    position of targets (flattened), gathered like the tokens. Syncs: the padded form's gather of the scored tokens
     (its count is data-dependent); the packed form only without num_sequences (S = max id + 1)."""
     if completion_mask is not None and seq_index is not None:
         raise ValueError("pass either completion_mask (padded form) or seq_index (packed form), not both")
@@ -212,7 +214,8 @@ def _select_tokens(hidden, targets, completion_mask, seq_index, num_sequences, i
         scored = (completion_mask != 0) & (targets != ignore_index)
         # Prompt and padding tokens never reach the head: gather the scored ones only.
         seq = torch.arange(B, device=hidden.device)[:, None].expand(B, T)[scored]
-        return hidden[scored], targets[scored], seq, B, {}
+        picked_t = None if token_temperature is None else token_temperature.reshape(B, T)[scored]
+        return hidden[scored], targets[scored], seq, B, {}, picked_t
     if hidden.dim() == 2:
         if completion_mask is not None:
             raise ValueError("completion_mask is for the padded form hidden [B, T, D]; the packed form [N, D] takes seq_index")
@@ -221,7 +224,7 @@ def _select_tokens(hidden, targets, completion_mask, seq_index, num_sequences, i
             if num_sequences not in (None, 1) and N > 0:
                 raise ValueError(f"num_sequences={num_sequences} needs seq_index (without it all tokens are one sequence)")
             S = (1 if N > 0 else 0) if num_sequences is None else num_sequences
-            return hidden, targets, torch.zeros(N, dtype=torch.int64, device=hidden.device), S, {}
+            return hidden, targets, torch.zeros(N, dtype=torch.int64, device=hidden.device), S, {}, token_temperature
         check_tensor("seq_index", seq_index, dtypes=(torch.int64, torch.int32), dim=1)
         if seq_index.shape[0] != N:
             raise ValueError(f"seq_index must have shape [{N}] like targets, got {list(seq_index.shape)}")
@@ -231,13 +234,13 @@ def _select_tokens(hidden, targets, completion_mask, seq_index, num_sequences, i
         if num_sequences is not None:
             bad = (seq < 0) | (seq >= num_sequences)
             return hidden, targets, seq, num_sequences, {
-                f"seq_index holds ids outside [0, num_sequences={num_sequences})": bad}
+                f"seq_index holds ids outside [0, num_sequences={num_sequences})": bad}, token_temperature
         if N == 0:
-            return hidden, targets, seq, 0, {}
+            return hidden, targets, seq, 0, {}, token_temperature
         lo, hi = (int(v) for v in torch.stack(torch.aminmax(seq)).tolist())  # one sync
         if lo < 0:
             raise ValueError(f"seq_index holds negative sequence ids (got {lo}; expected 0..S-1)")
-        return hidden, targets, seq, hi + 1, {}
+        return hidden, targets, seq, hi + 1, {}, token_temperature
     raise ValueError(f"hidden must be [B, T, D] (padded form) or [N, D] (packed form), got shape {list(hidden.shape)}")
 
 
@@ -249,7 +252,7 @@ def linear_rlsc_loss(
     completion_mask: Optional[torch.Tensor] = None,
     seq_index: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
-    temperature: float = 0.5,
+    temperature: Union[float, torch.Tensor] = 0.5,
     alpha: float = 0.1,
     weighting: Union[str, torch.Tensor] = "rlsc",
     reduction: str = "mean",
@@ -285,7 +288,11 @@ def linear_rlsc_loss(
     weighting: "rlsc" (w = exp(L) + alpha), "rlsc-l1" (exp(L)), "entropy" (1 + L), "length"
       (exp(L / n_tokens) + alpha), or a float tensor [S] of external weights; always detached.
     temperature, alpha: floats, or 0-d float tensors (a schedule's values); under torch.compile
-      new values do not recompile.
+      new values do not recompile. temperature may also be per sample, a float tensor of values
+      > 0 on targets' device: shaped like targets (per token), [B] in the padded form (per row),
+      or [S] with seq_index in the packed form (per sequence); as in linear_logprobs (no gradient
+      to it, values checked with the value checks). It takes the two sweeps: path="auto" then
+      skips the single pass and path="single-pass" raises.
     reduction: "sum", or "mean" = the sum divided by S, the number of sequences, counting those
       with no scored token (so micro-batches compose), and by 1 when S = 0. For micro-batches of
       one batch use "sum" and scale by 1 / S_total: each weight depends on its own sequence
@@ -322,7 +329,7 @@ def linear_rlsc_loss(
         ignore_index=ignore_index, filter_eps=filter_eps, backend=backend, return_entropy=return_entropy,
         softcap=softcap, num_sequences=num_sequences, backward=backward, grad_matmul=grad_matmul,
         buffer_bytes=buffer_bytes, check_values=check_values, block_configs=block_configs, path=path,
-        vocab_parallel=vocab_parallel, native_matmul=native_matmul)
+        vocab_parallel=vocab_parallel, native_matmul=native_matmul, seq_index=seq_index)
     if plan.op.tracing:  # traced by Dynamo: the registered custom ops (custom_ops.py)
         from .custom_ops import traced_rlsc_loss
 
@@ -337,8 +344,10 @@ def _run_loss(hidden, weight, bias, targets, completion_mask, seq_index, plan: L
     op = plan.op
     ignore_index = op.opts.ignore_index
     selected_from = masters[0] if op.compute_dtype is not None else hidden
-    h_master, y, seq, S, seq_checks = _select_tokens(selected_from, targets, completion_mask, seq_index,
-                                                     plan.num_sequences, ignore_index)
+    h_master, y, seq, S, seq_checks, token_t = _select_tokens(selected_from, targets, completion_mask, seq_index,
+                                                              plan.num_sequences, ignore_index, op.token_temperature)
+    if token_t is not None:  # the scored tokens' temperatures
+        op = replace(op, token_temperature=token_t)
     h = cast_for_autocast(h_master, op.compute_dtype) if op.compute_dtype is not None else h_master
     y = y.long()  # int32 targets are legal; every path below sees int64
     weighting = plan.weighting
@@ -353,7 +362,8 @@ def _run_loss(hidden, weight, bias, targets, completion_mask, seq_index, plan: L
         # under autocast the single pass takes the masters and casts them itself (as the per-token
         # Function does): gradients come back in the masters' dtypes, never rounded to 16 bits
         sp_inputs = (h_master, masters[1], masters[2]) if op.compute_dtype is not None else (h, weight, bias)
-        single = None if op.vocab_parallel is not None else maybe_single_pass(
+        one_temperature = op.vocab_parallel is None and op.token_temperature is None
+        single = None if not one_temperature else maybe_single_pass(
             *sp_inputs, y, seq, S, opts=op.opts, weighting=weighting, alpha=plan.alpha,
             reduction=plan.reduction, backend=op.backend, path=plan.path, compute_dtype=op.compute_dtype)
         if single is not None:

@@ -250,13 +250,14 @@ def plan_logprobs(hidden, weight, bias, targets, *, temperature, ignore_index, r
 
 def plan_loss(hidden, weight, bias, targets, *, temperature, alpha, weighting, reduction, ignore_index, filter_eps,
               backend, return_entropy, softcap, num_sequences, backward, grad_matmul, buffer_bytes, check_values,
-              block_configs, path, vocab_parallel, native_matmul="auto"):
-    """Validates a loss call and plans it: (hidden, weight, bias, autocast_off, LossPlan)."""
+              block_configs, path, vocab_parallel, native_matmul="auto", seq_index=None):
+    """Validates a loss call and plans it: (hidden, weight, bias, autocast_off, LossPlan). A
+    per-token temperature (op.token_temperature, every position of targets) takes the two sweeps."""
     hidden, weight, bias, autocast_off, op = plan_logprobs(
         hidden, weight, bias, targets, temperature=temperature, ignore_index=ignore_index,
         return_entropy=return_entropy, filter_eps=filter_eps, backend=backend, softcap=softcap, backward=backward,
         grad_matmul=grad_matmul, buffer_bytes=buffer_bytes, check_values=check_values, block_configs=block_configs,
-        vocab_parallel=vocab_parallel, native_matmul=native_matmul)
+        vocab_parallel=vocab_parallel, native_matmul=native_matmul, seq_index=seq_index)
     check_reduction(reduction)
     check_weighting(weighting)
     alpha = check_alpha(alpha, tracing=op.tracing)
@@ -265,6 +266,9 @@ def plan_loss(hidden, weight, bias, targets, *, temperature, alpha, weighting, r
     if vocab_parallel is not None and path == "single-pass":
         raise ValueError("path='single-pass' does not split the vocabulary; with vocab_parallel use path='auto' "
                          "or 'two-sweep'")
+    if op.token_temperature is not None and path == "single-pass":
+        raise ValueError("path='single-pass' takes one temperature (a float or a 0-d tensor); a per-sample "
+                         "temperature tensor takes path='auto' or 'two-sweep'")
     plan = LossPlan(op, alpha, weighting, reduction, num_sequences, path)
     return hidden, weight, bias, autocast_off, plan
 
