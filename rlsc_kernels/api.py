@@ -32,7 +32,7 @@ from .plan import (
 from .dtypes import output_dtype
 from .reference import reference_logprobs
 from .single_pass import maybe_single_pass
-from .temperature import BAD_TEMPERATURE, PerTokenTemperature, bad_temperature
+from .temperature import BAD_TEMPERATURE, PerTokenTemperature, bad_temperature, is_per_token
 from .validation import check_backend, check_tensor
 from .validation import check_values as _check_values
 from .vocab_parallel import VocabParallel, vocab_parallel_logprobs
@@ -408,7 +408,8 @@ class LinearRLSCLoss(torch.nn.Module):
         if unknown:
             raise TypeError(f"LinearRLSCLoss got unexpected keyword arguments {unknown}; execution options are {allowed}")
         tracing = torch.compiler.is_compiling()  # built inside a compiled step: floats stay symbolic
-        check_temperature(temperature, tracing=tracing)
+        if not is_per_token(temperature):  # a per-sample tensor is checked against each call's targets
+            check_temperature(temperature, tracing=tracing)
         check_backend(backend)
         check_weighting(weighting)
         check_reduction(reduction)
