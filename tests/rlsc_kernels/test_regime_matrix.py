@@ -227,12 +227,12 @@ def run_op_case(case, p, device="cpu"):
         _judge("value", value.detach().float().cpu(), ref_value, exact_value, dtype, 1.0, None, here)
         for name, fast, ref, exact in zip(("dhidden", "dweight", "dbias"), fast_grads, ref_grads, exact_grads):
             _judge(name, fast, ref, exact, dtype, g_out, param_dtype, here)
-        if scaler is not None:
+        for x in params:  # the step takes the gradient of the loss itself (unscaled: also by grad_output)
+            x.grad.div_(g_out)
+        if scaler is not None:  # skips the step where unscale_ found inf / NaN
             scaler.step(opt)
             scaler.update()
         else:
-            for x in params:  # the step takes the unscaled gradient, as after GradScaler.unscale_
-                x.grad.div_(g_out)
             opt.step()
         for x in params:  # keep the next step's inputs finite whatever the step did
             x.data.nan_to_num_(0.0, 0.0, 0.0)
@@ -300,13 +300,13 @@ def run_head_case(case, p, device="cpu"):
         _judge("log_probs", out.log_probs.detach().float().cpu(), ref_value, exact_value, dtype, 1.0, None, here)
         for n, ref, exact in zip(watched, ref_grads, exact_grads):
             _judge(n, named[n].grad.cpu(), ref, exact, dtype, g_out, param_dtype, here)
+        for q in model.parameters():  # as in run_op_case: the step takes the loss's own gradient
+            if q.grad is not None:
+                q.grad.div_(g_out)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
         else:
-            for q in model.parameters():
-                if q.grad is not None:
-                    q.grad.div_(g_out)
             opt.step()
         for q in model.parameters():
             q.data.nan_to_num_(0.0, 0.0, 0.0)
