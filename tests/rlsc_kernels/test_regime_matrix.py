@@ -89,7 +89,7 @@ def _op_objective(entry, backend, blocks, vocab_parallel=None, compute_dtype=Non
 
         opts = FusedOptions(return_entropy=True, backward=blocks.get("backward", "sliced"),
                             grad_matmul=blocks.get("grad_matmul", "library"), block_configs=blocks.get("block_configs"))
-        temperature = torch.ones((), dtype=torch.float64) * t
+        temperature = torch.ones((), dtype=torch.float64) * t  # [] or, per-sample, [N] on t's device
         logp, ent, _, _ = torch.ops.rlsc_kernels.logprobs_forward(
             h, w, b, y, temperature, encode_options(opts, True, compute_dtype), backend)
         return (logp * c).sum() + 0.3 * (ent * c.flip(0)).sum(), logp
@@ -206,10 +206,14 @@ def run_op_case(case, p, device="cpu"):
         (obj * scale).backward()
         return value.detach().cpu(), [x.grad.cpu() for x in leaves if x is not None]
 
+    per_sample = case["temperature"] == "per-sample"
+    pattern = torch.tensor([1.0, 0.6, 1.5])[torch.arange(y.shape[0]) % 3].to(device)  # a few distinct values
     for step, (t, a) in enumerate(zip(p["temperatures"], p["alphas"])):
+        if per_sample:
+            t = pattern * t
         # exact: float64 on the rounded inputs the computation sees; ref: same-precision PyTorch
         seen = [x.detach().to(dtype).double().cpu() if x is not None else None for x in (h, w, b)]
-        exact_value, exact_grads = grads_of(exact_fn, seen, t, a, 1.0, on_cpu=True)
+        exact_value, exact_grads = grads_of(exact_fn, seen, t.cpu() if per_sample else t, a, 1.0, on_cpu=True)
         ref_tensors = [x.detach() if x is not None else None for x in (h, w, b)]
         ref_fn = _op_objective(exact_entry, "reference", {}, vp)
         ref_value, ref_grads = grads_of(ref_fn, ref_tensors, t, a, 1.0)
