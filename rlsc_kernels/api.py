@@ -7,6 +7,7 @@ imports it.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Union
 
 import torch
@@ -28,8 +29,10 @@ from .plan import (
     plan_logprobs,
     plan_loss,
 )
+from .dtypes import output_dtype
 from .reference import reference_logprobs
 from .single_pass import maybe_single_pass
+from .temperature import BAD_TEMPERATURE, PerTokenTemperature, bad_temperature, is_per_token
 from .validation import check_backend, check_tensor
 from .validation import check_values as _check_values
 from .vocab_parallel import VocabParallel, vocab_parallel_logprobs
@@ -46,20 +49,24 @@ _AUTOCAST_DOC = """
 def _logprobs_flat(hidden2d, weight, bias, targets1d, plan: LogprobsPlan, masters=None):
     """Per-token (logp, entropy|None) for flat inputs hidden [N, D], targets [N]; inputs already
     checked. masters: under autocast, the same (hidden2d, weight, bias) before the autocast cast:
-    the fused Function casts them itself and returns their gradients unrounded (autograd.py)."""
+    the fused Function casts them itself and returns their gradients unrounded (autograd.py).
+    A per-token temperature (plan.token_temperature) wraps the backend (temperature.py)."""
     opts = plan.opts
+    token_t = plan.token_temperature
     name = backends.resolve(plan.backend, hidden2d)
-    if plan.vocab_parallel is not None and name != "reference" and plan.compute_dtype is not None and masters:
-        return vocab_parallel_logprobs(*masters[:3], targets1d, opts, name, plan.vocab_parallel, plan.compute_dtype)
     if plan.vocab_parallel is not None:
-        return vocab_parallel_logprobs(hidden2d, weight, bias, targets1d, opts, name, plan.vocab_parallel)
+        use_masters = name != "reference" and plan.compute_dtype is not None and masters
+        inputs = masters[:3] if use_masters else (hidden2d, weight, bias)
+        return vocab_parallel_logprobs(*inputs, targets1d, opts, name, plan.vocab_parallel,
+                                       plan.compute_dtype if use_masters else None, token_temperature=token_t)
     if name == "reference":
-        return reference_logprobs(hidden2d, weight, bias, targets1d, opts)
+        t = None if token_t is None else token_t.to(output_dtype(hidden2d.dtype))[:, None]
+        return reference_logprobs(hidden2d, weight, bias, targets1d, opts, temperature=t)
+    backend = backends.get(name) if token_t is None else PerTokenTemperature(backends.get(name), token_t)
     if plan.compute_dtype is not None and masters is not None:
-        logp, entropy = LinearLogprobsFunction.apply(*masters[:3], targets1d, opts, backends.get(name),
-                                                     plan.compute_dtype)
+        logp, entropy = LinearLogprobsFunction.apply(*masters[:3], targets1d, opts, backend, plan.compute_dtype)
     else:
-        logp, entropy = LinearLogprobsFunction.apply(hidden2d, weight, bias, targets1d, opts, backends.get(name))
+        logp, entropy = LinearLogprobsFunction.apply(hidden2d, weight, bias, targets1d, opts, backend)
     return logp, (entropy if opts.return_entropy else None)
 
 
@@ -67,6 +74,8 @@ def _value_checks(hidden, weight, bias, targets, plan: LogprobsPlan, extra=None)
     """The data-dependent checks (one host sync) unless the plan turned them off."""
     if not plan.check_values:
         return
+    if plan.token_temperature is not None:
+        extra = dict(extra or {}, **{BAD_TEMPERATURE: bad_temperature(plan.token_temperature)})
     if plan.vocab_parallel is not None:
         _check_values_vocab_parallel(hidden, weight, bias, targets, plan.opts.ignore_index, plan.vocab_parallel, extra)
     else:
@@ -103,7 +112,7 @@ def linear_logprobs(
     targets: torch.Tensor,
     *,
     bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
+    temperature: Union[float, torch.Tensor] = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
     filter_eps: Union[None, str, float] = "auto",
@@ -138,11 +147,19 @@ def linear_logprobs(
     its contiguous copy. Zero tokens are legal: the outputs are empty and still differentiable
     (zero gradients). With check_values=False the call makes no device-to-host sync.
     temperature: a float > 0, or a 0-d float tensor (a schedule's value; a CUDA tensor costs one
-    host read in an eager call).
+    host read in an eager call), or a per-sample temperature: a float tensor shaped like targets
+    (per token) or [B] for targets [B, T] (per row; for sequences of a packed batch pass
+    temperature[seq_index]), on targets' device. Its values must be finite and > 0 (checked with
+    the value checks; with check_values=False a bad value gives NaN, never a crash). No gradient
+    flows to a temperature tensor. Without bias and softcap the op runs once on hidden / T_t
+    (one extra rounding of that quotient to the input dtype); with either, once per distinct
+    temperature value, exact, reading the weight once per value and the distinct values on the
+    host (rlsc_kernels/temperature.py).
     Under torch.compile (also fullgraph=True) the op runs as registered custom ops
     (rlsc_kernels/custom_ops.py): same results and gradients, a new token count is not a new
-    compilation, nor is a new temperature (a Python float Dynamo makes dynamic, or a 0-d
-    tensor), and the value checks run inside the op.
+    compilation, nor is a new temperature (a Python float Dynamo makes dynamic, a 0-d tensor,
+    or new values of a per-token tensor, whose grouping runs inside the op), and the value
+    checks run inside the op.
     Precision: logits, their gradient and the gradient accumulations are fp32; the upstream
     gradient meets them in fp32 (a GradScaler's 2^16 cannot overflow a 16-bit intermediate) and
     the gradients are rounded once, to the dtypes of the tensors passed (under autocast, the fp32
@@ -172,10 +189,11 @@ def linear_logprobs(
 linear_logprobs.__doc__ += _AUTOCAST_DOC + _OPTION_DOCS
 
 
-def _select_tokens(hidden, targets, completion_mask, seq_index, num_sequences, ignore_index):
+def _select_tokens(hidden, targets, completion_mask, seq_index, num_sequences, ignore_index, token_temperature=None):
     """Brings both input forms to packed tokens: (hidden [n, D], targets [n], seq [n] int64, S,
-    checks) where checks maps an error message to a bool tensor that must be all False (checked
-    with the value checks' single sync). Syncs: the padded form's gather of the scored tokens
+    checks, temperature [n] | None) where checks maps an error message to a bool tensor that
+    must be all False (checked with the value checks' single sync); token_temperature: one per
+    position of targets (flattened), gathered like the tokens. Syncs: the padded form's gather of the scored tokens
     (its count is data-dependent); the packed form only without num_sequences (S = max id + 1)."""
     if completion_mask is not None and seq_index is not None:
         raise ValueError("pass either completion_mask (padded form) or seq_index (packed form), not both")
@@ -196,7 +214,8 @@ def _select_tokens(hidden, targets, completion_mask, seq_index, num_sequences, i
         scored = (completion_mask != 0) & (targets != ignore_index)
         # Prompt and padding tokens never reach the head: gather the scored ones only.
         seq = torch.arange(B, device=hidden.device)[:, None].expand(B, T)[scored]
-        return hidden[scored], targets[scored], seq, B, {}
+        picked_t = None if token_temperature is None else token_temperature.reshape(B, T)[scored]
+        return hidden[scored], targets[scored], seq, B, {}, picked_t
     if hidden.dim() == 2:
         if completion_mask is not None:
             raise ValueError("completion_mask is for the padded form hidden [B, T, D]; the packed form [N, D] takes seq_index")
@@ -205,7 +224,7 @@ def _select_tokens(hidden, targets, completion_mask, seq_index, num_sequences, i
             if num_sequences not in (None, 1) and N > 0:
                 raise ValueError(f"num_sequences={num_sequences} needs seq_index (without it all tokens are one sequence)")
             S = (1 if N > 0 else 0) if num_sequences is None else num_sequences
-            return hidden, targets, torch.zeros(N, dtype=torch.int64, device=hidden.device), S, {}
+            return hidden, targets, torch.zeros(N, dtype=torch.int64, device=hidden.device), S, {}, token_temperature
         check_tensor("seq_index", seq_index, dtypes=(torch.int64, torch.int32), dim=1)
         if seq_index.shape[0] != N:
             raise ValueError(f"seq_index must have shape [{N}] like targets, got {list(seq_index.shape)}")
@@ -215,13 +234,13 @@ def _select_tokens(hidden, targets, completion_mask, seq_index, num_sequences, i
         if num_sequences is not None:
             bad = (seq < 0) | (seq >= num_sequences)
             return hidden, targets, seq, num_sequences, {
-                f"seq_index holds ids outside [0, num_sequences={num_sequences})": bad}
+                f"seq_index holds ids outside [0, num_sequences={num_sequences})": bad}, token_temperature
         if N == 0:
-            return hidden, targets, seq, 0, {}
+            return hidden, targets, seq, 0, {}, token_temperature
         lo, hi = (int(v) for v in torch.stack(torch.aminmax(seq)).tolist())  # one sync
         if lo < 0:
             raise ValueError(f"seq_index holds negative sequence ids (got {lo}; expected 0..S-1)")
-        return hidden, targets, seq, hi + 1, {}
+        return hidden, targets, seq, hi + 1, {}, token_temperature
     raise ValueError(f"hidden must be [B, T, D] (padded form) or [N, D] (packed form), got shape {list(hidden.shape)}")
 
 
@@ -233,7 +252,7 @@ def linear_rlsc_loss(
     completion_mask: Optional[torch.Tensor] = None,
     seq_index: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
-    temperature: float = 0.5,
+    temperature: Union[float, torch.Tensor] = 0.5,
     alpha: float = 0.1,
     weighting: Union[str, torch.Tensor] = "rlsc",
     reduction: str = "mean",
@@ -269,7 +288,11 @@ def linear_rlsc_loss(
     weighting: "rlsc" (w = exp(L) + alpha), "rlsc-l1" (exp(L)), "entropy" (1 + L), "length"
       (exp(L / n_tokens) + alpha), or a float tensor [S] of external weights; always detached.
     temperature, alpha: floats, or 0-d float tensors (a schedule's values); under torch.compile
-      new values do not recompile.
+      new values do not recompile. temperature may also be per sample, a float tensor of values
+      > 0 on targets' device: shaped like targets (per token), [B] in the padded form (per row),
+      or [S] with seq_index in the packed form (per sequence); as in linear_logprobs (no gradient
+      to it, values checked with the value checks). It takes the two sweeps: path="auto" then
+      skips the single pass and path="single-pass" raises.
     reduction: "sum", or "mean" = the sum divided by S, the number of sequences, counting those
       with no scored token (so micro-batches compose), and by 1 when S = 0. For micro-batches of
       one batch use "sum" and scale by 1 / S_total: each weight depends on its own sequence
@@ -306,7 +329,7 @@ def linear_rlsc_loss(
         ignore_index=ignore_index, filter_eps=filter_eps, backend=backend, return_entropy=return_entropy,
         softcap=softcap, num_sequences=num_sequences, backward=backward, grad_matmul=grad_matmul,
         buffer_bytes=buffer_bytes, check_values=check_values, block_configs=block_configs, path=path,
-        vocab_parallel=vocab_parallel, native_matmul=native_matmul)
+        vocab_parallel=vocab_parallel, native_matmul=native_matmul, seq_index=seq_index)
     if plan.op.tracing:  # traced by Dynamo: the registered custom ops (custom_ops.py)
         from .custom_ops import traced_rlsc_loss
 
@@ -321,8 +344,10 @@ def _run_loss(hidden, weight, bias, targets, completion_mask, seq_index, plan: L
     op = plan.op
     ignore_index = op.opts.ignore_index
     selected_from = masters[0] if op.compute_dtype is not None else hidden
-    h_master, y, seq, S, seq_checks = _select_tokens(selected_from, targets, completion_mask, seq_index,
-                                                     plan.num_sequences, ignore_index)
+    h_master, y, seq, S, seq_checks, token_t = _select_tokens(selected_from, targets, completion_mask, seq_index,
+                                                              plan.num_sequences, ignore_index, op.token_temperature)
+    if token_t is not None:  # the scored tokens' temperatures
+        op = replace(op, token_temperature=token_t)
     h = cast_for_autocast(h_master, op.compute_dtype) if op.compute_dtype is not None else h_master
     y = y.long()  # int32 targets are legal; every path below sees int64
     weighting = plan.weighting
@@ -337,7 +362,8 @@ def _run_loss(hidden, weight, bias, targets, completion_mask, seq_index, plan: L
         # under autocast the single pass takes the masters and casts them itself (as the per-token
         # Function does): gradients come back in the masters' dtypes, never rounded to 16 bits
         sp_inputs = (h_master, masters[1], masters[2]) if op.compute_dtype is not None else (h, weight, bias)
-        single = None if op.vocab_parallel is not None else maybe_single_pass(
+        one_temperature = op.vocab_parallel is None and op.token_temperature is None
+        single = None if not one_temperature else maybe_single_pass(
             *sp_inputs, y, seq, S, opts=op.opts, weighting=weighting, alpha=plan.alpha,
             reduction=plan.reduction, backend=op.backend, path=plan.path, compute_dtype=op.compute_dtype)
         if single is not None:
@@ -382,7 +408,8 @@ class LinearRLSCLoss(torch.nn.Module):
         if unknown:
             raise TypeError(f"LinearRLSCLoss got unexpected keyword arguments {unknown}; execution options are {allowed}")
         tracing = torch.compiler.is_compiling()  # built inside a compiled step: floats stay symbolic
-        check_temperature(temperature, tracing=tracing)
+        if not is_per_token(temperature):  # a per-sample tensor is checked against each call's targets
+            check_temperature(temperature, tracing=tracing)
         check_backend(backend)
         check_weighting(weighting)
         check_reduction(reduction)

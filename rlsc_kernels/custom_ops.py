@@ -6,8 +6,8 @@
 
 ``linear_logprobs`` and ``linear_rlsc_loss`` take this route by themselves while Dynamo traces
 them (``torch.compiler.is_compiling()``); eager calls keep the autograd.Function route. Two ops:
-    rlsc_kernels::logprobs_forward(hidden [N, D], weight [V, D], bias [V]?, targets [N], temperature [], options,
-        backend)
+    rlsc_kernels::logprobs_forward(hidden [N, D], weight [V, D], bias [V]?, targets [N], temperature [] or [N],
+        options, backend)
         -> (logp [N], entropy [N] or [0], lse [N], mean_z [N] or [0])
     rlsc_kernels::logprobs_backward(hidden, weight, bias, targets, lse, logp, mean_z, grad_logp?, grad_entropy?,
         temperature, options, backend, need_hidden, need_weight, need_bias) -> (dhidden, dweight, dbias; [0] when not needed)
@@ -22,7 +22,11 @@ run there with their one host sync unless check_values=False. The options travel
 
 The temperature is a 0-d float64 tensor argument, not part of the options string: a schedule
 that changes it every step (a Python float Dynamo makes dynamic, or a 0-d tensor) is a new value
-of a graph input, not a new graph. Alpha only enters the weights, plain tensor arithmetic.
+of a graph input, not a new graph. Alpha only enters the weights, plain tensor arithmetic. A
+per-token temperature is the same argument shaped [N]: the ops run the backend through
+temperature.PerTokenTemperature, so its grouping by distinct value (data-dependent: one host
+read of the values) happens inside the op, where the compiler does not look, and the whole call
+still captures with fullgraph=True.
 
 Autocast: the public ops pass the fp32 master tensors and name the autocast dtype in the options
 string; the ops cast inside and return the masters' gradients unrounded. The ops' bodies run with
@@ -53,6 +57,7 @@ from . import backends
 from .autograd import scored
 from .dtypes import output_dtype
 from .options import BlockConfigs, FusedOptions, KernelConfig
+from .temperature import BAD_TEMPERATURE, PerTokenTemperature, bad_temperature
 
 _LIB = "rlsc_kernels"
 
@@ -88,7 +93,7 @@ def decode_options(text: str, temperature: Optional[Tensor] = None) -> Tuple[Fus
         fields["block_configs"] = BlockConfigs(**{
             k: KernelConfig(**v) if isinstance(v, dict) else v for k, v in blocks.items()
         })
-    if temperature is not None:
+    if temperature is not None and temperature.dim() == 0:  # [N]: per token (PerTokenTemperature)
         t = float(temperature)
         if not (0.0 < t < float("inf")):
             raise ValueError(f"temperature must be a finite float > 0, got {t!r}")
@@ -134,14 +139,21 @@ def _logprobs_forward(hidden, weight, bias, targets, temperature, options, backe
     if check_values:
         from .validation import check_values as run_value_checks
 
-        run_value_checks(hidden, weight, bias, targets, opts.ignore_index)
-    module = backends.get(backends.resolve(backend, hidden))
+        extra = {BAD_TEMPERATURE: bad_temperature(temperature)} if temperature.dim() else None
+        run_value_checks(hidden, weight, bias, targets, opts.ignore_index, extra)
+    module = _backend(backend, hidden, temperature)
     logp, entropy, (lse, mean_z, *_) = module.forward(hidden, weight, bias, targets, opts)
     valid = scored(targets, opts.ignore_index, weight.shape[0])
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     logp = torch.where(valid, logp, zero)
     entropy = torch.where(valid, entropy, zero) if entropy is not None else _empty(hidden, out)
     return logp, entropy, lse.clone(), (mean_z.clone() if mean_z is not None else _empty(hidden, out))
+
+
+def _backend(backend: str, hidden: Tensor, temperature: Tensor):
+    """The backend module the op runs, wrapped for a per-token temperature [N]."""
+    module = backends.get(backends.resolve(backend, hidden))
+    return PerTokenTemperature(module, temperature) if temperature.dim() else module
 
 
 @logprobs_forward.register_fake
@@ -181,7 +193,7 @@ def _logprobs_backward(hidden, weight, bias, targets, lse, logp, mean_z, grad_lo
     valid = scored(targets, opts.ignore_index, weight.shape[0])
     g = torch.where(valid, grad_logp, 0.0) if grad_logp is not None else None
     e = torch.where(valid, grad_entropy, 0.0) if grad_entropy is not None else None
-    module = backends.get(backends.resolve(backend, hidden))
+    module = _backend(backend, hidden, temperature)
     saved = (lse, mean_z if opts.return_entropy else None, logp)
     dh, dw, db = module.backward(hidden, weight, bias, targets, saved, g, e, opts, (need_hidden, need_weight, need_bias))
     hidden, weight, bias = masters  # the one rounding: to the masters' dtypes
@@ -224,7 +236,7 @@ torch.library.register_autograd(f"{_LIB}::logprobs_forward", _backward, setup_co
 def fused_logprobs(hidden2d, weight, bias, targets1d, opts: FusedOptions, backend: str, check_values: bool,
                    temperature: Tensor, compute_dtype: Optional[torch.dtype] = None):
     """(logp [N], entropy [N] | None) through the custom ops; inputs already checked for shape/dtype.
-    temperature: 0-d tensor (opts.temperature is ignored: the options string stays one constant
+    temperature: 0-d tensor, or [N] per token (opts.temperature is ignored: the options string stays one constant
     while a schedule changes the temperature). compute_dtype: under autocast, hidden2d, weight
     and bias are the masters and the ops cast them."""
     logp, entropy, _, _ = logprobs_forward(hidden2d, weight, bias, targets1d, temperature,
@@ -249,10 +261,12 @@ def traced_logprobs(hidden, weight, bias, targets, plan, autocast_off, masters=N
     masters: the same before an autocast cast (the ops then cast, and return unrounded grads)."""
     opts = plan.opts
     h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    temperature = _temperature_tensor(plan.temperature)
+    token_t = plan.token_temperature
+    temperature = _temperature_tensor(plan.temperature) if token_t is None else token_t.to(torch.float64)
     with autocast_off:
         if plan.backend == "reference":
-            logp, entropy = reference_logprobs_scaled(h, weight, bias, y, opts, temperature)
+            t = temperature if token_t is None else token_t.to(output_dtype(h.dtype))[:, None]
+            logp, entropy = reference_logprobs_scaled(h, weight, bias, y, opts, t)
         elif plan.compute_dtype is not None and masters is not None:
             mh = masters[0].reshape(-1, masters[0].shape[-1])
             logp, entropy = fused_logprobs(mh, masters[1], masters[2], y, opts, plan.backend, plan.check_values,

@@ -17,33 +17,35 @@ A soft-capped head (z = c tanh((W h + b) / c) / T) has no closed form for the me
 computed by one more sweep over the vocabulary in chunked PyTorch (fp32, each chunk's [N, chunk]
 logits recomputed in the backward), so soft-capping costs one extra logits GEMM.
 
-Per-sample temperature: `temperature` may be a tensor, one value per token or per sequence.
-Without bias and soft-cap, softmax((W h) / T_t) = softmax(W (h / T_t)): one call on the scaled
-hidden states (one extra rounding of h / T_t to the input dtype). With a bias (b / T_t would be a
-different bias per token) or a soft-cap (applied before the temperature), the tokens are grouped
-by distinct temperature value and the op runs once per value: exact, and cheap for schedules over
-samples (at most S distinct values), but W is read once per distinct value. The temperature is
-a constant: no gradient flows to it.
+Per-sample temperature: `temperature` may be a tensor, one value per token, row or sequence
+(rlsc_kernels/temperature.py: the shape rules, and the split of the sweeps by temperature that
+linear_logprobs runs). Self-certainty needs nothing more: its closed-form pieces are divided by
+each token's temperature. The temperature is a constant: no gradient flows to it.
+
+Under torch.compile (also fullgraph=True) the op traces as it runs: linear_logprobs becomes the
+registered custom ops (custom_ops.py; a per-token temperature's grouping happens inside them),
+the closed-form pieces are plain tensor code, and the soft-cap sweep is torch.utils.checkpoint
+(a higher-order op Dynamo captures).
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
 from .api import linear_logprobs
-from .reference import output_dtype
-from .validation import check_head, check_temperature, check_tensor
+from .dtypes import output_dtype
+from .options import check_softcap
+from .plan import autocast_inputs, check_temperature
+from .temperature import is_per_token, per_token_temperature
+from .validation import check_head
 
 __all__ = ["TokenStats", "linear_token_stats", "linear_self_certainty"]
 
 #: elements of one [N, chunk] fp32 logits block in the soft-cap sweep (64 MB)
 _SOFTCAP_BLOCK_ELEMENTS = 1 << 24
-_AUTOCAST_CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -54,51 +56,6 @@ class TokenStats:
     logp: torch.Tensor
     entropy: Optional[torch.Tensor] = None
     self_certainty: Optional[torch.Tensor] = None
-
-
-def _autocast(hidden, weight, bias):
-    """As the public ops do under torch.autocast: inputs in the region's dtype, op run with autocast off."""
-    device_type = hidden.device.type
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-        dtype = torch.get_autocast_dtype(device_type) if enabled else None
-    except (RuntimeError, TypeError, ValueError):
-        dtype = None
-    if dtype is None:
-        return hidden, weight, bias, contextlib.nullcontext()
-
-    def cast(t):
-        return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_CASTABLE else t
-
-    return cast(hidden), cast(weight), cast(bias), torch.autocast(device_type, enabled=False)
-
-
-def _token_temperature(temperature, targets, seq_index) -> Optional[torch.Tensor]:
-    """None for a float temperature, else the per-token temperatures [N] (flattened like targets)."""
-    if not isinstance(temperature, torch.Tensor):
-        check_temperature(temperature)
-        return None
-    check_tensor("temperature", temperature, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
-    if temperature.device != targets.device:
-        raise ValueError(f"temperature is on {temperature.device} but targets are on {targets.device}")
-    shape = tuple(temperature.shape)
-    if shape == tuple(targets.shape):
-        return temperature.reshape(-1)
-    if seq_index is not None:
-        check_tensor("seq_index", seq_index, dtypes=(torch.int64, torch.int32))
-        if tuple(seq_index.shape) != tuple(targets.shape):
-            raise ValueError(f"seq_index must have the shape of targets {list(targets.shape)}, got {list(seq_index.shape)}")
-        if temperature.dim() != 1:
-            raise ValueError(f"with seq_index, temperature must be [S] (one value per sequence), got {list(shape)}")
-        if seq_index.numel() and (int(seq_index.min()) < 0 or int(seq_index.max()) >= shape[0]):
-            raise ValueError(f"seq_index holds ids outside [0, {shape[0]}) = the sequences temperature has values for")
-        return temperature[seq_index.long().reshape(-1)]
-    if targets.dim() >= 2 and shape == tuple(targets.shape[:1]):
-        return temperature[:, None].expand(targets.shape).reshape(-1)
-    raise ValueError(
-        f"temperature must be a float, a tensor shaped like targets {list(targets.shape)} (per token), "
-        f"[B] = [{targets.shape[0] if targets.dim() else 0}] for targets [B, T] (per row), or [S] with seq_index "
-        f"(per sequence); got shape {list(shape)}")
 
 
 def _target_logit(h, weight, bias, y_safe, stat_dtype):
@@ -131,8 +88,9 @@ def _capped_logit_sum(h, weight, bias, softcap, stat_dtype):
     return total
 
 
-def _stats_flat(h, weight, bias, y, *, temperature: float, ignore_index, entropy, self_certainty, softcap, options):
-    """TokenStats of flat inputs h [N, D], y [N] at one float temperature."""
+def _stats_flat(h, weight, bias, y, *, temperature, ignore_index, entropy, self_certainty, softcap, options):
+    """TokenStats of flat inputs h [N, D], y [N]. temperature: a float (a SymFloat or 0-d
+    tensor while Dynamo traces), or [N], one per token."""
     out = linear_logprobs(h, weight, y, bias=bias, temperature=temperature, ignore_index=ignore_index,
                           return_entropy=entropy, softcap=softcap, **options)
     logp, ent = out if entropy else (out, None)
@@ -149,6 +107,8 @@ def _stats_flat(h, weight, bias, y, *, temperature: float, ignore_index, entropy
             z_y, z_sum, V = _logit_pieces_vocab_parallel(h, weight, bias, y, valid, softcap, dt, vp)
         if softcap is not None:
             z_y = softcap * torch.tanh(z_y / softcap)
+        if isinstance(temperature, torch.Tensor):
+            temperature = temperature.to(dt)
         lse = z_y / temperature - logp.to(dt)
         log_v = math.log(V) if isinstance(V, int) else torch.log(V)
         sc = lse - z_sum / (V * temperature) - log_v
@@ -257,9 +217,15 @@ def linear_token_stats(
     with z = (hidden @ weight.T + bias) / temperature (softcap c: c tanh(. / c) before the
     temperature). Each output is differentiable w.r.t. hidden, weight and bias.
 
-    temperature: a float > 0, or a tensor of positive values: shaped like targets (per token),
-      [B] for targets [B, T] (per row), or [S] together with seq_index (shaped like targets, ids
-      in [0, S); per sequence of a packed batch). No gradient flows to a temperature tensor.
+    temperature: a float > 0 (or a 0-d float tensor), or a tensor of positive values: shaped
+      like targets (per token), [B] for targets [B, T] (per row), or [S] together with seq_index
+      (shaped like targets, ids in [0, S); per sequence of a packed batch); linear_logprobs runs
+      it (rlsc_kernels/temperature.py). No gradient flows to a temperature tensor. Its values
+      (finite, > 0, seq_index ids in range) are checked with the other value checks unless
+      check_values=False.
+    Under torch.compile (also fullgraph=True): same results and gradients, through
+      linear_logprobs' custom ops; a new float temperature is not a new compilation, nor are new
+      values of a temperature tensor.
     options: linear_logprobs' execution keywords (backend, filter_eps, backward, grad_matmul,
       buffer_bytes, check_values, block_configs, vocab_parallel). With vocab_parallel the
       self-certainty's two closed-form pieces (target logit, logit sum) are merged over the ranks
@@ -268,59 +234,21 @@ def linear_token_stats(
     Cost beyond linear_logprobs: self-certainty is two O(N D) dot products per token and one
     O(V D) column sum of the weight per call; with softcap, one more logits sweep (chunked PyTorch).
     """
-    hidden, weight, bias, autocast_off = _autocast(hidden, weight, bias)
+    hidden, weight, bias, autocast_off = autocast_inputs(hidden, weight, bias)
     check_head(hidden, weight, bias, targets, ignore_index)
     options = _check_options(dict(options))
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)
-                                or not 0 < float(softcap) < math.inf):
-        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
-    token_t = _token_temperature(temperature, targets, seq_index)
-    if token_t is not None and options.get("check_values", True):
-        bad = ~(torch.isfinite(token_t) & (token_t > 0))
-        if bool(bad.any()):
-            raise ValueError("temperature tensor must hold finite values > 0")
+    softcap = check_softcap(softcap)
+    if is_per_token(temperature):  # checked here (shapes) and by linear_logprobs (values)
+        temperature = per_token_temperature(temperature, targets, seq_index)
+    else:
+        temperature = check_temperature(temperature, tracing=torch.compiler.is_compiling())
     shape = targets.shape
-    h = hidden.reshape(-1, hidden.shape[-1])
-    y = targets.reshape(-1)
-    kw = dict(ignore_index=ignore_index, entropy=entropy, self_certainty=self_certainty, softcap=softcap,
-              options=options)
     with autocast_off:
-        if token_t is None:
-            stats = _stats_flat(h, weight, bias, y, temperature=float(temperature), **kw)
-        elif bias is None and softcap is None:
-            scaled = h / token_t.detach().to(h.dtype if h.dtype == torch.float64 else torch.float32)[:, None]
-            stats = _stats_flat(scaled.to(h.dtype), weight, bias, y, temperature=1.0, **kw)
-        else:
-            stats = _grouped_by_temperature(h, weight, bias, y, token_t.detach(), kw)
+        stats = _stats_flat(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1),
+                            temperature=temperature, ignore_index=ignore_index, entropy=entropy,
+                            self_certainty=self_certainty, softcap=softcap, options=options)
     return TokenStats(*(None if t is None else t.reshape(shape)
                         for t in (stats.logp, stats.entropy, stats.self_certainty)))
-
-
-def _grouped_by_temperature(h, weight, bias, y, token_t, kw) -> TokenStats:
-    """One op call per distinct temperature value; results scattered back into token order."""
-    N = h.shape[0]
-    values = torch.unique(token_t).tolist() if N else []
-    if not values:
-        return _stats_flat(h, weight, bias, y, temperature=1.0, **kw)
-    if len(values) == 1:
-        return _stats_flat(h, weight, bias, y, temperature=float(values[0]), **kw)
-    dt = output_dtype(h.dtype)
-    outs = {"logp": [], "entropy": [], "self_certainty": []}
-    order = []
-    for t in values:
-        idx = (token_t == t).nonzero().squeeze(-1)
-        order.append(idx)
-        part = _stats_flat(h[idx], weight, bias, y[idx], temperature=float(t), **kw)
-        for name in outs:
-            outs[name].append(getattr(part, name))
-    perm = torch.cat(order)
-    result = {}
-    for name, parts in outs.items():
-        if parts[0] is None:
-            result[name] = None
-            continue
-        result[name] = torch.zeros(N, dtype=dt, device=h.device).index_copy(0, perm, torch.cat(parts).to(dt))
-    return TokenStats(result["logp"], result["entropy"], result["self_certainty"])
 
 
 def linear_self_certainty(hidden, weight, targets, **kwargs) -> torch.Tensor:

@@ -32,6 +32,7 @@ from .options import (
     check_softcap,
     resolve_filter_eps,
 )
+from .temperature import is_per_token, per_token_temperature
 from .validation import check_backend, check_head
 from .weighting import WEIGHTINGS
 
@@ -104,15 +105,15 @@ def _is_scalar_tensor(x) -> bool:
 
 
 def check_temperature(temperature, *, tracing: bool = False):
-    """A float (or int) > 0 and finite, or a 0-d floating tensor holding one. Eager: returns the
-    float. Tracing: returns the argument unchanged after a type check (its value is checked by
+    """A float (or int) > 0 and finite, or a 0-d floating tensor holding one (a tensor with
+    dimensions is a per-token temperature: temperature.py). Eager: returns the float. Tracing: returns the argument unchanged after a type check (its value is checked by
     the custom op when it runs)."""
     if _is_scalar_tensor(temperature):
         if tracing:
             return temperature
         value = float(temperature)
     elif isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a float > 0 or a 0-d float tensor, got {type(temperature).__name__}")
+        raise TypeError(f"temperature must be a float > 0 or a float tensor, got {type(temperature).__name__}")
     elif tracing:
         return temperature
     else:
@@ -179,8 +180,9 @@ class LogprobsPlan:
     check_values: bool
     vocab_parallel: Any
     tracing: bool
-    temperature: Any  # float (eager); float, SymFloat or 0-d tensor (tracing)
+    temperature: Any  # float (eager); float, SymFloat or 0-d tensor (tracing); 1.0 with token_temperature
     compute_dtype: Optional[torch.dtype] = None  # the autocast dtype, where autocast is on
+    token_temperature: Optional[torch.Tensor] = None  # [N] per token (temperature.py), flattened like targets
 
 
 @dataclass(frozen=True)
@@ -208,9 +210,11 @@ def _check_vocab_parallel(vocab_parallel, weight, bias, tracing: bool) -> None:
 
 def plan_logprobs(hidden, weight, bias, targets, *, temperature, ignore_index, return_entropy, filter_eps, backend,
                   softcap, backward, grad_matmul, buffer_bytes, check_values, block_configs, vocab_parallel,
-                  native_matmul="auto"):
+                  native_matmul="auto", seq_index=None):
     """Validates a per-token call and plans it. Returns (hidden, weight, bias, autocast_off,
-    plan): the tensors cast as autocast would (differentiably), the context the run goes in."""
+    plan): the tensors cast as autocast would (differentiably), the context the run goes in.
+    A temperature tensor with dimensions becomes plan.token_temperature (temperature.py: its
+    shape rules, seq_index for the [S] form); its values are checked with the value checks."""
     tracing = torch.compiler.is_compiling()
     compute_dtype = autocast_dtype(hidden)
     hidden, weight, bias, autocast_off = autocast_inputs(hidden, weight, bias)
@@ -220,7 +224,12 @@ def plan_logprobs(hidden, weight, bias, targets, *, temperature, ignore_index, r
     grad_matmul = check_grad_matmul(grad_matmul)
     if not isinstance(check_values, bool):
         raise TypeError(f"check_values must be a bool, got {type(check_values).__name__}")
-    temperature = check_temperature(temperature, tracing=tracing)
+    token_temperature = None
+    if is_per_token(temperature):
+        token_temperature = per_token_temperature(temperature, targets, seq_index)
+        temperature = 1.0
+    else:
+        temperature = check_temperature(temperature, tracing=tracing)
     opts = FusedOptions(
         temperature=1.0 if tracing else temperature,
         ignore_index=int(ignore_index),
@@ -234,19 +243,21 @@ def plan_logprobs(hidden, weight, bias, targets, *, temperature, ignore_index, r
         native_matmul=check_native_matmul(native_matmul),
     )
     _check_vocab_parallel(vocab_parallel, weight, bias, tracing)
-    plan = LogprobsPlan(opts, backend, check_values, vocab_parallel, tracing, temperature, compute_dtype)
+    plan = LogprobsPlan(opts, backend, check_values, vocab_parallel, tracing, temperature, compute_dtype,
+                        token_temperature)
     return hidden, weight, bias, autocast_off, plan
 
 
 def plan_loss(hidden, weight, bias, targets, *, temperature, alpha, weighting, reduction, ignore_index, filter_eps,
               backend, return_entropy, softcap, num_sequences, backward, grad_matmul, buffer_bytes, check_values,
-              block_configs, path, vocab_parallel, native_matmul="auto"):
-    """Validates a loss call and plans it: (hidden, weight, bias, autocast_off, LossPlan)."""
+              block_configs, path, vocab_parallel, native_matmul="auto", seq_index=None):
+    """Validates a loss call and plans it: (hidden, weight, bias, autocast_off, LossPlan). A
+    per-token temperature (op.token_temperature, every position of targets) takes the two sweeps."""
     hidden, weight, bias, autocast_off, op = plan_logprobs(
         hidden, weight, bias, targets, temperature=temperature, ignore_index=ignore_index,
         return_entropy=return_entropy, filter_eps=filter_eps, backend=backend, softcap=softcap, backward=backward,
         grad_matmul=grad_matmul, buffer_bytes=buffer_bytes, check_values=check_values, block_configs=block_configs,
-        vocab_parallel=vocab_parallel, native_matmul=native_matmul)
+        vocab_parallel=vocab_parallel, native_matmul=native_matmul, seq_index=seq_index)
     check_reduction(reduction)
     check_weighting(weighting)
     alpha = check_alpha(alpha, tracing=op.tracing)
@@ -255,6 +266,9 @@ def plan_loss(hidden, weight, bias, targets, *, temperature, alpha, weighting, r
     if vocab_parallel is not None and path == "single-pass":
         raise ValueError("path='single-pass' does not split the vocabulary; with vocab_parallel use path='auto' "
                          "or 'two-sweep'")
+    if op.token_temperature is not None and path == "single-pass":
+        raise ValueError("path='single-pass' takes one temperature (a float or a 0-d tensor); a per-sample "
+                         "temperature tensor takes path='auto' or 'two-sweep'")
     plan = LossPlan(op, alpha, weighting, reduction, num_sequences, path)
     return hidden, weight, bias, autocast_off, plan
 

@@ -43,6 +43,7 @@ import torch.distributed as dist
 from .autograd import _zero_ignored, not_differentiable
 from .dtypes import output_dtype
 from .options import FusedOptions
+from .temperature import PerTokenTemperature
 from .validation import _confirm_not_finite, _maybe_not_finite
 
 
@@ -326,16 +327,19 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
 
 
 def vocab_parallel_logprobs(hidden, weight, bias, targets, opts: FusedOptions, backend_name: str, vocab_parallel,
-                            compute_dtype=None):
+                            compute_dtype=None, token_temperature=None):
     """Per-token (logp [N], entropy [N] | None) for flat, checked inputs: hidden [N, D] and
     targets [N] (global ids) replicated on every rank, weight [stop - start, D] and bias the
-    rank's slice. backend_name: a resolved backend ("torch", "triton", "native", "reference")."""
+    rank's slice. backend_name: a resolved backend ("torch", "triton", "native", "reference").
+    token_temperature: [N] per-token temperatures (the same on every rank), or None."""
     if backend_name == "reference":
         backend = _ReferenceSlice
     else:
         from . import backends
 
         backend = backends.get(backend_name)
+    if token_temperature is not None:
+        backend = PerTokenTemperature(backend, token_temperature)
     logp, entropy = VocabParallelLogprobsFunction.apply(hidden, weight, bias, targets, opts, backend, vocab_parallel,
                                                         compute_dtype)
     return logp, (entropy if opts.return_entropy else None)

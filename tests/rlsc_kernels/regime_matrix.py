@@ -1,7 +1,7 @@
 """The regime matrix: which regimes users train in, which cases test them, and how they are judged.
 
 Dimensions (every public entry point x backend x dtype x training regime x upstream gradient x
-eager/compiled) span 1296 combinations; the suite runs a deterministic pairwise covering of the
+eager/compiled x one temperature or one per token) span 2592 combinations; the suite runs a deterministic pairwise covering of the
 supported ones: every pair of values of any two dimensions occurs in at least one case (greedy
 all-pairs, fixed order, no randomness), seeded with the triples the issues found broken (fp16
 with a GradScaler and under autocast, on every backend). test_regime_matrix.py runs it on CPU
@@ -16,7 +16,9 @@ Regimes:
   autocast     fp32 master parameters, autocast to the dtype, no scaler.
 Upstream gradient: the loss is multiplied by 1, 2^-24 ("tiny") or 2^20 ("huge") before backward.
 Every case runs three optimizer steps whose temperature and alpha change (a schedule): the compiled
-mode must neither fail nor recompile per value.
+mode must neither fail nor recompile per value. Temperature "per-sample" passes a tensor with one
+value per token (the step's value times a fixed pattern), through the scaled path where the
+drawn problem has no bias and the grouped one where it has (rlsc_kernels/temperature.py).
 
 Judge (FlashAttention's rule): for every output and gradient, max |fast / grad_output - exact| <=
 2 x max |same-precision PyTorch - exact| + a small absolute term, where exact is float64 PyTorch
@@ -38,6 +40,7 @@ DIMENSIONS: Dict[str, Tuple[str, ...]] = {
     "regime": ("plain", "grad-scaler", "autocast"),
     "grad_output": ("one", "tiny", "huge"),
     "mode": ("eager", "compiled"),
+    "temperature": ("float", "per-sample"),
 }
 GRAD_OUTPUT = {"one": 1.0, "tiny": 2.0**-24, "huge": 2.0**20}
 
@@ -50,10 +53,15 @@ NOT_SUPPORTED = {
     ("regime=autocast", "dtype=fp32"): "autocast to fp32 is the plain fp32 regime",
     ("entry=trl", "backend=torch"): "the TRL adapter runs backend='auto' (native on CPU, Triton on CUDA)",
     ("entry=trl", "backend=triton"): "the TRL adapter runs backend='auto' (native on CPU, Triton on CUDA)",
+    ("temperature=per-sample", "entry=loss-single-pass"): "the single pass takes one temperature: a per-sample "
+                                                          "tensor takes the two sweeps (path='auto' does so)",
+    ("temperature=per-sample", "entry=add_fused_lm_head"): "the patched head's temperature is one float (the model's "
+                                                           "sampling temperature)",
+    ("temperature=per-sample", "entry=trl"): "TRL's fused head passes one float temperature",
 }
 
 #: Triples the issues found broken, always in the matrix (seeds of the covering).
-MUST = [dict(entry=e, backend=b, dtype="fp16", regime=r, grad_output=g, mode="eager")
+MUST = [dict(entry=e, backend=b, dtype="fp16", regime=r, grad_output=g, mode="eager", temperature="float")
         for e, b in (("linear_logprobs", "torch"), ("linear_logprobs", "triton"), ("loss-single-pass", "native"),
                      ("loss-single-pass", "triton"), ("loss-two-sweep", "triton"))
         for r, g in (("grad-scaler", "one"), ("autocast", "huge"))]

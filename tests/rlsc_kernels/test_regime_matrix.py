@@ -89,7 +89,7 @@ def _op_objective(entry, backend, blocks, vocab_parallel=None, compute_dtype=Non
 
         opts = FusedOptions(return_entropy=True, backward=blocks.get("backward", "sliced"),
                             grad_matmul=blocks.get("grad_matmul", "library"), block_configs=blocks.get("block_configs"))
-        temperature = torch.ones((), dtype=torch.float64) * t
+        temperature = torch.ones((), dtype=torch.float64) * t  # [] or, per-sample, [N] on t's device
         logp, ent, _, _ = torch.ops.rlsc_kernels.logprobs_forward(
             h, w, b, y, temperature, encode_options(opts, True, compute_dtype), backend)
         return (logp * c).sum() + 0.3 * (ent * c.flip(0)).sum(), logp
@@ -206,10 +206,14 @@ def run_op_case(case, p, device="cpu"):
         (obj * scale).backward()
         return value.detach().cpu(), [x.grad.cpu() for x in leaves if x is not None]
 
+    per_sample = case["temperature"] == "per-sample"
+    pattern = torch.tensor([1.0, 0.6, 1.5])[torch.arange(y.shape[0]) % 3].to(device)  # a few distinct values
     for step, (t, a) in enumerate(zip(p["temperatures"], p["alphas"])):
+        if per_sample:
+            t = pattern * t
         # exact: float64 on the rounded inputs the computation sees; ref: same-precision PyTorch
         seen = [x.detach().to(dtype).double().cpu() if x is not None else None for x in (h, w, b)]
-        exact_value, exact_grads = grads_of(exact_fn, seen, t, a, 1.0, on_cpu=True)
+        exact_value, exact_grads = grads_of(exact_fn, seen, t.cpu() if per_sample else t, a, 1.0, on_cpu=True)
         ref_tensors = [x.detach() if x is not None else None for x in (h, w, b)]
         ref_fn = _op_objective(exact_entry, "reference", {}, vp)
         ref_value, ref_grads = grads_of(ref_fn, ref_tensors, t, a, 1.0)
@@ -227,12 +231,12 @@ def run_op_case(case, p, device="cpu"):
         _judge("value", value.detach().float().cpu(), ref_value, exact_value, dtype, 1.0, None, here)
         for name, fast, ref, exact in zip(("dhidden", "dweight", "dbias"), fast_grads, ref_grads, exact_grads):
             _judge(name, fast, ref, exact, dtype, g_out, param_dtype, here)
-        if scaler is not None:
+        for x in params:  # the step takes the gradient of the loss itself (unscaled: also by grad_output)
+            x.grad.div_(g_out)
+        if scaler is not None:  # skips the step where unscale_ found inf / NaN
             scaler.step(opt)
             scaler.update()
         else:
-            for x in params:  # the step takes the unscaled gradient, as after GradScaler.unscale_
-                x.grad.div_(g_out)
             opt.step()
         for x in params:  # keep the next step's inputs finite whatever the step did
             x.data.nan_to_num_(0.0, 0.0, 0.0)
@@ -300,13 +304,13 @@ def run_head_case(case, p, device="cpu"):
         _judge("log_probs", out.log_probs.detach().float().cpu(), ref_value, exact_value, dtype, 1.0, None, here)
         for n, ref, exact in zip(watched, ref_grads, exact_grads):
             _judge(n, named[n].grad.cpu(), ref, exact, dtype, g_out, param_dtype, here)
+        for q in model.parameters():  # as in run_op_case: the step takes the loss's own gradient
+            if q.grad is not None:
+                q.grad.div_(g_out)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
         else:
-            for q in model.parameters():
-                if q.grad is not None:
-                    q.grad.div_(g_out)
             opt.step()
         for q in model.parameters():
             q.data.nan_to_num_(0.0, 0.0, 0.0)

@@ -106,6 +106,11 @@ def _cases(world):
                                      options={"softcap": 2.0}), op="token_stats"))
     cases.append(dict(_logprobs_case("token-stats-bf16-T1.2", 15, dtype=torch.bfloat16, temperature=1.2, bias=False),
                       op="token_stats"))
+    # a per-token temperature tensor (rlsc_kernels/temperature.py): grouped by value (bias), scaled (no bias)
+    per_token_t = torch.tensor([0.5, 0.9, 1.4])[torch.arange(N) % 3]
+    cases.append(_logprobs_case("per-token-temperature-bias", 16, temperature=per_token_t))
+    cases.append(dict(_logprobs_case("token-stats-per-token-temperature", 17, temperature=per_token_t, bias=False),
+                      op="token_stats"))
     cases[1]["inputs"]["targets"] = cases[1]["inputs"]["targets"].int()
     empty = _logprobs_case("empty-batch", 9)
     for k in ("hidden", "targets", "grad_logp", "grad_entropy"):
