@@ -23,7 +23,9 @@ computed by linear_rlsc_loss with the external weights A_i / n_i. Every reward c
 op (rlsc_kernels.linear_token_stats) on the body's hidden states, never from [S, L, V] logits, at
 the sampling temperature (the distribution the samples came from), in a no-grad scoring pass
 before the update. The same pass gives the collapse guard's diagnostics (rlsc/guard.py) for every
-objective, RLSC included (one extra no-grad body forward per step).
+objective. RLSC has no reward to compute: without a guard it takes them from its loss pass (no
+extra forward); with a guard, which must judge the samples before the update, it pays one extra
+no-grad body forward per step.
 """
 from __future__ import annotations
 
@@ -241,7 +243,7 @@ def diagnostics(scores: dict, agreement: list[float], alpha: float) -> dict:
     questions of the share of samples giving the majority answer), mean completion length, and
     weight_underflow (share of samples whose RLSC weight exp(L) + alpha is alpha in float32)."""
     n = scores["n_tokens"].double()
-    total = float(n.sum())
+    total = float(scores.get("scored_tokens", n).sum())   # the loss pass scores only kept samples' tokens
     weights = rk.rlsc_weights(scores["seq_logp"].float(), scores["n_tokens"], "rlsc", alpha)
     return {
         "weight_underflow": float((weights == torch.tensor(alpha, dtype=torch.float32)).double().mean()),
@@ -260,10 +262,14 @@ def make_update(objective: str, tokenizer, guard=None):
     extra["guard_stop"] says why), and then takes the objective's step."""
 
     def update(model, optimizer, rollouts: Rollouts, opts: LossOptions) -> StepStats:
-        scorer = Scorer(model, opts.autocast_dtype)
-        scores = score_rollouts(scorer, rollouts, opts)
         texts = decode_completions(tokenizer, rollouts)
         votes, agreement = majority_votes(texts, rollouts.question_index.cpu())
+        if objective == "rlsc" and guard is None:   # nothing to decide before the update: the loss pass measures
+            stats = rlsc_update(model, optimizer, rollouts, opts, scores=True)
+            stats.extra.update(diagnostics(stats.extra.pop("scores"), agreement, opts.alpha))
+            return stats
+        scorer = Scorer(model, opts.autocast_dtype)
+        scores = score_rollouts(scorer, rollouts, opts)
         diag = diagnostics(scores, agreement, opts.alpha)
         reason = guard.check(diag) if guard is not None else None
         if reason is not None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 import rlsc_kernels as rk
+from rlsc_kernels.label_free import self_certainty_from_logp
 from rlsc_kernels.integrations.transformers import FusedHead
 from rlsc_kernels.integrations.transformers import check_head_matches_forward as _library_head_check
 
@@ -176,9 +177,13 @@ def _underflow(seq_weight: torch.Tensor, weighting: str, alpha: float) -> float:
     return 0.0
 
 
-def _micro_batch(scorer: Scorer, mb: Rollouts, opts: LossOptions, weighting, S_total: int) -> tuple:
+def _micro_batch(scorer: Scorer, mb: Rollouts, opts: LossOptions, weighting, S_total: int,
+                 scores: dict | None = None, start: int = 0) -> tuple:
     """Forward and backward of one micro-batch; returns only detached per-sequence statistics, so
-    nothing of it (hidden states, graph, op outputs) outlives the call."""
+    nothing of it (hidden states, graph, op outputs) outlives the call. scores (optional): the
+    per-sample sums of the scored tokens' entropy and self-certainty are written into its
+    "entropy" and "self_certainty" [S_total] float64 rows at start.. (from this pass: the
+    self-certainty costs a row gather and a matvec, rlsc_kernels.label_free.self_certainty_from_logp)."""
     h, weight, bias, y, seq = scorer.packed(mb, opts.mask_truncated)                   # 3. score ...
     # check_values=False: the targets are sampled ids (always in range) and a non-finite value
     # shows up in the step's loss / gradient norm, which skips the step (one sync per step).
@@ -188,13 +193,26 @@ def _micro_batch(scorer: Scorer, mb: Rollouts, opts: LossOptions, weighting, S_t
         **scorer.head.op_options(opts.temperature),
     )
     (out.loss / S_total).backward()                                                  # exact accumulation
+    if scores is not None:
+        with torch.no_grad():
+            sc = self_certainty_from_logp(h.detach(), weight.detach(), y, out.token_logp.detach(),
+                                          bias=None if bias is None else bias.detach(),
+                                          **scorer.head.op_options(opts.temperature))
+            rows = slice(start, start + len(mb))
+            scores["self_certainty"][rows] = torch.zeros(len(mb), dtype=torch.float64, device=sc.device).index_add_(
+                0, seq, sc.double()).to(scores["self_certainty"].device)
+            scores["entropy"][rows] = torch.zeros(len(mb), dtype=torch.float64, device=sc.device).index_add_(
+                0, seq, out.token_entropy.detach().double()).to(scores["entropy"].device)
+            scores["scored_tokens"][rows] = out.n_tokens.detach().double().cpu()
     entropy = out.token_entropy.detach().double().sum() if out.token_entropy is not None else None
     return (out.loss.detach() / S_total, out.seq_logp.detach().float(), out.seq_weight.detach().float(),
             mb.completion_lengths, entropy, 0 if out.token_entropy is None else out.token_entropy.numel())
 
 
-def rlsc_update(model, optimizer, rollouts: Rollouts, opts: LossOptions) -> StepStats:
+def rlsc_update(model, optimizer, rollouts: Rollouts, opts: LossOptions, *, scores: bool = False) -> StepStats:
     """Steps 2-5 of Algorithm 1 on given samples: mask, score, weigh, one optimizer step.
+    scores=True also puts, in extra["scores"], the per-sample sums the collapse guard's
+    diagnostics read (rlsc/objectives.score_rollouts' keys), measured in the loss pass itself.
 
     A non-finite loss or gradient norm skips the update (gradients dropped, optimizer untouched)
     and returns stats with skipped=True. opts.mask_truncated: samples cut off at the cap have no
@@ -208,10 +226,11 @@ def rlsc_update(model, optimizer, rollouts: Rollouts, opts: LossOptions) -> Step
                                  opts.alpha, keep)
     optimizer.zero_grad(set_to_none=True)
     losses, logps, weights, ntoks, entropies, ent_count = [], [], [], [], [], 0
+    sums = {k: torch.zeros(S_total, dtype=torch.float64) for k in ("entropy", "self_certainty", "scored_tokens")} if scores else None
     for start in range(0, S_total, opts.micro_batch_size):
         mb = _trim(rollouts.select(slice(start, start + opts.micro_batch_size)))    # 2. mask
         weighting = opts.weighting if external is None else external[start : start + len(mb)]
-        loss, logp, weight, ntok, entropy, count = _micro_batch(scorer, mb, opts, weighting, S_total)
+        loss, logp, weight, ntok, entropy, count = _micro_batch(scorer, mb, opts, weighting, S_total, sums, start)
         losses.append(loss)
         logps.append(logp)
         weights.append(weight)
@@ -229,7 +248,7 @@ def rlsc_update(model, optimizer, rollouts: Rollouts, opts: LossOptions) -> Step
         optimizer.step()                                                             # 5. step
     optimizer.zero_grad(set_to_none=True)
     seq_weight = torch.cat(weights)
-    return StepStats(
+    stats = StepStats(
         loss=loss_sum,
         seq_logp=torch.cat(logps).cpu(),
         seq_weight=seq_weight.cpu(),
@@ -240,6 +259,9 @@ def rlsc_update(model, optimizer, rollouts: Rollouts, opts: LossOptions) -> Step
         frac_weight_underflow=_underflow(seq_weight.cpu(), opts.weighting, opts.alpha),
         skipped=skipped,
     )
+    if sums is not None:
+        stats.extra["scores"] = sums | {"seq_logp": stats.seq_logp.double(), "n_tokens": stats.n_tokens.long()}
+    return stats
 
 
 def train_mode_without_dropout(model) -> None:

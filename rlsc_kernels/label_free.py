@@ -42,7 +42,7 @@ from .plan import autocast_inputs, check_temperature
 from .temperature import is_per_token, per_token_temperature
 from .validation import check_head
 
-__all__ = ["TokenStats", "linear_token_stats", "linear_self_certainty"]
+__all__ = ["TokenStats", "linear_token_stats", "linear_self_certainty", "self_certainty_from_logp"]
 
 #: elements of one [N, chunk] fp32 logits block in the soft-cap sweep (64 MB)
 _SOFTCAP_BLOCK_ELEMENTS = 1 << 24
@@ -96,24 +96,44 @@ def _stats_flat(h, weight, bias, y, *, temperature, ignore_index, entropy, self_
     logp, ent = out if entropy else (out, None)
     sc = None
     if self_certainty:
-        dt = output_dtype(h.dtype)
-        valid = y != ignore_index
         vp = options.get("vocab_parallel")
         if vp is None:
-            V = weight.shape[0]
-            y_safe = torch.where(valid, y, torch.zeros_like(y)).long()
-            z_y, z_sum = _logit_pieces(h, weight, bias, y_safe, valid, softcap, dt)
+            sc = self_certainty_from_logp(h, weight, y, logp, bias=bias, temperature=temperature, softcap=softcap,
+                                          ignore_index=ignore_index)
         else:
+            dt = output_dtype(h.dtype)
+            valid = y != ignore_index
             z_y, z_sum, V = _logit_pieces_vocab_parallel(h, weight, bias, y, valid, softcap, dt, vp)
-        if softcap is not None:
-            z_y = softcap * torch.tanh(z_y / softcap)
-        if isinstance(temperature, torch.Tensor):
-            temperature = temperature.to(dt)
-        lse = z_y / temperature - logp.to(dt)
-        log_v = math.log(V) if isinstance(V, int) else torch.log(V)
-        sc = lse - z_sum / (V * temperature) - log_v
-        sc = torch.where(valid, sc, torch.zeros_like(sc))
+            sc = _self_certainty(z_y, z_sum, V, logp, valid, temperature, softcap, dt)
     return TokenStats(logp, ent, sc)
+
+
+def self_certainty_from_logp(hidden, weight, targets, logp, *, bias=None, temperature=1.0, softcap=None,
+                             ignore_index: int = -100) -> torch.Tensor:
+    """Self-certainty KL(U || p_t) [N] of flat hidden [N, D] / targets [N] given the op's own
+    log-probs logp [N] of those targets (linear_logprobs, or linear_rlsc_loss's token_logp) under
+    the same head, temperature and softcap: lse_t = z_t,y_t - logp_t, so only a row gather and a
+    matvec with the column sum of W are added (O(N D); a soft-cap adds one vocabulary sweep).
+    Differentiable through hidden, weight, bias and logp; 0 at ignored targets. What a caller that
+    already ran the loss uses to log self-certainty without a second pass over the vocabulary."""
+    dt = output_dtype(hidden.dtype)
+    valid = targets != ignore_index
+    y_safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    z_y, z_sum = _logit_pieces(hidden, weight, bias, y_safe, valid, softcap, dt)
+    return _self_certainty(z_y, z_sum, weight.shape[0], logp, valid, temperature, softcap, dt)
+
+
+def _self_certainty(z_y, z_sum, V, logp, valid, temperature, softcap, dt):
+    """lse - mean logit - log V per token from the uncapped target logit z_y and the (capped) logit
+    sum z_sum, both before the temperature."""
+    if softcap is not None:
+        z_y = softcap * torch.tanh(z_y / softcap)
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.to(dt)
+    lse = z_y / temperature - logp.to(dt)
+    log_v = math.log(V) if isinstance(V, int) else torch.log(V)
+    sc = lse - z_sum / (V * temperature) - log_v
+    return torch.where(valid, sc, torch.zeros_like(sc))
 
 
 def _logit_pieces(h, weight, bias, y_safe, valid, softcap, dt):

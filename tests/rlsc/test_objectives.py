@@ -116,12 +116,25 @@ def test_objective_step_matches_float64_formula(setup, objective, micro_batch_si
         assert ((g - g64).abs() <= 2e-5 * scale + 1e-9).all(), f"{objective} {name}: gradient differs beyond fp32 rounding"
 
 
-def test_diagnostics_match_float64_and_no_update_is_lost(setup):
+@pytest.mark.parametrize("guarded", [False, True])
+@pytest.mark.parametrize("micro_batch_size", [3, 16])
+def test_diagnostics_match_float64_and_no_update_is_lost(setup, guarded, micro_batch_size):
+    """RLSC's diagnostics: without a guard measured in the loss pass (one body forward per
+    micro-batch, no scoring pass), with one in a scoring pass before the update; equal either way."""
+    from rlsc.guard import Guard, parse_rules
+
     tok, model, rollouts = setup
     logp, H, SC, m = float64_token_stats(copy.deepcopy(model).double(), rollouts)
     trained = copy.deepcopy(model)
     opt = _GradRecordingSGD(list(trained.parameters()), lr=0.0)
-    stats = make_update("rlsc", tok)(trained, opt, rollouts, LossOptions(temperature=T, filter_eps=None))
+    forwards = []
+    hook = trained.model.register_forward_hook(lambda *a: forwards.append(1))
+    guard = Guard(parse_rules("token_entropy<-1")) if guarded else None   # never fires
+    stats = make_update("rlsc", tok, guard)(trained, opt, rollouts,
+                                            LossOptions(temperature=T, filter_eps=None, micro_batch_size=micro_batch_size))
+    hook.remove()
+    micro_batches = -(-len(rollouts) // micro_batch_size)
+    assert len(forwards) == micro_batches * (2 if guarded else 1)
     assert math.isclose(stats.extra["token_entropy"], float(H.sum() / m.sum()), rel_tol=1e-5)
     assert math.isclose(stats.extra["self_certainty"], float(SC.sum() / m.sum()), rel_tol=1e-5)
     assert math.isclose(stats.extra["completion_tokens"], float(m.sum(-1).mean()))
