@@ -71,7 +71,7 @@ class RLSCConfig:
     max_grad_norm: float = _f(0.0, "Clip the gradient norm to this value (0 = no clipping).", TRAIN)
     micro_batch_size: int = _f(4, "Samples per forward/backward pass; gradients accumulate exactly over the step.", TRAIN)
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.", TRAIN)
-    precision: str = _f("auto", "fp32, bf16 (weights in bf16), bf16-autocast (fp32 weights, bf16 matmuls), or auto (bf16-autocast on CUDA with bf16, fp32 otherwise).")
+    precision: str = _f("auto", "fp32, bf16 (weights in bf16), bf16-autocast (fp32 weights, bf16 matmuls), or auto: bf16-autocast on CUDA with bf16; on a CPU with bf16 units (AMX-BF16 or AVX512-BF16), bf16-autocast where a decode step of the loaded model measures at least 10% faster in it at load (thin engine; logged), else fp32. --precision fp32 opts out.")
     lora_rank: int = _f(0, "Train LoRA adapters of this rank through peft instead of all weights (0 = full fine-tuning).", TRAIN)
     lora_alpha: float = _f(16.0, "LoRA scaling alpha.", TRAIN)
     lora_target_modules: str = _f("all-linear", "Comma-separated module names for LoRA, or 'all-linear'.", TRAIN)

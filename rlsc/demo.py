@@ -39,7 +39,7 @@ def demo_config() -> RLSCConfig:
         lr=1e-5,
         micro_batch_size=16,
         device="cpu",
-        precision="fp32",
+        precision="auto",
         output_dir="runs/demo",
         checkpoint_every=0,
         k=16,
@@ -57,7 +57,7 @@ def demo(cfg: RLSCConfig, log=log_to_stderr) -> dict:
     eval_kwargs = dict(split="test", limit=0, template=cfg.prompt_template, k=cfg.k,
                        temperature=cfg.eval_temperature if cfg.eval_temperature >= 0 else cfg.temperature,
                        max_new_tokens=cfg.max_new_tokens, batch_questions=cfg.eval_batch_questions,
-                       output_dir=out_dir, log=log, sampler=cfg.sampler)
+                       output_dir=out_dir, log=log, sampler=cfg.sampler, autocast_dtype=loaded.autocast_dtype)
     timings = {"load_seconds": round(time.perf_counter() - t_start, 1)}
 
     log("== 1/3 evaluation before training (held-out split)")

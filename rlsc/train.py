@@ -20,8 +20,8 @@ from .checkpoint import checkpoint_path, load_checkpoint, remove_stale_temporari
 from .config import RLSCConfig, parse_filter_eps
 from .data import Problem, default_template, load_problems
 from .guard import HeldOutEval, guard_from_config
-from .models import (apply_lora, check_model_spec, enable_activation_checkpointing, load_model, load_tokenizer,
-                     resolve_device, resolve_precision)
+from .models import (apply_lora, check_model_spec, choose_cpu_precision, enable_activation_checkpointing, load_model,
+                     load_tokenizer, resolve_device, resolve_precision)
 from .plot import plot_training_curves, read_metrics
 from .objectives import make_update
 from .sampling import chat_prompt, encode_prompts
@@ -55,6 +55,9 @@ def load(cfg: RLSCConfig, log=log_to_stderr) -> Loaded:
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, device=device, precision=precision)
     model.eval()
+    if cfg.precision == "auto" and device.type == "cpu":
+        precision, why = choose_cpu_precision(model)
+        log(f"--precision auto: {precision} ({why})")
     if cfg.liger_kernels:
         from .liger import apply_liger_kernels
 

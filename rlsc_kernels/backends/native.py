@@ -90,6 +90,15 @@ def bf16_gemm_status(default: bool = True) -> Tuple[bool, str]:
     return bool(usable and (intel or not default)), why
 
 
+def cpu_bf16_units() -> Tuple[bool, bool]:
+    """(AMX-BF16, AVX512-BF16): the CPU's bf16 matrix / vector units, by cpuid with the OS enabling
+    their register state (detected by the extension; (False, False) where it is not built)."""
+    if _EXT is None:
+        return False, False
+    _usable, amx, avx512_bf16, _symbol, _intel, _why = _EXT.bf16_gemm_status()
+    return bool(amx), bool(avx512_bf16)
+
+
 def gemm_dtype(dtype: torch.dtype, native_matmul: str = "auto") -> torch.dtype:
     """The dtype of the GEMM operands for inputs of `dtype`: bfloat16 for bf16 inputs on the bf16
     GEMMs (native_matmul "auto" where bf16_gemm_status() is usable, or "bf16", which raises where
