@@ -641,6 +641,30 @@ std::tuple<bool, bool, bool, bool, bool, std::string> bf16_gemm_status() {
   return {g.fn != nullptr, g.amx_bf16, g.avx512_bf16, g.symbol, g.intel, g.status};
 }
 
+// hidden [M, K] @ weight [N, K]^T in fp32 from bf16 operands (products exact, fp32 accumulation
+// and output): the logits a sampler draws from, as the op computes them, without an fp32 copy of
+// the weight. Only where bf16_gemm() is usable (the caller checks bf16_gemm_status).
+torch::Tensor bf16_linear(const torch::Tensor& hidden, const torch::Tensor& weight) {
+  const Bf16Gemm& g = bf16_gemm();
+  TORCH_CHECK(g.fn != nullptr, "bf16_linear: ", g.status);
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "bf16_linear: hidden [M, K] and weight [N, K] expected, got ", hidden.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(hidden.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
+              "bf16_linear: bfloat16 hidden and weight expected");
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu(), "bf16_linear: CPU tensors expected");
+  const int64_t M = hidden.size(0), N = weight.size(0), K = hidden.size(1);
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(M <= kMax && N <= kMax && K <= kMax, "bf16_linear: dimensions beyond MKL's 32-bit indices");
+  auto out = torch::zeros({M, N}, hidden.options().dtype(at::kFloat));
+  if (M == 0 || N == 0 || K == 0) return out;
+  const auto h = hidden.contiguous(), w = weight.contiguous();
+  g.fn(kRowMajor, kNoTrans, kTrans, static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), 1.0f,
+       reinterpret_cast<const uint16_t*>(h.data_ptr<at::BFloat16>()), static_cast<int>(K),
+       reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), static_cast<int>(K), 0.0f,
+       out.data_ptr<float>(), static_cast<int>(N));
+  return out;
+}
+
 int64_t num_threads() { return at::get_num_threads(); }
 
 // Threads an OpenMP region of this extension actually gets (checks that the build honours
@@ -664,6 +688,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chunk_backward", &chunk_backward, "dH / dW / db GEMMs of one chunk from its exp(z - max) buffer");
   m.def("bf16_gemm_status", &bf16_gemm_status,
         "(usable, amx_bf16, avx512_bf16, symbol_found, intel, status): the bf16 GEMM path of chunk_forward/chunk_backward");
+  m.def("bf16_linear", &bf16_linear, "hidden @ weight.T in fp32 from bf16 operands (MKL cblas_gemm_bf16bf16f32)");
   m.def("num_threads", &num_threads, "at::get_num_threads() as seen by the extension");
   m.def("parallel_for_threads", &parallel_for_threads, "threads used by one at::parallel_for of the extension");
 }

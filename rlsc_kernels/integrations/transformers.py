@@ -47,6 +47,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..api import linear_logprobs
+from ..backends.native import bf16_linear as native_bf16_linear
 
 #: Per-token outputs this head computes (TRL's extra statistics are not offered).
 OUTPUTS = ("log_probs", "entropy")
@@ -262,6 +263,8 @@ class FusedHead:
                     z = torch.mm(h, w.T, out_dtype=torch.float32)
                 except (RuntimeError, TypeError, NotImplementedError):
                     z = None
+            if z is None and not (torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)):
+                z = native_bf16_linear(h, w)   # bf16 on the CPU's bf16 units: fp32 output, no fp32 weight copy
             if z is None:
                 z = h.float() @ self._fp32_weight(w).T
             if b is not None:

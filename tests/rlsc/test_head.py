@@ -201,3 +201,28 @@ def test_lm_head_multiplier_is_folded_into_the_temperature(tiny_tokenizer):
     assert FusedHead(model).op_options(T)["temperature"] == pytest.approx(T / 2.5)
     check_head_matches_forward(model, torch.tensor([[5, 6, 7, 8]]))
     _assert_update_matches_naive(model, tiny_tokenizer)
+
+
+@pytest.mark.parametrize("native_gemm", [True, False])
+def test_bf16_sampling_logits_are_fp32_products_of_the_bf16_operands(tiny_tokenizer, monkeypatch, native_gemm):
+    """A decode step under CPU bf16 autocast draws from the fp32 logits of the bf16-rounded hidden
+    state and weight (what the op scores): through the CPU's bf16 GEMM where usable, else through
+    an fp32 copy of the weight made once per head, not per step."""
+    import rlsc_kernels.integrations.transformers as integration
+
+    if native_gemm and integration.native_bf16_linear(torch.zeros(1, 2, dtype=torch.bfloat16),
+                                                       torch.zeros(3, 2, dtype=torch.bfloat16)) is None:
+        pytest.skip("no bf16 GEMM on this CPU")
+    if not native_gemm:
+        monkeypatch.setattr(integration, "native_bf16_linear", lambda h, w: None)
+    model = make_model(tiny_tokenizer, seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        head = FusedHead(model, reuse_weight=True)
+        h = torch.randn(5, 32) * 3
+        z1, z2 = head.logits(h, 0.5), head.logits(h + 1, 0.5)
+    w16 = model.lm_head.weight.detach().bfloat16().double()
+    for hh, z in ((h, z1), (h + 1, z2)):
+        exact = hh.bfloat16().double() @ w16.T / 0.5
+        assert z.dtype == torch.float32
+        torch.testing.assert_close(z.double(), exact, rtol=1e-6, atol=1e-5)
+    assert (head._prepared_fp32 is None) == native_gemm      # the fallback's copy: made once, kept

@@ -454,3 +454,28 @@ def test_bf16_gemms_with_sequences_longer_than_a_chunk():
         # + the final rounding of the bf16 gradient returned
         limit = 2 * err16 + (TOL[torch.float32] + 2.0**-8) * want.abs().max().item()
         assert err <= limit, f"{name}: error {err:.3e} > 2 x 16-bit-logit-gradient error {err16:.3e} + tol"
+
+
+@needs_native
+@pytest.mark.skipif(not native.bf16_gemm_status(default=False)[0],
+                    reason=f"no bf16 GEMM here: {native.bf16_gemm_status(default=False)[1]}")
+@pytest.mark.parametrize("M, K, N", [(17, 576, 4099), (1, 19, 7), (0, 5, 3), (3, 0, 5), (5, 8, 0)])
+def test_bf16_linear_is_an_fp32_gemm_of_the_bf16_operands(M, K, N):
+    """The sampler's head GEMM: fp32 output within fp32 accumulation error of the float64 product
+    of the same bf16 operands (the torch bf16 mm, which rounds its output to bf16, is far off)."""
+    g = torch.Generator().manual_seed(M + K + N)
+    h = (torch.randn(M, K, generator=g) * 3).bfloat16()
+    w = torch.randn(N, K, generator=g).bfloat16()
+    z = native.bf16_linear(h, w)
+    exact = h.double() @ w.double().T
+    assert z.dtype == torch.float32 and z.shape == (M, N)
+    bound = 4 * K * torch.finfo(torch.float32).eps * (h.double().abs() @ w.double().abs().T) + 1e-30
+    assert ((z.double() - exact).abs() <= bound).all()
+    if M and K and N > 100:
+        assert ((h @ w.T).double() - exact).abs().max() > 10 * (z.double() - exact).abs().max()
+
+
+def test_bf16_linear_declines_what_it_does_not_take():
+    h = torch.randn(3, 4)
+    assert native.bf16_linear(h, torch.randn(5, 4)) is None                       # fp32
+    assert native.bf16_linear(h.bfloat16()[None], torch.randn(5, 4).bfloat16()) is None   # not a matrix
