@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import re
-import time
 from pathlib import Path
 
 import torch
@@ -43,7 +42,7 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'fp32', 'bf16' or 'bf16-autocast' (auto: bf16-autocast on a CUDA device with bf16, else fp32;
-    the thin trainer then measures a CPU with bf16 units: choose_cpu_precision)."""
+    the thin trainer then measures a CPU with bf16 units: rlsc.precision.choose_cpu_precision)."""
     if precision == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return "bf16-autocast"
@@ -140,46 +139,6 @@ def _locate(spec: str) -> tuple[str, dict]:
                          "(or it is private or gated: log in with `hf auth login`)")
     raise ValueError(f"model {spec!r} is not a local directory and the Hugging Face Hub cannot be reached to "
                      f"download it ({status.split(':', 1)[1]}); it is not in the local cache either")
-
-
-#: bf16-autocast is chosen on a CPU only where a decode step measures at most this share of fp32's
-CPU_BF16_MAX_RATIO = 0.9
-
-
-def choose_cpu_precision(model, *, rows: int = 16, prompt_tokens: int = 32, steps: int = 4) -> tuple[str, str]:
-    """('bf16-autocast' or 'fp32', why) for `model` (fp32 weights, on the CPU) under --precision
-    auto: bf16-autocast where the CPU has bf16 units (AMX-BF16 or AVX512-BF16) and a greedy decode of
-    `steps` tokens for `rows` rows after a `prompt_tokens`-token prompt (what sampling spends its
-    time on) takes at most CPU_BF16_MAX_RATIO of its fp32 time: measured, fp32 then bf16 twice,
-    the faster of each, with the run's threads. Greedy: the random stream is not touched. About
-    a second or two of a run."""
-    from rlsc_kernels.backends.native import cpu_bf16_units
-
-    from .decoding import decode
-
-    amx, avx512_bf16 = cpu_bf16_units()
-    if not (amx or avx512_bf16):
-        return "fp32", "no bf16 units on this CPU (neither AMX-BF16 nor AVX512-BF16)"
-    vocab = model.get_output_embeddings().weight.shape[0]
-    ids = (torch.arange(rows * prompt_tokens).reshape(rows, prompt_tokens) * 7919) % vocab
-    mask = torch.ones_like(ids, dtype=torch.bool)
-    was_training = model.training
-    model.eval()
-    seconds = {"fp32": [], "bf16-autocast": []}
-    try:
-        for _ in range(2):
-            for mode in seconds:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "fp32"):
-                    t0 = time.perf_counter()
-                    decode(model, ids, mask, max_new_tokens=steps, temperature=None, eos_ids=[-1], pad_id=0)
-                    seconds[mode].append(time.perf_counter() - t0)
-    finally:
-        model.train(was_training)
-    fp32, bf16 = min(seconds["fp32"]), min(seconds["bf16-autocast"])
-    units = "AMX-BF16" if amx else "AVX512-BF16"
-    choice = "bf16-autocast" if bf16 <= CPU_BF16_MAX_RATIO * fp32 else "fp32"
-    return choice, (f"{units}; a {rows}-row decode of {steps} tokens took {bf16:.2f}s in bf16-autocast, "
-                    f"{fp32:.2f}s in fp32 (bf16 needs <= {CPU_BF16_MAX_RATIO:g}x)")
 
 
 def load_tokenizer(spec: str):

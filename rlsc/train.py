@@ -20,9 +20,10 @@ from .checkpoint import checkpoint_path, load_checkpoint, remove_stale_temporari
 from .config import RLSCConfig, parse_filter_eps
 from .data import Problem, default_template, load_problems
 from .guard import HeldOutEval, guard_from_config
-from .models import (apply_lora, check_model_spec, choose_cpu_precision, enable_activation_checkpointing, load_model,
-                     load_tokenizer, resolve_device, resolve_precision)
+from .models import (apply_lora, check_model_spec, enable_activation_checkpointing, load_model, load_tokenizer,
+                     resolve_device, resolve_precision)
 from .plot import plot_training_curves, read_metrics
+from .precision import choose_cpu_precision
 from .objectives import make_update
 from .sampling import chat_prompt, encode_prompts
 from .step import LossOptions, check_head_matches_forward, rlsc_step

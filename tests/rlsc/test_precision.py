@@ -11,7 +11,7 @@ import torch
 import rlsc.decoding
 import rlsc_kernels.backends.native as native
 from rlsc.config import RLSCConfig
-from rlsc.models import CPU_BF16_MAX_RATIO, choose_cpu_precision
+from rlsc.precision import CPU_BF16_MAX_RATIO, choose_cpu_precision
 from rlsc.train import load
 
 from conftest import make_model
@@ -36,7 +36,9 @@ def test_the_choice_follows_the_measured_times(tiny_tokenizer, monkeypatch, fp32
     def fake_decode(model, *args, **kwargs):
         bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         modes.append(bf16)
-        time.sleep(bf16_seconds if bf16 else fp32_seconds)
+        t0 = time.process_time()
+        while time.process_time() - t0 < (bf16_seconds if bf16 else fp32_seconds):   # CPU time, as measured
+            pass
 
     monkeypatch.setattr(rlsc.decoding, "decode", fake_decode)
     choice, why = choose_cpu_precision(make_model(tiny_tokenizer))
@@ -49,11 +51,12 @@ def test_the_real_measurement_keeps_the_random_stream_and_the_mode(tiny_tokenize
     model = make_model(tiny_tokenizer)
     model.train()
     torch.manual_seed(3)
-    state = torch.get_rng_state()
+    state, threads = torch.get_rng_state(), torch.get_num_threads()
     choice, why = choose_cpu_precision(model, rows=3, prompt_tokens=5, steps=2)
     assert torch.equal(torch.get_rng_state(), state)
     assert model.training
-    assert choice in ("fp32", "bf16-autocast") and "s in fp32" in why
+    assert choice in ("fp32", "bf16-autocast") and "s in fp32, one thread" in why
+    assert torch.get_num_threads() == threads
 
 
 def test_load_resolves_auto_on_cpu_and_says_so(tiny_model_dir, monkeypatch):
