@@ -48,7 +48,7 @@ class RLSCConfig:
     num_samples: int = _f(16, "Completions sampled per question (the paper: 16).", TRAIN)
     max_new_tokens: int = _f(3072, "Generation cap per completion; capped completions are kept and flagged (eval: 0 = by device, the paper's cap on CUDA, 128 on CPU).")
     temperature: float = _f(0.5, "Sampling temperature; log p(y|x) is scored under log_softmax(logits / T) at the same T.")
-    sampler: str = _f("auto", "Decode loop (all draw from softmax(logits / T)): static (StaticCache, CUDA graphs on CUDA), compact (finished rows leave the batch), dynamic (plain KV-cache loop), auto (dynamic: the static loop is opt-in until a GPU run records it correct and faster).")
+    sampler: str = _f("auto", "Decode loop (all draw from softmax(logits / T)): static (StaticCache, CUDA graphs on CUDA), compact (finished rows leave the batch), dynamic (plain KV-cache loop), auto (compact on a CPU, measured faster there; dynamic elsewhere: the static loop is opt-in until a GPU run records it correct and faster).")
     # --- the loss ----------------------------------------------------------------------------
     alpha: float = _f(0.1, "Smoothing term of the L2 loss: weight = p_old + alpha.", TRAIN)
     weighting: str = _f("rlsc", "Sequence weight: rlsc (p+alpha), rlsc-l1 (p), entropy (1+log p), length (exp(log p / n)+alpha), group (softmax of log p over a question's samples + alpha).", TRAIN)

@@ -140,7 +140,7 @@ def sample(
     exactly the distribution the trainer scores. greedy=True takes the argmax instead.
     `sampler` picks the decode loop (rlsc/decoding.py): "dynamic", "static" (StaticCache; CUDA
     graphs through torch.compile on CUDA), "compact" (finished rows leave the batch), or "auto"
-    (dynamic); all draw the same tokens. The prompts are encoded with the tokenizer's BOS (see
+    (compact on a CPU, else dynamic); all draw the same tokens. The prompts are encoded with the tokenizer's BOS (see
     encode_prompts).
     with_greedy=True (compact sampler only) also decodes each question's greedy answer in the same
     batch and returns (samples, greedy): the same completions as two separate calls, one loop.

@@ -95,7 +95,7 @@ def test_first_token_frequencies_match_softmax_over_temperature(tiny_tokenizer, 
 
 
 def test_resolve_sampler():
-    assert resolve_sampler("auto", torch.device("cpu")) == "dynamic"
+    assert resolve_sampler("auto", torch.device("cpu")) == "compact"   # measured faster on CPU
     assert resolve_sampler("auto", torch.device("cuda")) == "dynamic"   # static: opt-in until a GPU records it
     assert resolve_sampler("static", torch.device("cpu")) == "static"
     assert resolve_sampler("dynamic", torch.device("cuda")) == "dynamic"
