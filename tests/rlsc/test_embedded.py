@@ -65,3 +65,35 @@ def test_embedded_model_eval_reports_all_metrics(embedded):
     assert res["questions"] == 2
     for key in ("greedy_accuracy", "pass@1", "pass@2", "maj@2"):
         assert 0.0 <= res[key] <= 1.0
+
+
+def test_the_converted_folder_is_the_gguf_model(embedded, tmp_path, monkeypatch):
+    """'embedded' loads from its one-time conversion (rlsc.models.convert_embedded): the same
+    weights, logits, tokenizer and EOS as the GGUF file loaded directly; a fresh cache converts
+    again, atomically, and a second call reuses the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlsc.models import convert_embedded, embedded_converted_dir, embedded_model_path
+    from rlsc.sampling import eos_token_ids
+
+    assert embedded.model.name_or_path == str(embedded_converted_dir())
+    gguf = embedded_model_path()
+    direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    direct_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    ours = embedded.model.state_dict()
+    for name, value in direct.state_dict().items():
+        assert torch.equal(ours[name], value), name
+    ids = torch.tensor([[1, 520, 33, 4000, 12, 99]])
+    with torch.no_grad():
+        assert torch.equal(embedded.model(input_ids=ids).logits, direct(input_ids=ids).logits)
+    text = "<|im_start|>user\nWhat is 7 * 8? \\boxed{56}<|im_end|>"
+    assert embedded.tokenizer(text)["input_ids"] == direct_tok(text)["input_ids"]
+    assert embedded.tokenizer.chat_template == direct_tok.chat_template
+    assert eos_token_ids(embedded.model, embedded.tokenizer) == eos_token_ids(direct, direct_tok)
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fresh = convert_embedded()
+    assert fresh.parent == tmp_path / "rlsc-kernels" and (fresh / "config.json").is_file()
+    assert [p.name for p in fresh.parent.iterdir()] == [fresh.name]      # no temporary left behind
+    mtime = (fresh / "config.json").stat().st_mtime_ns
+    assert convert_embedded() == fresh and (fresh / "config.json").stat().st_mtime_ns == mtime
