@@ -43,7 +43,7 @@ def test_the_choice_follows_the_measured_times(tiny_tokenizer, monkeypatch, fp32
     monkeypatch.setattr(rlsc.decoding, "decode", fake_decode)
     choice, why = choose_cpu_precision(make_model(tiny_tokenizer))
     assert choice == expected, why
-    assert modes == [False, True, False, True]
+    assert modes == [False, True, False, True]   # warm-up, then the measured pair
     assert "AVX512-BF16" in why
 
 
@@ -52,10 +52,12 @@ def test_the_real_measurement_keeps_the_random_stream_and_the_mode(tiny_tokenize
     model.train()
     torch.manual_seed(3)
     state, threads = torch.get_rng_state(), torch.get_num_threads()
-    choice, why = choose_cpu_precision(model, rows=3, prompt_tokens=5, steps=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    choice, why = choose_cpu_precision(model, rows=3, prompt_tokens=5, steps=2, train_tokens=4)
+    assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
     assert torch.equal(torch.get_rng_state(), state)
     assert model.training
-    assert choice in ("fp32", "bf16-autocast") and "s in fp32, one thread" in why
+    assert choice in ("fp32", "bf16-autocast") and "s in fp32, one thread" in why and "forward + backward" in why
     assert torch.get_num_threads() == threads
 
 
