@@ -46,6 +46,13 @@ def replay(rule: str, start: dict, rows: list[dict]) -> int | None:
     return None
 
 
+def difference_from_recorded(rows: list[dict], recorded: list[dict]) -> dict:
+    """Per diagnostic, the largest |a - b| / max(1, |b|) between this run's steps and a recorded
+    run's (guard-collapse.json): 0 for the sample-only ones (agreement, lengths, underflow) when
+    the same tokens were drawn; the scored ones also carry the arithmetic of the scoring pass."""
+    return {k: max(abs(a[k] - b[k]) / max(1.0, abs(b[k])) for a, b in zip(rows, recorded)) for k in STEP_DIAG}
+
+
 def _rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in open(path) if x.strip()]
 
@@ -140,8 +147,7 @@ def main() -> int:
     if recorded.is_file():
         rec = json.loads(recorded.read_text())
         if rec["seed"] == args.seed and rec["task"] == args.task:
-            same_run = all(abs(a[k] - b[k]) <= 1e-9 * max(1.0, abs(b[k])) for a, b in zip(rows, rec["steps"])
-                           for k in STEP_DIAG)
+            same_run = difference_from_recorded(rows, rec["steps"])
     result = {
         "task": args.task, "seed": args.seed, "objective": cfg.objective, "weighting": cfg.weighting, "rule": args.rule,
         "settings": {k: getattr(cfg, k) for k in ("temperature", "num_samples", "lr", "alpha", "steps",
@@ -155,7 +161,7 @@ def main() -> int:
         "guard_stop_step": stop, "guard_reason": stop_row["guard_stop"] if stop_row else None,
         "guarded_kept_step": kept_info["step"],
         "replayed_stop_step": replay(args.rule, probe_state["start"], rows),
-        "training_diagnostics_equal_recorded_unguarded_run": same_run,
+        "max_relative_difference_from_recorded_unguarded_run": same_run,
         "other_rules_after_the_fact": {r: replay(r, probe_state["start"], rows) for r in AFTER_THE_FACT},
         "wall_seconds": round(time.time() - t0), "commit": git_commit(), "machine": machine(),
         "load_average_before": [round(x, 2) for x in load_before],
