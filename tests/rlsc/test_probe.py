@@ -5,6 +5,7 @@ a resumed run keeps the pseudo-labels and the rule's streak)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +157,26 @@ def test_guard_from_config_replays_a_resumed_runs_probes_after_its_start():
     history = [{"step": 1, "token_entropy": 0.4, "probe_majority": 0.5}]
     g = guard_from_config(cfg, history, probe_start={"probe_majority": 0.8})
     assert g.first["probe_majority"] == 0.8 and g.streak == {"probe_majority<0.9x": 1}
+
+
+RECORDED = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "results").glob("guard-probe-seed*.json"))
+
+
+@pytest.mark.skipif(not RECORDED, reason="the probe guard's runs are not recorded yet")
+@pytest.mark.parametrize("path", RECORDED, ids=lambda p: p.stem)
+def test_recorded_probe_guard_runs_stopped_where_their_rule_says_and_kept_the_best_probe(path):
+    """benchmarks/guard_probe.py on the demo (seed 1 collapses, seed 0 improves): the run stopped
+    where its rule, replayed on the probes of the whole run, says, and kept the weights with the
+    best probe_majority up to the stop (ties: the earlier; the start included)."""
+    rec = json.loads(path.read_text())
+    rows, start = rec["steps"], rec["probe_start"]
+    g = Guard(parse_rules(rec["rule"]))
+    g.set_start(start)
+    stop = next((r["step"] for r in rows if g.check({k: r[k] for k in PROBE_METRICS}) is not None), None)
+    assert stop == rec["guard_stop_step"] == rec["replayed_stop_step"]
+    seen = [(0, start["probe_majority"])] + [(r["step"], r["probe_majority"]) for r in rows
+                                             if stop is None or r["step"] <= stop]
+    top = max(s for _, s in seen)
+    assert rec["guarded_kept_step"] == next(st for st, s in seen if s == top)
+    assert rec["evals"]["guarded_kept"]["after_updates"] == rec["guarded_kept_step"]
+    assert rec["evals"]["initial"]["after_updates"] == 0 and rec["evals"]["unguarded_end"]["after_updates"] == 10
