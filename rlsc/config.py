@@ -53,8 +53,12 @@ class RLSCConfig:
     alpha: float = _f(0.1, "Smoothing term of the L2 loss: weight = p_old + alpha.", TRAIN)
     weighting: str = _f("rlsc", "Sequence weight: rlsc (p+alpha), rlsc-l1 (p), entropy (1+log p), length (exp(log p / n)+alpha), group (softmax of log p over a question's samples + alpha).", TRAIN)
     objective: str = _f("rlsc", "What to train on (rlsc/objectives.py): rlsc (this loss, --weighting), intuitor (self-certainty reward), em-ft (minimise token entropy), em-rl (reward -sum of token entropies), rent (reward -mean token entropy), ttrl (majority-vote reward); rewards get GRPO group advantages.", TRAIN)
-    stop_when: str = _f("", "Collapse guard (rlsc/guard.py): comma-separated rules like 'token_entropy<0.5x,agreement>0.95' on token_entropy, self_certainty, agreement, completion_tokens, weight_underflow (x: times the first step's value); the run stops before the update of a step where one holds. Empty = off.", TRAIN)
-    stop_patience: int = _f(1, "Steps in a row a --stop-when rule must hold before the run stops.", TRAIN)
+    stop_when: str = _f("", "Collapse guard (rlsc/guard.py): comma-separated rules like 'token_entropy<0.5x,agreement>0.95' on the step's token_entropy, self_certainty, agreement, completion_tokens, weight_underflow (x: times the first step's value; the run stops before the update of a step where one holds) or the probe's probe_majority, probe_agreement, probe_surprisal, probe_tokens (x: times the value before the first step; the run stops after the probe). Empty = off.", TRAIN)
+    stop_patience: int = _f(1, "Checks in a row (steps; probes for probe_* rules) a --stop-when rule must hold before the run stops.", TRAIN)
+    probe_every: int = _f(0, "Label-free probe (rlsc/guard.py): before the first step and every K steps sample --probe-k answers to each --probe-questions question of --probe-split (answers never read), log probe_majority (share giving the question's majority answer before the first step), probe_agreement, probe_surprisal, probe_tokens, and keep the best weights by probe_majority in output_dir/probe_best_checkpoint.pt (0 = off).", TRAIN)
+    probe_split: str = _f("test", "Split the --probe-every questions come from (a JSONL file has one: its first prompts).", TRAIN)
+    probe_questions: int = _f(8, "Probe the first N questions of --probe-split.", TRAIN)
+    probe_k: int = _f(8, "Samples per probe question (at --temperature); the majority of the first ones is its pseudo-label.", TRAIN)
     eval_every: int = _f(0, "Evaluate on the held-out split before the first step and every K steps, keeping the best weights by pass@1 in output_dir/best_checkpoint.pt (0 = off; needs answers).", TRAIN)
     eval_split: str = _f("test", "Held-out split for --eval-every.", TRAIN)
     eval_max_questions: int = _f(0, "Evaluate --eval-every on the first N held-out questions (0 = all).", TRAIN)
@@ -239,11 +243,23 @@ def _label_free_problems(cfg: "RLSCConfig", used: set, bad):
     for name in ("stop_patience",):
         if name in used and not getattr(cfg, name) >= 1:
             yield bad(name, "an integer >= 1")
-    for name in ("eval_every", "eval_max_questions"):
+    for name in ("eval_every", "eval_max_questions", "probe_every"):
         if name in used and not getattr(cfg, name) >= 0:
             yield bad(name, "an integer >= 0")
-    if "stop_when" in used and cfg.engine == "trl" and (cfg.stop_when or cfg.eval_every):
-        yield f"{flag('stop_when')} and {flag('eval_every')} run on --engine thin only so far"
+    if "probe_every" in used and cfg.probe_every > 0:
+        for name, low in (("probe_questions", 1), ("probe_k", 2)):
+            if not getattr(cfg, name) >= low:
+                yield bad(name, f"an integer >= {low} (with --probe-every)")
+    if "stop_when" in used and cfg.probe_every == 0:
+        try:
+            probe_rules = [str(r) for r in parse_rules(cfg.stop_when) if r.metric.startswith("probe_")]
+        except ValueError:
+            probe_rules = []  # reported above
+        if probe_rules:
+            yield f"{flag('stop_when')} rule(s) {', '.join(probe_rules)} need {flag('probe_every')} > 0"
+    if "stop_when" in used and cfg.engine == "trl" and (cfg.stop_when or cfg.eval_every or cfg.probe_every):
+        yield (f"{flag('stop_when')}, {flag('eval_every')} and {flag('probe_every')} run on --engine thin only so far "
+               "(the TRL engine's loop has no place yet to sample the probe or stop between steps)")
 
 
 def load_yaml_overrides(path: str | Path) -> dict[str, Any]:

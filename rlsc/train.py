@@ -19,7 +19,7 @@ import torch
 from .checkpoint import checkpoint_path, load_checkpoint, remove_stale_temporaries, restore, save_checkpoint
 from .config import RLSCConfig, parse_filter_eps
 from .data import Problem, default_template, load_problems
-from .guard import HeldOutEval, guard_from_config
+from .guard import PROBE_BEST_CHECKPOINT, PROBE_METRICS, HeldOutEval, Probe, guard_from_config
 from .models import (apply_lora, check_model_spec, enable_activation_checkpointing, load_model, load_tokenizer,
                      resolve_device, resolve_precision)
 from .plot import plot_training_curves, read_metrics
@@ -177,10 +177,14 @@ def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> d
             break
         skipped_in_a_row += 1
     # label-free objectives, diagnostics and the collapse guard (rlsc/objectives.py, rlsc/guard.py)
-    update = make_update(cfg.objective, tokenizer, guard_from_config(cfg, history))
     held_out = HeldOutEval(cfg, out_dir, log) if cfg.eval_every > 0 else None
     if held_out is not None and start == 0:
         held_out.evaluate(model, tokenizer, 0, loaded.autocast_dtype)  # the starting point (eval.jsonl)
+    probe = Probe(cfg, out_dir, log, resumed=start > 0) if cfg.probe_every > 0 else None
+    if probe is not None and start == 0:
+        probe.evaluate(model, tokenizer, 0, loaded.autocast_dtype)  # the pseudo-labels and the start
+    guard = guard_from_config(cfg, history, probe.start if probe is not None else None)
+    update = make_update(cfg.objective, tokenizer, guard)
 
     for step in range(start, cfg.steps):
         if loaded.device.type == "cuda":
@@ -217,6 +221,14 @@ def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> d
         guard_stop = stats.extra.get("guard_stop")
         if held_out is not None and not guard_stop and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             row.update(held_out.evaluate(model, tokenizer, step + 1, loaded.autocast_dtype))
+        probe_stop = None
+        if probe is not None and not guard_stop and ((step + 1) % cfg.probe_every == 0 or step + 1 == cfg.steps):
+            measured = probe.evaluate(model, tokenizer, step + 1, loaded.autocast_dtype)
+            row.update(measured)
+            # the probe_* rules (the step's rules were checked before its update)
+            probe_stop = guard.check({k: measured[k] for k in PROBE_METRICS}) if guard is not None else None
+            if probe_stop:
+                row["guard_stop"] = probe_stop
         with open(metrics_path, "a") as fh:
             fh.write(_json_line(row))
         log(f"step {step + 1}/{cfg.steps}: loss {row['loss']:.4g}  mean log p {row['mean_seq_logp']:.2f}  "
@@ -228,10 +240,16 @@ def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> d
                 f"{skipped_in_a_row} steps in a row (up to step {step + 1}) had a non-finite loss or gradient and were "
                 f"skipped; stopping. The weights are those of the last applied step. Try a lower --lr, --max-grad-norm, "
                 f"or --precision fp32 (--max-consecutive-skips sets how many skips in a row are tolerated)")
-        if guard_stop:  # the step's update was not applied: the weights are those after `step` updates
-            log(f"collapse guard: stopping before the update of step {step + 1}: {guard_stop}")
+        if guard_stop or probe_stop:
+            # a step's rule: its update was not applied (the weights are those after `step` updates);
+            # a probe's rule: the probe judged the weights after this step's update
+            kept = step if guard_stop else step + 1
+            log(f"collapse guard: stopping {'before' if guard_stop else 'after'} the update of step {step + 1}: "
+                f"{guard_stop or probe_stop}" + (f"; the best weights by probe_majority (step {probe.state['best']['step']}) "
+                                                 f"are in {out_dir / PROBE_BEST_CHECKPOINT}"
+                                                 if probe is not None and probe.state.get("best") else ""))
             save_checkpoint(out_dir, model=model, optimizer=optimizer if cfg.save_optimizer_state else None,
-                            step=step, config=cfg.to_dict())
+                            step=kept, config=cfg.to_dict())
             break
         last = step + 1 == cfg.steps
         if (cfg.checkpoint_every > 0 and (step + 1) % cfg.checkpoint_every == 0) or (last and _checkpoint_at_end(cfg)):
@@ -244,7 +262,9 @@ def train(cfg: RLSCConfig, loaded: Loaded | None = None, log=log_to_stderr) -> d
         final_dir = save_final(model, tokenizer, out_dir / "final")
         log(f"saved the trained model to {final_dir}")
     return {"metrics": str(metrics_path), "plot": str(plot) if plot else None,
-            "final_model": str(final_dir) if final_dir else None, "steps": cfg.steps}
+            "final_model": str(final_dir) if final_dir else None, "steps": cfg.steps,
+            "probe_best": dict(probe.state["best"], path=str(out_dir / PROBE_BEST_CHECKPOINT))
+            if probe is not None and probe.state.get("best") else None}
 
 
 def probe_ids(tokenizer, problem: Problem, template: str, device) -> torch.Tensor:
