@@ -126,7 +126,8 @@ def _finish(tokens: list, logps: list, return_logp: bool):
 @torch.no_grad()
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
            temperature: float | None, eos_ids: list[int], pad_id: int, sampler: str = "dynamic",
-           greedy_rows: torch.Tensor | None = None, compile: bool | None = None, return_logp: bool = False):
+           greedy_rows: torch.Tensor | None = None, compile: bool | None = None, return_logp: bool = False,
+           prompt_rows: torch.Tensor | None = None):
     """Completion block [B, L <= max_new_tokens] long after left-padded prompts prompt_ids [B, P]
     (prompt_mask [B, P], True on real tokens): token t+1 ~ softmax(FusedHead logits / temperature)
     (argmax when temperature is None), rows padded with pad_id after their first EOS, stopping once
@@ -135,8 +136,14 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     ("static" only; default: on CUDA) records the decode step as a CUDA graph. return_logp=True
     also returns each drawn token's log-probability [B, L] float32 under the distribution it was
     drawn from (log_softmax of the logits / T; the argmax's under T = 1 when greedy): summed over
-    a completion, the sampler's own log p of the sample, which the loss must reproduce."""
+    a completion, the sampler's own log p of the sample, which the loss must reproduce.
+    prompt_rows ([B] long, optional): prompt_ids / prompt_mask then hold distinct prompts [U, P]
+    and output row b continues prompt prompt_rows[b]; each prompt is prefilled once and its KV
+    cache rows copied to its B rows (a question's 16 samples share one prefill: the same tokens,
+    up to the rounding of a batch of one against a batch of 16)."""
     name = resolve_sampler(sampler, prompt_ids.device)
+    if prompt_rows is not None and name == "static":   # a static cache is sized for all rows from the start
+        prompt_ids, prompt_mask, prompt_rows = prompt_ids[prompt_rows], prompt_mask[prompt_rows], None
     if greedy_rows is not None and name != "compact":
         raise ValueError(f"greedy_rows needs the compact sampler, got sampler={sampler!r}")
     if max_new_tokens < 1:
@@ -147,8 +154,20 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
         return _static_loop(model, prompt_ids, prompt_mask, compile=prompt_ids.device.type == "cuda" if compile is None
                             else compile, **kw)
     if name == "compact":
-        return _compact_loop(model, prompt_ids, prompt_mask, greedy_rows=greedy_rows, **kw)
-    return _dynamic_loop(model, prompt_ids, prompt_mask, **kw)
+        return _compact_loop(model, prompt_ids, prompt_mask, greedy_rows=greedy_rows, prompt_rows=prompt_rows, **kw)
+    return _dynamic_loop(model, prompt_ids, prompt_mask, prompt_rows=prompt_rows, **kw)
+
+
+def _prefill(step, prompt_ids, prompt_mask, prompt_rows):
+    """(logits [B, V], cache, attention [B, P], position ids [B, P]) after the prompts, one row per
+    output row: the distinct prompts run once and their rows are copied by prompt_rows."""
+    attention = prompt_mask.long()
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    logits, past = step(prompt_ids, attention, positions, None)
+    if prompt_rows is not None:
+        past.reorder_cache(prompt_rows)
+        logits, attention, positions = logits[prompt_rows], attention[prompt_rows], positions[prompt_rows]
+    return logits, past, attention, positions
 
 
 def _ancestral(logits, advance, finished, eos, *, max_new_tokens, greedy, pad_id, return_logp):
@@ -168,17 +187,16 @@ def _ancestral(logits, advance, finished, eos, *, max_new_tokens, greedy, pad_id
     return _finish(tokens, logps, return_logp)
 
 
-def _dynamic_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_ids, pad_id, return_logp):
+def _dynamic_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_ids, pad_id, return_logp,
+                  prompt_rows=None):
     """Left-padded prompts get explicit position ids (cumulative count of real tokens), the same
     ones the training pass uses, so the sampled and the scored distributions see identical inputs."""
-    B = prompt_ids.shape[0]
     device = prompt_ids.device
     step = _Stepper(model, temperature)
-    attention = prompt_mask.long()
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    logits, past, attention, positions = _prefill(step, prompt_ids, prompt_mask, prompt_rows)
+    B = logits.shape[0]
     eos = torch.tensor(eos_ids, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    logits, past = step(prompt_ids, attention, positions, None)
     next_position = positions[:, -1:] + 1
 
     def advance(i, token):
@@ -192,19 +210,18 @@ def _dynamic_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature
                       pad_id=pad_id, return_logp=return_logp)
 
 
-def _compact_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_ids, pad_id, return_logp, greedy_rows=None):
+def _compact_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_ids, pad_id, return_logp,
+                  greedy_rows=None, prompt_rows=None):
     """The forward runs only on rows without an EOS yet; finished rows keep their last logits and
     their draws are discarded. `greedy_rows` take the argmax while the others sample: evaluation
     decodes its greedy answer in the same batch as the samples, and the samples get the tokens a
     separate call would."""
-    B = prompt_ids.shape[0]
     device = prompt_ids.device
     step = _Stepper(model, temperature)
-    attention = prompt_mask.long()
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    logits, past, attention, positions = _prefill(step, prompt_ids, prompt_mask, prompt_rows)
+    B = logits.shape[0]
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    logits, past = step(prompt_ids, attention, positions, None)
     logits = logits.clone()
     active = torch.arange(B, device=device)            # rows of the full batch still in the cache
     next_position = positions[:, -1:] + 1

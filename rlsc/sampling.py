@@ -170,20 +170,21 @@ def sample(
         warnings.warn(f"max_new_tokens {max_new_tokens} exceeds the context after the prompt; capping at {new_cap}")
         max_new_tokens = new_cap
     n = 1 if greedy else num_samples
-    rep_ids = prompt_ids.repeat_interleave(n, dim=0)
-    rep_mask = prompt_mask.repeat_interleave(n, dim=0)
+    rows = torch.arange(len(problems), device=device).repeat_interleave(n)   # the question of each row
     extra = {}
     if with_greedy:  # one greedy row per question after the sampled rows
-        rep_ids, rep_mask = torch.cat([rep_ids, prompt_ids]), torch.cat([rep_mask, prompt_mask])
-        extra["greedy_rows"] = torch.arange(rep_ids.shape[0], device=device) >= n * len(problems)
+        rows = torch.cat([rows, torch.arange(len(problems), device=device)])
+        extra["greedy_rows"] = torch.arange(rows.shape[0], device=device) >= n * len(problems)
+    rep_ids, rep_mask = prompt_ids[rows], prompt_mask[rows]
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     try:
         with amp:
-            completion_ids, token_logp = decode(model, rep_ids, rep_mask, max_new_tokens=max_new_tokens,
-                                                temperature=None if greedy else temperature, eos_ids=eos, pad_id=pad,
-                                                sampler=name, return_logp=True, **extra)
+            # each question's prompt is prefilled once for its rows
+            completion_ids, token_logp = decode(model, prompt_ids, prompt_mask, prompt_rows=rows,
+                                                max_new_tokens=max_new_tokens, temperature=None if greedy else temperature,
+                                                eos_ids=eos, pad_id=pad, sampler=name, return_logp=True, **extra)
     finally:
         model.train(was_training)
     completion_mask, capped = completion_mask_from_ids(completion_ids, eos)

@@ -213,3 +213,23 @@ def test_draw_from_logprobs_frequencies_and_zero_probability_tokens():
     a = draw_from_logprobs(torch.randn(4, 50).log_softmax(-1))
     torch.manual_seed(9)
     assert torch.equal(a, draw_from_logprobs(torch.randn(4, 50).log_softmax(-1)))
+
+
+@pytest.mark.parametrize("name", ["dynamic", "compact", "static"])
+def test_a_shared_prefill_draws_what_one_prefill_per_row_draws(tiny_tokenizer, name):
+    """prompt_rows: three distinct prompts (left-padded) prefilled once each and copied to 5 rows
+    apiece, in an interleaved order, give the completions and log-probabilities of the 15
+    expanded prompts decoded row by row."""
+    tok = tiny_tokenizer
+    model = _model_that_stops(tok, seed=7)
+    ids, mask = _left_padded_batch(tok, ["What is 12 * 7?", "Hi", "A longer question, with more tokens?"], 1)
+    rows = torch.tensor([0, 1, 2, 2, 1, 0, 0, 2, 1, 1, 0, 2, 2, 0, 1])
+    kw = dict(max_new_tokens=19, temperature=0.9, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id,
+              sampler=name, return_logp=True)
+    torch.manual_seed(4)
+    shared, shared_logp = decode(model, ids, mask, prompt_rows=rows, **kw)
+    torch.manual_seed(4)
+    each, each_logp = decode(model, ids[rows], mask[rows], **kw)
+    assert torch.equal(shared, each)
+    torch.testing.assert_close(shared_logp, each_logp, rtol=0, atol=1e-5)
+    assert len(set(map(tuple, shared.tolist()))) > 3    # the rows did draw different completions
