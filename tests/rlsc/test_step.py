@@ -215,8 +215,10 @@ def test_group_weighting_update_equals_naive_softmax_weighted_loss(tiny_tokenize
     w = group_weights(L.detach().float(), rollouts.question_index, 0.1).double()
     (-(w * L).mean()).backward()
     torch.optim.SGD(naive.parameters(), lr=1.0).step()
-    for p, q in zip(fused.parameters(), naive.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    # the updates (lr 1: the gradients) agree to fp32 summation error relative to their largest entry
+    for p0, p, q in zip(model.parameters(), fused.parameters(), naive.parameters()):
+        du_fused, du_naive = (p - p0).detach().double(), (q - p0).detach().double()
+        assert (du_fused - du_naive).abs().max() <= 1e-4 * du_naive.abs().max() + 1e-9
 
 
 def test_a_question_posed_twice_in_a_step_is_one_group(tiny_tokenizer):
