@@ -71,14 +71,18 @@ METHODS: dict[str, tuple[bool, dict, float | None]] = {
 MAIN_METHODS = ("base", *TRAINER_WEIGHTINGS)
 
 #: --preset label-free: every objective and the untrained baselines, 5 seeds each (greedy, which no
-#: seed changes, once); its own cells and report, resumable across sessions like any ablation
+#: seed changes, once); its own cells and report. Its cells live in the repository (small JSONs), so
+#: a measurement of several hours on 2 cores resumes in a later checkout once they are committed;
+#: fp32 (not --precision auto) so that cells measured on different CPUs are the same computation
+#: (fp32 CPU runs reproduced to the printed digit across an Intel Xeon and an AMD EPYC).
 PRESETS = {
     "label-free": {
         "methods": ("greedy", "T0.2", "base", "rlsc", *(o for o in OBJECTIVES if o != "rlsc")),
         "main": ("T0.2", "base", *OBJECTIVES),
         "seeds": (0, 1, 2, 3, 4),
-        "output_dir": "runs/ablate-label-free",
+        "output_dir": "benchmarks/results/label-free-embedded-cells",
         "results": "benchmarks/results/label-free-embedded",
+        "set": {"precision": "fp32"},
     },
 }
 #: a trained seed "collapsed" when its pass@1 is below this fraction of the untrained (base) mean pass@1
@@ -492,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, name) == parser.get_default(name):
                 setattr(args, name, value)
     try:
-        overrides = _overrides(args.set)
+        overrides = {**(PRESETS[args.preset].get("set", {}) if args.preset else {}), **_overrides(args.set)}
         base_config(args.model, args.device).updated(overrides).validate("demo")
         if args.probe_questions < 1 or args.max_questions < 0:
             raise ValueError("--probe-questions expects an integer >= 1 and --max-questions an integer >= 0")

@@ -203,6 +203,7 @@ def test_label_free_preset_plans_every_objective_and_baseline_on_five_seeds():
     from rlsc.config import OBJECTIVES
 
     preset = PRESETS["label-free"]
+    assert preset["set"] == {"precision": "fp32"} and preset["output_dir"].startswith("benchmarks/results/")
     assert set(OBJECTIVES) <= set(preset["methods"]) and {"greedy", "T0.2", "base"} <= set(preset["methods"])
     assert all(METHODS[o][1] == {"objective": o} for o in OBJECTIVES if o != "rlsc")
     cells = plan(["t"], preset["methods"], list(preset["seeds"]), main=preset["main"])
