@@ -42,10 +42,6 @@ def replay(rule: str, rows: list[dict], patience: int = 1) -> int | None:
     return None
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(x) for x in open(path) if x.strip()]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/guard-collapse")
@@ -67,6 +63,7 @@ def main() -> int:
 
     from rlsc.ablate import base_config, git_commit, machine
     from rlsc.guard import HeldOutEval
+    from rlsc.plot import read_metrics
     from rlsc.train import load, train
 
     torch.set_num_threads(args.threads)
@@ -88,7 +85,7 @@ def main() -> int:
 
     if args.guarded_only:
         train(cfg.updated({"output_dir": str(out / "guarded"), "stop_when": args.rule}), loaded=loaded)
-        grows = _rows(out / "guarded" / "metrics.jsonl")
+        grows = read_metrics(out / "guarded" / "metrics.jsonl")
         stop = next((r["step"] for r in grows if r.get("guard_stop")), None)
         evaluate("guarded_kept", (stop - 1) if stop else cfg.steps)
         result = {"task": args.task, "seed": args.seed, "objective": args.objective, "weighting": args.weighting,
@@ -104,12 +101,12 @@ def main() -> int:
         return 0
     evaluate("initial", 0)
     train(cfg.updated({"output_dir": str(out / "unguarded")}), loaded=loaded)
-    rows = _rows(out / "unguarded" / "metrics.jsonl")
+    rows = read_metrics(out / "unguarded" / "metrics.jsonl")
     evaluate("unguarded_end", cfg.steps)
 
     loaded.model.load_state_dict(initial)
     train(cfg.updated({"output_dir": str(out / "guarded"), "stop_when": args.rule}), loaded=loaded)
-    grows = _rows(out / "guarded" / "metrics.jsonl")
+    grows = read_metrics(out / "guarded" / "metrics.jsonl")
     stop = next((r["step"] for r in grows if r.get("guard_stop")), None)
     evaluate("guarded_kept", (stop - 1) if stop else cfg.steps)
 

@@ -53,10 +53,6 @@ def difference_from_recorded(rows: list[dict], recorded: list[dict]) -> dict:
     return {k: max(abs(a[k] - b[k]) / max(1.0, abs(b[k])) for a, b in zip(rows, recorded)) for k in STEP_DIAG}
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(x) for x in open(path) if x.strip()]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/guard-probe")
@@ -77,6 +73,7 @@ def main() -> int:
     from rlsc.data import default_template, load_problems
     from rlsc.evaluate import evaluate_problems
     from rlsc.guard import PROBE_BEST_CHECKPOINT, PROBE_METRICS, PROBE_STATE, load_best
+    from rlsc.plot import read_metrics
     from rlsc.train import load, train
 
     torch.set_num_threads(args.threads)
@@ -112,7 +109,7 @@ def main() -> int:
     evaluate("initial", 0)
     guarded_dir = out / "guarded"
     train(cfg.updated({"output_dir": str(guarded_dir), "stop_when": args.rule}), loaded=loaded)
-    grows = _rows(guarded_dir / "metrics.jsonl")
+    grows = read_metrics(guarded_dir / "metrics.jsonl")
     stop_row = next((r for r in grows if r.get("guard_stop")), None)
     stop = stop_row["step"] if stop_row else None
     kept_info = json.loads((guarded_dir / PROBE_STATE).read_text())["best"]
@@ -127,7 +124,7 @@ def main() -> int:
     else:
         unguarded_dir = guarded_dir
         evaluate("unguarded_end", cfg.steps)
-    rows = _rows(unguarded_dir / "metrics.jsonl")
+    rows = read_metrics(unguarded_dir / "metrics.jsonl")
     probe_state = json.loads((unguarded_dir / PROBE_STATE).read_text())
     full_best = probe_state["best"]
 

@@ -71,3 +71,24 @@ def tiny_prompts(tmp_path_factory):
         for i in range(6):
             fh.write(json.dumps({"question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n")
     return path
+
+
+def train_killed_at_step(cfg, step: int, monkeypatch) -> None:
+    """Runs rlsc.train.train(cfg) and kills it (KeyboardInterrupt) when it starts training step
+    `step` (1-based), as a crash would: what it wrote before stays on disk."""
+    import rlsc.train as train_mod
+
+    real_step, calls = train_mod.rlsc_step, {"n": 0}
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "rlsc_step", dying_step)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_mod.train(cfg, log=lambda m: None)
+    finally:
+        monkeypatch.setattr(train_mod, "rlsc_step", real_step)

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import rlsc.checkpoint as ckpt
-import rlsc.train as train_mod
 from rlsc.config import RLSCConfig
 from rlsc.guard import (PROBE_BEST_CHECKPOINT, PROBE_METRICS, PROBE_STATE, Guard, guard_from_config, load_best,
                         parse_rules, probe_metrics, pseudo_label)
 from rlsc.train import train
 
+from conftest import train_killed_at_step
 from test_train import TIMING_FIELDS, tiny_config
 
 
@@ -122,18 +122,7 @@ def test_resumed_run_keeps_the_pseudo_labels_and_the_rules_streak(tiny_model_dir
     train(_probe_config(tiny_model_dir, tiny_prompts, tmp_path / "full", **kw), log=lambda m: None)
 
     cut = _probe_config(tiny_model_dir, tiny_prompts, tmp_path / "cut", **kw)
-    real_step, calls = train_mod.rlsc_step, {"n": 0}
-
-    def dying_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "rlsc_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(cut, log=lambda m: None)
-    monkeypatch.setattr(train_mod, "rlsc_step", real_step)
+    train_killed_at_step(cut, 2, monkeypatch)
     assert ckpt.load_checkpoint(tmp_path / "cut")["step"] == 1
     train(cut.updated({"resume": "yes"}), log=lambda m: None)
     # the streak of step 1's probe survived: the resumed run stops after step 2's probe, as the full one

@@ -11,6 +11,8 @@ import rlsc.train as train_mod
 from rlsc.config import RLSCConfig
 from rlsc.train import prompts_for_step, train
 
+from conftest import train_killed_at_step
+
 TIMING_FIELDS = {"gen_seconds", "train_seconds", "peak_memory_mb"}
 
 
@@ -53,18 +55,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model_dir, tiny_prompts, tmp_
 
     # the same run killed during step 3 (after step 2's checkpoint), then resumed
     cut = tiny_config(tiny_model_dir, tiny_prompts, tmp_path / "cut")
-    real_step, calls = train_mod.rlsc_step, {"n": 0}
-
-    def dying_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "rlsc_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(cut, log=lambda m: None)
-    monkeypatch.setattr(train_mod, "rlsc_step", real_step)
+    train_killed_at_step(cut, 3, monkeypatch)
     assert ckpt.load_checkpoint(tmp_path / "cut")["step"] == 2
     train(cut.updated({"resume": True}), log=lambda m: None)
 
