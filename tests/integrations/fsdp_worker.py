@@ -61,6 +61,7 @@ def main():
     assert checked and model.lm_head.weight.grad is not None
     if rank == 0:
         print(f"FSDP2 OK: {checked} gradients match (mixed={mixed}, head sharded={os.environ.get('HEAD_SHARDED')})")
+    dist.barrier()   # both ranks done before gloo is torn down (a rank tearing down alone once aborted at exit)
     dist.destroy_process_group()
 
 
