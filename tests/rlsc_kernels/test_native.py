@@ -170,6 +170,21 @@ def _grads_with_16bit_logit_gradient(h, w, b, y, seq, S, temperature, seq_weight
     return {"dhidden": dz @ wd, "dweight": dz.T @ hd, "dbias": dz.sum(0)}
 
 
+def _assert_bf16_bound(fast, fp32, exact, h, w, b, y, seq, S, label, floor=None):
+    """The bf16 GEMMs' accuracy bound: statistics within the fp32 computation's error of the
+    float64 oracle; dH, dW, db within twice the error of a bf16-rounded logit gradient + tol."""
+    pick = lambda r, names: {k: getattr(r, k).double() for k in names}  # noqa: E731
+    assert_within_oracle(pick(fast, STATISTICS), pick(fp32, STATISTICS), pick(exact, STATISTICS), torch.float32,
+                         label, floor=floor)
+    bound16 = _grads_with_16bit_logit_gradient(h, w, b, y, seq, S, 0.7, exact.seq_weight)
+    for name in GRADIENTS:
+        want = getattr(exact, name)
+        err = (getattr(fast, name).double() - want).abs().max().item()
+        err16 = (bound16[name] - want).abs().max().item()
+        limit = 2 * err16 + TOL[torch.float32] * want.abs().max().item()
+        assert err <= limit, f"{label} {name}: error {err:.3e} > 2 x 16-bit-logit-gradient error {err16:.3e} + tol"
+
+
 def _bf16_case(V, seed):
     lengths = [3, 9, 1, 14, 6]
     S, N, D = len(lengths), sum(lengths), 19
@@ -190,16 +205,7 @@ def test_bf16_gemms_give_fp32_statistics_and_16bit_logit_gradients(V):
     fast = _single_pass(native, h, w, b, y, seq, S, opts, rows=15)
     fp32 = _single_pass(torch_single_pass, h.float(), w.float(), b.float(), y, seq, S, opts, rows=15)
     exact = _single_pass(torch_single_pass, h.double(), w.double(), b.double(), y, seq, S, opts, rows=N)
-    pick = lambda r, names: {k: getattr(r, k).double() for k in names}  # noqa: E731
-    assert_within_oracle(pick(fast, STATISTICS), pick(fp32, STATISTICS), pick(exact, STATISTICS), torch.float32,
-                         f"bf16 GEMMs V={V}")
-    bound16 = _grads_with_16bit_logit_gradient(h, w, b, y, seq, S, 0.7, exact.seq_weight)
-    for name in GRADIENTS:
-        want = getattr(exact, name)
-        err = (getattr(fast, name).double() - want).abs().max().item()
-        err16 = (bound16[name] - want).abs().max().item()
-        limit = 2 * err16 + TOL[torch.float32] * want.abs().max().item()
-        assert err <= limit, f"bf16 GEMMs V={V} {name}: error {err:.3e} > 2 x 16-bit-logit-gradient error {err16:.3e} + tol"
+    _assert_bf16_bound(fast, fp32, exact, h, w, b, y, seq, S, f"bf16 GEMMs V={V}")
 
 
 @needs_native
@@ -224,16 +230,8 @@ def test_bf16_gemms_across_vocabulary_blocks_with_a_late_maximum():
     fast = _single_pass(native, h, w, b, y, seq, S, opts, rows=15)
     fp32 = _single_pass(torch_single_pass, h.float(), w.float(), b.float(), y, seq, S, opts, rows=15)
     exact = _single_pass(torch_single_pass, h.double(), w.double(), b.double(), y, seq, S, opts, rows=N)
-    pick = lambda r, names: {k: getattr(r, k).double() for k in names}  # noqa: E731
-    assert_within_oracle(pick(fast, STATISTICS), pick(fp32, STATISTICS), pick(exact, STATISTICS), torch.float32,
-                         "bf16 GEMMs, blocks", floor={"token_entropy": 1e-6 * z.abs().max().item()})
-    bound16 = _grads_with_16bit_logit_gradient(h, w, b, y, seq, S, 0.7, exact.seq_weight)
-    for name in GRADIENTS:
-        want = getattr(exact, name)
-        err = (getattr(fast, name).double() - want).abs().max().item()
-        err16 = (bound16[name] - want).abs().max().item()
-        limit = 2 * err16 + TOL[torch.float32] * want.abs().max().item()
-        assert err <= limit, f"bf16 blocks {name}: error {err:.3e} > 2 x 16-bit-logit-gradient error {err16:.3e} + tol"
+    _assert_bf16_bound(fast, fp32, exact, h, w, b, y, seq, S, "bf16 blocks",
+                       floor={"token_entropy": 1e-6 * z.abs().max().item()})
 
 
 @needs_native
