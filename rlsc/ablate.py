@@ -47,7 +47,6 @@ from .config import OBJECTIVES, TRAINER_WEIGHTINGS, RLSCConfig
 from .data import default_template, load_problems
 from .evaluate import evaluate_problems
 from .provenance import git_commit
-from .sampling import chat_prompt, encode_prompts
 from .train import load, log_to_stderr, train
 
 DEFAULT_TASKS = ("builtin:demo", "builtin:div")
@@ -124,38 +123,6 @@ def read_cell(path: Path) -> dict | None:
         return None
 
 
-@torch.no_grad()
-def token_entropy(model, tokenizer, records: list[dict], template: str, temperature: float) -> float | None:
-    """Mean entropy (nats) of softmax(logits / T) over the tokens of the evaluation samples.
-
-    The samples are re-tokenized from their text (one forward per question); the EOS that ended a
-    sample is not in its text and is not counted."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for rec in records:
-        if not rec["samples"]:
-            continue
-        prompt = encode_prompts(tokenizer, [chat_prompt(tokenizer, rec["question"], template)])[0]
-        comps = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in rec["samples"]]
-        width = len(prompt) + max(len(c) for c in comps)
-        if max(len(c) for c in comps) == 0:
-            continue
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(comps), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(comps), width), dtype=torch.long)
-        for i, c in enumerate(comps):
-            row = prompt + c
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, len(prompt) - 1 : -1]
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        ent = -(logp.exp() * logp).sum(-1)  # [S, width - len(prompt)]
-        target = mask[:, len(prompt):].to(device).bool()
-        total += float(ent[target].sum())
-        count += int(target.sum())
-    return total / count if count else None
-
-
 def run_cell(loaded, initial_state: dict, base: RLSCConfig, task: str, method: str, seed: int,
              max_questions: int, log=log_to_stderr) -> dict:
     trains, overrides, eval_t = METHODS[method]
@@ -188,7 +155,7 @@ def run_cell(loaded, initial_state: dict, base: RLSCConfig, task: str, method: s
         metrics = evaluate_problems(model, loaded.tokenizer, problems, template=template, k=k, temperature=temperature,
                                     max_new_tokens=cfg.max_new_tokens, batch_questions=cfg.eval_batch_questions,
                                     autocast_dtype=loaded.autocast_dtype, log=log, samples_path=samples,
-                                    label=f"{task} {method} seed {seed}", sampler=cfg.sampler)
+                                    label=f"{task} {method} seed {seed}", sampler=cfg.sampler, token_entropy=k > 0)
         records = [json.loads(line) for line in open(samples)]
     if k == 0:  # greedy decoding: every "sample" is the greedy answer
         lengths = [len(loaded.tokenizer(r["greedy"], add_special_tokens=False)["input_ids"]) for r in records]
@@ -197,8 +164,6 @@ def run_cell(loaded, initial_state: dict, base: RLSCConfig, task: str, method: s
         metrics[f"maj@{cfg.k}"] = metrics["greedy_accuracy"]
         metrics["mean_completion_tokens"] = sum(lengths) / max(len(lengths), 1)
         metrics["token_entropy"] = None
-    else:
-        metrics["token_entropy"] = token_entropy(model, loaded.tokenizer, records, template, temperature)
     eval_s = time.perf_counter() - t0
     return {
         "task": task, "method": method, "seed": seed, "trains": trains,

@@ -86,13 +86,15 @@ class _Stepper:
         return self.head.logits(hidden[:, -1], self.temperature), new_cache
 
 
-def _draw(logits: torch.Tensor, greedy: bool, greedy_rows: torch.Tensor | None = None):
-    """(token [B], its log-probability [B] under log_softmax(logits)): argmax when greedy or on
-    `greedy_rows`; elsewhere one draw per row from softmax(logits) (the logits are divided by T
-    already), in row order (the random stream is consumed as if the greedy rows were not there).
-    Always in float32, outside autocast (CPU autocast would run softmax in bf16)."""
+def _draw(logits: torch.Tensor, greedy: bool, greedy_rows: torch.Tensor | None = None, entropy: bool = False):
+    """(token [B], its log-probability [B] under log_softmax(logits), the entropy [B] of
+    softmax(logits) in nats or None unless `entropy`): argmax when greedy or on `greedy_rows`;
+    elsewhere one draw per row from softmax(logits) (the logits are divided by T already), in row
+    order (the random stream is consumed as if the greedy rows were not there). Always in float32,
+    outside autocast (CPU autocast would run softmax in bf16)."""
     with torch.autocast(logits.device.type, enabled=False):
         logp = torch.log_softmax(logits.float(), dim=-1)
+        ent = _entropy(logp) if entropy else None
         if greedy:
             token = logp.argmax(-1)
         elif greedy_rows is None:
@@ -101,7 +103,13 @@ def _draw(logits: torch.Tensor, greedy: bool, greedy_rows: torch.Tensor | None =
             token = logp.argmax(-1)
             sampled = ~greedy_rows
             token[sampled] = draw_from_logprobs(logp[sampled])
-        return token, logp.gather(-1, token[:, None]).squeeze(-1)
+        return token, logp.gather(-1, token[:, None]).squeeze(-1), ent
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    """-sum_v p_v log p_v per row of log-probabilities [B, V]; tokens with p_v = 0 add nothing."""
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
 
 
 def draw_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
@@ -118,16 +126,19 @@ def draw_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
-def _finish(tokens: list, logps: list, return_logp: bool):
+def _finish(tokens: list, logps: list, return_logp: bool, ents: list | None = None):
+    """The completion block [B, L], then [B, L] log-probabilities if return_logp, then [B, L]
+    entropies if they were collected (ents not None): a tuple when anything follows the block."""
     ids = torch.stack(tokens, dim=1)
-    return (ids, torch.stack(logps, dim=1)) if return_logp else ids
+    extra = ([torch.stack(logps, dim=1)] if return_logp else []) + ([torch.stack(ents, dim=1)] if ents is not None else [])
+    return (ids, *extra) if extra else ids
 
 
 @torch.no_grad()
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
            temperature: float | None, eos_ids: list[int], pad_id: int, sampler: str = "dynamic",
            greedy_rows: torch.Tensor | None = None, compile: bool | None = None, return_logp: bool = False,
-           prompt_rows: torch.Tensor | None = None):
+           prompt_rows: torch.Tensor | None = None, return_entropy: bool = False):
     """Completion block [B, L <= max_new_tokens] long after left-padded prompts prompt_ids [B, P]
     (prompt_mask [B, P], True on real tokens): token t+1 ~ softmax(FusedHead logits / temperature)
     (argmax when temperature is None), rows padded with pad_id after their first EOS, stopping once
@@ -137,6 +148,9 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     also returns each drawn token's log-probability [B, L] float32 under the distribution it was
     drawn from (log_softmax of the logits / T; the argmax's under T = 1 when greedy): summed over
     a completion, the sampler's own log p of the sample, which the loss must reproduce.
+    return_entropy=True also returns (last) the entropy [B, L] float32, in nats, of each position's
+    distribution (softmax of the logits / T; under T = 1 when greedy), e.g. to measure how sharp
+    the sampled distribution is without a second forward.
     prompt_rows ([B] long, optional): prompt_ids / prompt_mask then hold distinct prompts [U, P]
     and output row b continues prompt prompt_rows[b]; each prompt is prefilled once and its KV
     cache rows copied to its B rows (a question's 16 samples share one prefill: the same tokens,
@@ -149,7 +163,7 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, eos_ids=eos_ids, pad_id=pad_id,
-              return_logp=return_logp)
+              return_logp=return_logp, return_entropy=return_entropy)
     if name == "static":
         return _static_loop(model, prompt_ids, prompt_mask, compile=prompt_ids.device.type == "cuda" if compile is None
                             else compile, **kw)
@@ -170,25 +184,27 @@ def _prefill(step, prompt_ids, prompt_mask, prompt_rows):
     return logits, past, attention, positions
 
 
-def _ancestral(logits, advance, finished, eos, *, max_new_tokens, greedy, pad_id, return_logp):
+def _ancestral(logits, advance, finished, eos, *, max_new_tokens, greedy, pad_id, return_logp, return_entropy):
     """The token loop every full-batch sampler shares: draw from `logits`, pad rows that already
     ended, stop at the cap or when every row has an EOS, else logits = advance(i, token) (the
     loop's own forward of the drawn tokens). `finished` [B] bool is updated in place."""
-    tokens, logps = [], []
+    tokens, logps, ents = [], [], [] if return_entropy else None
     for i in range(max_new_tokens):
-        token, logp = _draw(logits, greedy)
+        token, logp, ent = _draw(logits, greedy, entropy=return_entropy)
         token = token.masked_fill(finished, pad_id)
         tokens.append(token)
         logps.append(logp)
+        if ents is not None:
+            ents.append(ent)
         finished |= torch.isin(token, eos)
         if i + 1 == max_new_tokens or bool(finished.all()):
             break
         logits = advance(i, token)
-    return _finish(tokens, logps, return_logp)
+    return _finish(tokens, logps, return_logp, ents)
 
 
 def _dynamic_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_ids, pad_id, return_logp,
-                  prompt_rows=None):
+                  return_entropy=False, prompt_rows=None):
     """Left-padded prompts get explicit position ids (cumulative count of real tokens), the same
     ones the training pass uses, so the sampled and the scored distributions see identical inputs."""
     device = prompt_ids.device
@@ -207,11 +223,11 @@ def _dynamic_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature
         return next_logits
 
     return _ancestral(logits, advance, finished, eos, max_new_tokens=max_new_tokens, greedy=temperature is None,
-                      pad_id=pad_id, return_logp=return_logp)
+                      pad_id=pad_id, return_logp=return_logp, return_entropy=return_entropy)
 
 
 def _compact_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_ids, pad_id, return_logp,
-                  greedy_rows=None, prompt_rows=None):
+                  return_entropy=False, greedy_rows=None, prompt_rows=None):
     """The forward runs only on rows without an EOS yet; finished rows keep their last logits and
     their draws are discarded. `greedy_rows` take the argmax while the others sample: evaluation
     decodes its greedy answer in the same batch as the samples, and the samples get the tokens a
@@ -225,12 +241,14 @@ def _compact_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature
     logits = logits.clone()
     active = torch.arange(B, device=device)            # rows of the full batch still in the cache
     next_position = positions[:, -1:] + 1
-    tokens, logps = [], []
+    tokens, logps, ents = [], [], [] if return_entropy else None
     for i in range(max_new_tokens):
-        token, logp = _draw(logits, temperature is None, greedy_rows)
+        token, logp, ent = _draw(logits, temperature is None, greedy_rows, entropy=return_entropy)
         token = token.masked_fill(finished, pad_id)
         tokens.append(token)
         logps.append(logp)
+        if ents is not None:
+            ents.append(ent)
         finished |= torch.isin(token, eos)
         if i + 1 == max_new_tokens or bool(finished.all()):
             break
@@ -242,7 +260,7 @@ def _compact_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature
         row_logits, past = step(token[active, None], attention, next_position, past)
         logits[active] = row_logits
         next_position = next_position + 1
-    return _finish(tokens, logps, return_logp)
+    return _finish(tokens, logps, return_logp, ents)
 
 
 def _compute_dtype(model) -> torch.dtype:
@@ -275,7 +293,8 @@ class _StaticDecoder:
         return decoders[key]
 
 
-def _static_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_ids, pad_id, return_logp, compile=False):
+def _static_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_ids, pad_id, return_logp,
+                 return_entropy=False, compile=False):
     B, P = prompt_ids.shape
     device = prompt_ids.device
     total = -(-(P + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
@@ -300,7 +319,7 @@ def _static_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature,
         return next_logits
 
     return _ancestral(logits, advance, finished, eos, max_new_tokens=max_new_tokens, greedy=temperature is None,
-                      pad_id=pad_id, return_logp=return_logp)
+                      pad_id=pad_id, return_logp=return_logp, return_entropy=return_entropy)
 
 
 def release_static_decoders(model) -> None:

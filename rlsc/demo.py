@@ -24,8 +24,9 @@ def demo_config() -> RLSCConfig:
     """The demo's settings (every one can still be overridden by a flag): the paper's recipe
     (16 samples at T = 0.5, alpha 0.1, AdamW lr 1e-5, 10 steps) with one question per step and a
     48-token cap, so that eval + train + eval fits in minutes on a CPU (rlsc.cli.DEMO_TIME). Evaluation
-    batches one question's 16 samples at a time: measured faster on CPU than left-padded
-    multi-question batches."""
+    decodes 8 questions (8 x (16 samples + greedy) rows) per batch: with the compact loop, where
+    finished rows leave the batch, that took 0.4x the time of one question per batch on the 24
+    held-out questions on a 2-core CPU (benchmarks/results/eval-batch-cpu.md)."""
     return RLSCConfig(
         model="embedded",
         prompts="builtin:demo",
@@ -43,7 +44,7 @@ def demo_config() -> RLSCConfig:
         output_dir="runs/demo",
         checkpoint_every=0,
         k=16,
-        eval_batch_questions=1,
+        eval_batch_questions=8,
         seed=0,
     )
 

@@ -16,12 +16,17 @@ from .decoding import resolve_sampler
 
 def evaluate_problems(model, tokenizer, problems: list[Problem], *, template: str, k: int, temperature: float,
                       max_new_tokens: int, batch_questions: int = 1, autocast_dtype=None,
-                      log=print, samples_path: Path | None = None, label: str = "", sampler: str = "auto") -> dict:
-    """Metrics for one dataset; per-question records go to `samples_path` (JSONL) if given."""
+                      log=print, samples_path: Path | None = None, label: str = "", sampler: str = "auto",
+                      token_entropy: bool = False) -> dict:
+    """Metrics for one dataset; per-question records go to `samples_path` (JSONL) if given.
+    token_entropy=True adds "token_entropy": the mean entropy (nats) of the distributions the k
+    samples' tokens were drawn from (softmax(logits / T), every generated position up to and
+    including the EOS), measured by the sampler itself (None when k = 0)."""
     records = []
     t0 = time.perf_counter()
     n_gen_tokens = 0
     capped = 0
+    entropy_total = 0.0
     # the compact sampler decodes the greedy answers in the same batch as the samples (same tokens, one loop)
     together = k > 0 and resolve_sampler(sampler, next(model.parameters()).device) == "compact"
     # a progress bar with an ETA on a terminal; elsewhere (logs, CI) one line per batch, with the ETA
@@ -30,7 +35,8 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], *, template: st
     for batch in iter_batches(problems, max(batch_questions, 1)):
         if together:
             r, greedy = sample(model, tokenizer, batch, template=template, num_samples=k, max_new_tokens=max_new_tokens,
-                               temperature=temperature, autocast_dtype=autocast_dtype, sampler=sampler, with_greedy=True)
+                               temperature=temperature, autocast_dtype=autocast_dtype, sampler=sampler, with_greedy=True,
+                               entropy=token_entropy)
         else:
             greedy = sample(model, tokenizer, batch, template=template, num_samples=1, max_new_tokens=max_new_tokens,
                             temperature=temperature, greedy=True, autocast_dtype=autocast_dtype, sampler=sampler)
@@ -40,7 +46,7 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], *, template: st
         if k > 0:
             if not together:
                 r = sample(model, tokenizer, batch, template=template, num_samples=k, max_new_tokens=max_new_tokens,
-                           temperature=temperature, autocast_dtype=autocast_dtype, sampler=sampler)
+                           temperature=temperature, autocast_dtype=autocast_dtype, sampler=sampler, entropy=token_entropy)
             for q, text, n, cut in zip(r.question_index.tolist(), decode_completions(tokenizer, r),
                                        r.completion_lengths.tolist(), r.capped.tolist()):
                 sampled_text[q].append(text)
@@ -48,6 +54,8 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], *, template: st
                 sampled_finished[q].append(not cut)
             n_gen_tokens += int(r.completion_lengths.sum())
             capped += int(r.capped.sum())
+            if token_entropy:
+                entropy_total += float(r.entropy_sum.sum())
         for i, p in enumerate(batch):
             # a completion cut off at the cap has an answer only if it boxed one (rlsc/grading.py)
             correct = [is_correct(t, p.answer, f) for t, f in zip(sampled_text[i], sampled_finished[i])]
@@ -71,11 +79,12 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], *, template: st
         with open(samples_path, "w") as fh:
             for rec in records:
                 fh.write(json.dumps(rec) + "\n")
+    extra = {"token_entropy": entropy_total / n_gen_tokens if k > 0 and n_gen_tokens else None} if token_entropy else {}
     return summarise(records, k) | {
         "seconds": round(time.perf_counter() - t0, 1),
         "mean_completion_tokens": n_gen_tokens / max(len(records) * k, 1),
         "frac_capped": capped / max(len(records) * k, 1),
-    }
+    } | extra
 
 
 def _clock(seconds: float) -> str:

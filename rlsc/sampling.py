@@ -34,6 +34,9 @@ class Rollouts:
     sampled_logp: torch.Tensor | None = None  # [B] float32, the sampler's own log p of each completion
                                    # (sum over the completion mask of the log-probabilities it drew
                                    # with); what the loss's L_s must reproduce. None when not recorded.
+    entropy_sum: torch.Tensor | None = None   # [B] float32, the sum over the completion mask of the entropy
+                                   # (nats) of each position's distribution, softmax(logits / T), the one
+                                   # its token was drawn from; sample(entropy=True) only, else None.
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -41,7 +44,8 @@ class Rollouts:
     def select(self, idx: torch.Tensor | slice) -> "Rollouts":
         return Rollouts(*(t[idx] for t in (self.prompt_ids, self.prompt_mask, self.completion_ids,
                                            self.completion_mask, self.capped, self.question_index)),
-                        sampled_logp=None if self.sampled_logp is None else self.sampled_logp[idx])
+                        sampled_logp=None if self.sampled_logp is None else self.sampled_logp[idx],
+                        entropy_sum=None if self.entropy_sum is None else self.entropy_sum[idx])
 
     @property
     def completion_lengths(self) -> torch.Tensor:
@@ -132,6 +136,7 @@ def sample(
     autocast_dtype: torch.dtype | None = None,
     sampler: str = "auto",
     with_greedy: bool = False,
+    entropy: bool = False,
 ) -> Rollouts | tuple[Rollouts, Rollouts]:
     """`num_samples` completions for each problem, generated together in one batched loop over the KV cache.
 
@@ -144,6 +149,8 @@ def sample(
     encode_prompts).
     with_greedy=True (compact sampler only) also decodes each question's greedy answer in the same
     batch and returns (samples, greedy): the same completions as two separate calls, one loop.
+    entropy=True also records each completion's summed token entropy (Rollouts.entropy_sum), from
+    the logits the sampler drew with: no second forward, no change to the draws.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -182,22 +189,26 @@ def sample(
     try:
         with amp:
             # each question's prompt is prefilled once for its rows
-            completion_ids, token_logp = decode(model, prompt_ids, prompt_mask, prompt_rows=rows,
-                                                max_new_tokens=max_new_tokens, temperature=None if greedy else temperature,
-                                                eos_ids=eos, pad_id=pad, sampler=name, return_logp=True, **extra)
+            completion_ids, token_logp, *token_entropy = decode(
+                model, prompt_ids, prompt_mask, prompt_rows=rows, max_new_tokens=max_new_tokens,
+                temperature=None if greedy else temperature, eos_ids=eos, pad_id=pad, sampler=name, return_logp=True,
+                return_entropy=entropy, **extra)
     finally:
         model.train(was_training)
     completion_mask, capped = completion_mask_from_ids(completion_ids, eos)
     completion_ids = completion_ids.masked_fill(~completion_mask, pad)
     sampled_logp = (token_logp * completion_mask).sum(-1)
+    entropy_sum = (token_entropy[0] * completion_mask).sum(-1) if entropy else None
     first = {}
     group = torch.tensor([first.setdefault(p.id, i) for i, p in enumerate(problems)], device=device)
     question_index = group.repeat_interleave(n)
     if with_greedy:
         question_index = torch.cat([question_index, group])
-        every = Rollouts(rep_ids, rep_mask, completion_ids, completion_mask, capped, question_index, sampled_logp)
+        every = Rollouts(rep_ids, rep_mask, completion_ids, completion_mask, capped, question_index, sampled_logp,
+                         entropy_sum)
         return every.select(slice(0, n * len(problems))), every.select(slice(n * len(problems), None))
-    return Rollouts(rep_ids, rep_mask, completion_ids, completion_mask, capped, question_index, sampled_logp)
+    return Rollouts(rep_ids, rep_mask, completion_ids, completion_mask, capped, question_index, sampled_logp,
+                    entropy_sum)
 
 
 def decode_completions(tokenizer, rollouts: Rollouts) -> list[str]:

@@ -74,34 +74,6 @@ def test_cli_ablate_rejects_bad_arguments_before_loading(tmp_path, capsys):
     assert "--alpha" in capsys.readouterr().err
 
 
-def test_token_entropy_matches_one_prefix_at_a_time(tiny_model_dir):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rlsc.ablate import token_entropy
-    from rlsc.sampling import chat_prompt
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    records = [{"question": "What is 3 + 4?", "samples": ["7", "It is 7.", ""]},
-               {"question": "Q?", "samples": ["abc 12"]}]
-    T = 0.7
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for rec in records:
-            prompt = tok(chat_prompt(tok, rec["question"], "{question}"), add_special_tokens=False)["input_ids"]
-            for s in rec["samples"]:
-                ids = prompt + tok(s, add_special_tokens=False)["input_ids"]
-                for t in range(len(prompt), len(ids)):  # the distribution that produced token t
-                    logits = model(input_ids=torch.tensor([ids[:t]])).logits[0, -1].double() / T
-                    p = torch.softmax(logits, -1)
-                    total += float(-(p * p.log()).sum())
-                    count += 1
-    got = token_entropy(model, tok, records, "{question}", T)
-    assert count == 1 + 8 + 6 and abs(got - total / count) < 1e-4
-    assert token_entropy(model, tok, [{"question": "Q?", "samples": []}], "{question}", T) is None
-
-
 def test_plan_runs_main_rows_on_every_seed_and_the_rest_on_the_first():
     from rlsc.ablate import MAIN_METHODS, plan
 

@@ -233,3 +233,81 @@ def test_a_shared_prefill_draws_what_one_prefill_per_row_draws(tiny_tokenizer, n
     assert torch.equal(shared, each)
     torch.testing.assert_close(shared_logp, each_logp, rtol=0, atol=1e-5)
     assert len(set(map(tuple, shared.tolist()))) > 3    # the rows did draw different completions
+
+
+def _entropy_oracle(model, ids, mask, completion, completion_mask, temperature):
+    """Float64: the entropy of softmax(logits / T) at each completion position, from one forward of
+    the prompt + completion (left-padded prompts: explicit position ids, as the decode loops use)."""
+    import copy
+
+    m64 = copy.deepcopy(model).double()
+    full = torch.cat([ids, completion], 1)
+    attention = torch.cat([mask, completion_mask], 1).long()
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = m64(input_ids=full, attention_mask=attention, position_ids=positions).logits
+    z = logits[:, ids.shape[1] - 1: -1] / temperature
+    p = torch.softmax(z, -1)
+    return -(p * p.log()).nan_to_num().sum(-1)
+
+
+@pytest.mark.parametrize("name", ["dynamic", "compact", "static"])
+@pytest.mark.parametrize("temperature", [0.6, None])
+def test_entropy_of_each_drawn_position_against_float64(tiny_tokenizer, name, temperature):
+    """return_entropy=True: the same tokens and log-probabilities as without it (the draws do not
+    move), and at every generated position the entropy of the distribution drawn from (softmax of
+    the logits / T; T = 1 for greedy) matches a float64 forward of prompt + completion."""
+    from rlsc.sampling import completion_mask_from_ids
+
+    tok = tiny_tokenizer
+    model = _model_that_stops(tok, seed=7)
+    ids, mask = _left_padded_batch(tok, ["What is 12 * 7?", "Hi"], 3)
+    kw = dict(max_new_tokens=17, temperature=temperature, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id,
+              sampler=name, return_logp=True)
+    torch.manual_seed(12)
+    plain, plain_logp = decode(model, ids, mask, **kw)
+    torch.manual_seed(12)
+    got, got_logp, ent = decode(model, ids, mask, return_entropy=True, **kw)
+    assert torch.equal(got, plain) and torch.equal(got_logp, plain_logp)
+    assert ent.shape == got.shape and ent.dtype == torch.float32
+    cmask, _ = completion_mask_from_ids(got, [tok.eos_token_id])
+    want = _entropy_oracle(model, ids, mask, got, cmask, 1.0 if temperature is None else temperature)
+    torch.testing.assert_close(ent[cmask].double(), want[cmask], rtol=1e-4, atol=1e-4)
+    assert float(want[cmask].min()) > 0.05   # not a degenerate case: every position has spread
+    torch.manual_seed(12)
+    only_ids, only_ent = decode(model, ids, mask, return_entropy=True, **{**kw, "return_logp": False})
+    assert torch.equal(only_ids, got) and torch.equal(only_ent, ent)
+
+
+def test_sample_and_evaluation_report_the_sampled_entropy(tiny_tokenizer):
+    """sample(entropy=True) sums each completion's position entropies over its mask, leaving the
+    draws as they were; evaluate_problems(token_entropy=True) reports their mean per sampled token
+    (the greedy rows decoded in the same batch are not counted), None without samples."""
+    from rlsc.evaluate import evaluate_problems
+
+    tok = tiny_tokenizer
+    model = make_model(tok, seed=5)
+    problems = [Problem(str(i), f"What is {i} * 3?", str(3 * i), "t") for i in range(3)]
+    kw = dict(template="{question}", num_samples=4, max_new_tokens=12, temperature=0.8, sampler="compact")
+    torch.manual_seed(3)
+    plain = sample(model, tok, problems, **kw)
+    torch.manual_seed(3)
+    r = sample(model, tok, problems, entropy=True, **kw)
+    assert torch.equal(r.completion_ids, plain.completion_ids) and plain.entropy_sum is None
+    want = _entropy_oracle(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, 0.8)
+    torch.testing.assert_close(r.entropy_sum.double(), (want * r.completion_mask).sum(-1), rtol=1e-4, atol=1e-4)
+    assert torch.equal(r.select(slice(1, 3)).entropy_sum, r.entropy_sum[1:3])
+
+    torch.manual_seed(3)
+    samples, _ = sample(model, tok, problems, with_greedy=True, entropy=True, **kw)
+    torch.manual_seed(3)
+    m = evaluate_problems(model, tok, problems, template="{question}", k=4, temperature=0.8, max_new_tokens=12,
+                          batch_questions=3, log=lambda s: None, sampler="compact", token_entropy=True)
+    expected = float(samples.entropy_sum.sum()) / int(samples.completion_lengths.sum())
+    assert m["token_entropy"] == pytest.approx(expected, rel=1e-6)
+    torch.manual_seed(3)
+    assert "token_entropy" not in evaluate_problems(model, tok, problems, template="{question}", k=4, temperature=0.8,
+                                                    max_new_tokens=12, batch_questions=3, log=lambda s: None)
+    greedy_only = evaluate_problems(model, tok, problems, template="{question}", k=0, temperature=0.8,
+                                    max_new_tokens=12, log=lambda s: None, token_entropy=True)
+    assert greedy_only["token_entropy"] is None
