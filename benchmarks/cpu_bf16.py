@@ -8,6 +8,8 @@ Rows (all `linear_rlsc_loss(backend="native", path="single-pass")`, the same inp
   native-bf16         bf16 inputs, native_matmul="bf16": MKL's bf16 GEMMs, fp32 accumulation/outputs
   native-bf16-upcast  bf16 inputs, native_matmul="fp32": the fallback (fp32 GEMMs of upcast inputs)
 Then, untimed, each row's accuracy on the first 2 sequences against float64 on the same values.
+--head-rows R,R,... also times the sampler's head GEMM, bf16 [R, 576] x [49152, 576]^T with fp32
+output: native.bf16_linear against the fp32 GEMM of the same values (median of 50 alternating calls).
 
     python -m benchmarks.cpu_bf16 --rounds 5 --out benchmarks/results/cpu-bf16.json
 """
@@ -88,11 +90,12 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--n-seqs", type=int, default=16)
     ap.add_argument("--note", default="")
+    ap.add_argument("--head-rows", default="", help="comma-separated row counts for the head GEMM timing")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    usable, why = native.bf16_gemm_status()
+    usable, why = native.bf16_gemm_status(default=False)   # the native-bf16 row opts in by native_matmul="bf16"
     if not usable:
         raise SystemExit(f"the bf16 GEMMs are not available here: {why}")
     D, V = HEADS["smollm2-135m"]
@@ -129,13 +132,39 @@ def main(argv=None):
     acc = accuracy(inp, 2)
     for name, a in acc.items():
         print(f"{name} accuracy on 2 x {args.seq_len}: " + ", ".join(f"{k} {v:.2e}" for k, v in a.items()))
-    doc = {"machine": machine(), "bf16_gemm": why, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    head = {int(r): head_gemm(int(r), D, V) for r in args.head_rows.split(",") if r}
+    for r, h in head.items():
+        print(f"head GEMM {r} x {D} x {V}: bf16_linear {h['bf16_linear_ms']:.1f} ms, fp32 {h['fp32_ms']:.1f} ms "
+              f"({h['ratio']:.2f}x)")
+    doc = {"machine": machine(), "bf16_gemm": why, "head_gemm": head, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "versions": _versions(), "commit": git_commit(), "date": datetime.date.today().isoformat(),
            "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "note": args.note, "rounds": args.rounds, "mean_entropy": inp.mean_entropy,
            "temperature": inp.temperature, "results": rows, "accuracy_first_2_seqs": acc}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
+
+
+def head_gemm(rows: int, D: int, V: int, calls: int = 50) -> dict:
+    """Median milliseconds of native.bf16_linear and of the fp32 GEMM of the same bf16 values
+    (weight upcast once, outside the timing), alternating, after 10 warm-up calls of each."""
+    g = torch.Generator().manual_seed(rows)
+    h = torch.randn(rows, D, generator=g).bfloat16()
+    w = (torch.randn(V, D, generator=g) * 0.05).bfloat16()
+    wf = w.float()
+    times = {"bf16_linear": [], "fp32": []}
+    for i in range(calls + 10):
+        s = time.perf_counter()
+        native.bf16_linear(h, w)
+        a = time.perf_counter() - s
+        s = time.perf_counter()
+        h.float() @ wf.T
+        b = time.perf_counter() - s
+        if i >= 10:
+            times["bf16_linear"].append(a)
+            times["fp32"].append(b)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return {"bf16_linear_ms": med["bf16_linear"], "fp32_ms": med["fp32"], "ratio": med["bf16_linear"] / med["fp32"]}
 
 
 if __name__ == "__main__":

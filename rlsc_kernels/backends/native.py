@@ -103,8 +103,9 @@ def bf16_linear(hidden: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Te
     """hidden [M, K] @ weight [N, K]^T as float32 from bf16 CPU operands through MKL's
     cblas_gemm_bf16bf16f32 (products exact, fp32 accumulation and output), or None where that GEMM
     is not usable here (bf16_gemm_status(default=False)) or the inputs are not bf16 CPU matrices.
-    Measured faster than the fp32 GEMM at a sampler's shape on both CPUs it ran on (17 x 576 x
-    49152: 0.78x on an AMD EPYC with AVX512-BF16, benchmarks/results/cpu-bf16-head.md)."""
+    Its point is exactness without an fp32 copy of the weight; its speed against the fp32 GEMM of
+    the same values on an AMD EPYC with AVX512-BF16, idle: 0.77-1.07x at 17 x 576 x 49152 and
+    0.93-0.97x at 136 rows over two runs, about even (benchmarks/results/cpu-bf16.md, AMD section)."""
     if (hidden.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or hidden.device.type != "cpu"
             or weight.device.type != "cpu" or hidden.dim() != 2 or weight.dim() != 2):
         return None
