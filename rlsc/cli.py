@@ -17,9 +17,9 @@ from pathlib import Path
 from .config import RESUME_MODES, RLSCConfig, load_yaml_overrides
 
 #: How long `rlsc demo` / `make demo` takes: one number, from the recorded run in
-#: benchmarks/results/demo-cpu.json (338 s on 2 idle CPU cores at 797f285); the README and --help
+#: benchmarks/results/demo-cpu.json (142 s on 2 idle CPU cores at 54d31ed); the README and --help
 #: quote this string (tests/test_readme.py checks both).
-DEMO_TIME = "about 4 minutes on 2 CPU cores"
+DEMO_TIME = "about 2 minutes on 2 CPU cores"
 #: `rlsc eval --max-new-tokens 0` (its default): the cap by device. On CUDA the paper's cap. On a
 #: CPU a decode step of the embedded model costs about the same for 1 or 17 rows, so the time is
 #: the number of steps, which the longest of a question's 16 samples sets: the paper's cap took
