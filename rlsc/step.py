@@ -15,6 +15,7 @@ called with reduction="sum" and every micro-batch loss is scaled by 1 / S_total.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -59,23 +60,74 @@ class StepStats:
     extra: dict = field(default_factory=dict)
 
 
-def completion_hidden_states(body, rollouts: Rollouts, autocast_dtype=None) -> torch.Tensor:
+def completion_hidden_states(body, rollouts: Rollouts, autocast_dtype=None, share_prompts: bool = False) -> torch.Tensor:
     """Final hidden states [B, L, D] aligned with the completion block: [:, t] predicts completion token t.
 
     The whole sequence (left-padded prompt + completion) runs through the body with explicit
     position ids, so left padding does not shift positions; padding after EOS is masked out of
     attention and never selected afterwards.
+    share_prompts=True runs each distinct prompt of the batch once (a question's samples share
+    it) and the completions on its KV cache, gradients flowing through both (see
+    _shared_prompt_hidden_states); where that does not apply, the whole-sequence forward.
     """
     P = rollouts.prompt_ids.shape[1]
+    amp = (torch.autocast(rollouts.prompt_ids.device.type, dtype=autocast_dtype)
+           if autocast_dtype is not None else contextlib.nullcontext())
+    if share_prompts:
+        hidden = _shared_prompt_hidden_states(body, rollouts, amp)
+        if hidden is not None:
+            return hidden
     input_ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)
     attention_mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1).long()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    amp = (torch.autocast(input_ids.device.type, dtype=autocast_dtype)
-           if autocast_dtype is not None else contextlib.nullcontext())
     with amp:
         out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden[:, P - 1 : P - 1 + rollouts.completion_ids.shape[1]]
+
+
+def _shared_prompt_hidden_states(body, rollouts: Rollouts, amp) -> torch.Tensor | None:
+    """completion_hidden_states with each distinct (prompt, prompt mask) row run once: the U
+    distinct prompts [U, P] go through the body with a KV cache, the cache and the last prompt
+    position's hidden state are copied to the B rows (index_select: their gradients sum back),
+    and the completion block [B, L] runs on that cache with the same position ids and attention
+    mask as the whole-sequence forward, so every row sees the inputs it would there. The same
+    hidden states to rounding (different GEMM shapes), at (U P + B L) / (B (P + L)) of the
+    body's tokens: for 16 samples of one 40-token prompt and 20-token completions, 0.35.
+    None (the caller runs the whole sequence) when no prompt repeats, with activation
+    checkpointing (transformers drops the cache in training), with a sliding-window attention
+    shorter than P + L, or when the body returns no cache."""
+    B, P = rollouts.prompt_ids.shape
+    L = rollouts.completion_ids.shape[1]
+    if B < 2 or L == 0:
+        return None
+    key = torch.cat([rollouts.prompt_ids, rollouts.prompt_mask.long()], dim=1)
+    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if unique.shape[0] == B:
+        return None
+    window = getattr(getattr(body, "config", None), "sliding_window", None)
+    if (window is not None and P + L > window) or any(getattr(m, "gradient_checkpointing", False) for m in body.modules()):
+        return None
+    params = inspect.signature(body.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"   # transformers >= 5.2 spells it "cache"
+    if cache_kw not in params:
+        return None
+    prompt_ids, prompt_mask = unique[:, :P], unique[:, P:]
+    with amp:
+        out = body(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
+                   position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0))
+    cache = out.get(cache_kw) if hasattr(out, "get") else None
+    if cache is None or not hasattr(cache, "reorder_cache"):
+        return None
+    prompt_hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    cache.reorder_cache(inverse)
+    attention_mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1).long()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, P:]
+    with amp:
+        out = body(input_ids=rollouts.completion_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=True, **{cache_kw: cache})
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return torch.cat([prompt_hidden[inverse, P - 1 : P], hidden[:, : L - 1]], dim=1)
 
 
 def _trim(rollouts: Rollouts) -> Rollouts:
@@ -100,14 +152,16 @@ class Scorer:
     the compute dtype of the run (its 16-bit weight copy made once per step, shared by the
     micro-batches), the same adapter the samplers draw from."""
 
-    def __init__(self, model, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, model, autocast_dtype: torch.dtype | None = None, share_prompts: bool = True):
         self.body, _ = body_and_head(model)
         self.head = FusedHead(model, dtype=autocast_dtype, reuse_weight=True)
         self.autocast_dtype = autocast_dtype
+        self.share_prompts = share_prompts   # a question's samples run its prompt once (completion_hidden_states)
 
     def packed(self, mb: Rollouts, mask_truncated: bool = False):
         """(hidden', weight', bias', targets, seq_index) of one micro-batch's completion tokens."""
-        h, y, seq = _packed(completion_hidden_states(self.body, mb, self.autocast_dtype), mb, mask_truncated)
+        hidden = completion_hidden_states(self.body, mb, self.autocast_dtype, share_prompts=self.share_prompts)
+        h, y, seq = _packed(hidden, mb, mask_truncated)
         h, w, b = self.head.inputs(h)
         return h, w, b, y, seq
 

@@ -255,3 +255,70 @@ def test_mask_truncated_drops_cut_off_samples_from_the_loss(tiny_tokenizer):
     keep = ~r.capped
     w = group_weights(torch.randn(len(r)), r.question_index, 0.1, keep)
     assert torch.allclose(w[~keep], torch.full_like(w[~keep], 0.1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_shared_prompt_scoring_equals_the_whole_sequence_forward(tiny_tokenizer, dtype):
+    """completion_hidden_states(share_prompts=True): two questions of different prompt lengths
+    (left padding) x 5 samples, rows ending early and rows at the cap: each prompt runs once, and
+    the hidden states and the parameters' gradients of a loss on them equal the whole-sequence
+    forward's to rounding (relative to each tensor's largest entry)."""
+    from rlsc.step import _shared_prompt_hidden_states, completion_hidden_states
+    from rlsc.models import body_and_head
+
+    tok = tiny_tokenizer
+    model = make_model(tok, seed=3).to(dtype)
+    torch.manual_seed(2)
+    problems = [Problem("a", "What is 12 * 7?", "", "t"), Problem("b", "Hi: is 3 + 4 more than 9, or less?", "", "t")]
+    r = sample(model, tok, problems, template="{question}", num_samples=5, max_new_tokens=10, temperature=0.9)
+    r.completion_ids[1, 3] = r.completion_ids[6, 0] = tok.eos_token_id   # one short row, one EOS-only row
+    mask, r.capped = completion_mask_from_ids(r.completion_ids, [tok.eos_token_id])
+    r.completion_ids, r.completion_mask = r.completion_ids.masked_fill(~mask, tok.pad_token_id), mask
+    assert (~r.prompt_mask[:5]).any() and r.prompt_mask[5:].all()       # the first question is left-padded
+    assert mask.sum(-1).min() == 1 and mask.sum(-1).max() == 10 and len(r) == 10
+    body, _ = body_and_head(model)
+    calls = []
+    hook = body.register_forward_pre_hook(lambda m, a, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        calls.clear()
+        h = completion_hidden_states(body, r, share_prompts=share)
+        (h * torch.linspace(-1, 1, h.shape[-1], dtype=dtype)).sum().backward()
+        results.append((h.detach(), [p.grad.clone() for p in model.parameters()], list(calls)))
+    hook.remove()
+    (h_full, g_full, c_full), (h_shared, g_shared, c_shared) = results
+    P, L = r.prompt_ids.shape[1], r.completion_ids.shape[1]
+    assert c_full == [(10, P + L)] and c_shared == [(2, P), (10, L)]
+    # float64 up to transformers' RMSNorm, which computes in float32 whatever the model's dtype:
+    # the prompt's gradients summed over its 5 rows before that norm's backward, not after, round
+    # differently (measured 3e-8 of the largest entry; a wrong position or mask is O(1))
+    tol = 1e-6 if dtype == torch.float64 else 2e-5
+    assert (h_shared - h_full).abs().max() <= tol * h_full.abs().max()
+    for a, b in zip(g_shared, g_full):
+        assert (a - b).abs().max() <= tol * b.abs().max()
+    assert _shared_prompt_hidden_states(body, r.select(slice(0, 10, 5)), torch.autocast("cpu", enabled=False)) is None
+
+
+def test_shared_prompt_scoring_under_bf16_autocast_and_its_fallbacks(tiny_tokenizer):
+    """Under bf16 autocast the shared forward stays within the whole-sequence forward's own bf16
+    error (against float64); with activation checkpointing it falls back to the whole sequence."""
+    from rlsc.models import enable_activation_checkpointing
+    from rlsc.step import _shared_prompt_hidden_states, completion_hidden_states
+    from rlsc.models import body_and_head
+
+    tok = tiny_tokenizer
+    model = make_model(tok, seed=4)
+    r = _rollouts(model, tok, max_new_tokens=12)
+    ref = completion_hidden_states(body_and_head(copy.deepcopy(model).double())[0], r)
+    body, _ = body_and_head(model)
+    with torch.no_grad():
+        full = completion_hidden_states(body, r, torch.bfloat16).double()
+        shared = completion_hidden_states(body, r, torch.bfloat16, share_prompts=True).double()
+    mask = r.completion_mask
+    err_full = (full - ref)[mask].abs().max()
+    err_shared = (shared - ref)[mask].abs().max()
+    assert err_full > 0 and err_shared <= 2 * err_full + 1e-3, (err_shared, err_full)
+    model.train()
+    enable_activation_checkpointing(model)
+    assert _shared_prompt_hidden_states(body, r, torch.autocast("cpu", enabled=False)) is None
