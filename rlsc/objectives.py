@@ -268,7 +268,7 @@ def make_update(objective: str, tokenizer, guard=None):
             stats = rlsc_update(model, optimizer, rollouts, opts, scores=True)
             stats.extra.update(diagnostics(stats.extra.pop("scores"), agreement, opts.alpha))
             return stats
-        scorer = Scorer(model, opts.autocast_dtype)
+        scorer = Scorer(model, opts.autocast_dtype, share_prompts=opts.share_prompts)
         scores = score_rollouts(scorer, rollouts, opts)
         diag = diagnostics(scores, agreement, opts.alpha)
         reason = guard.check(diag) if guard is not None else None

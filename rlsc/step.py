@@ -44,6 +44,7 @@ class LossOptions:
     autocast_dtype: torch.dtype | None = None
     sampler: str = "auto"        # decode loop of rlsc.sampling.sample
     mask_truncated: bool = False # completions cut off at the cap get no tokens in the loss
+    share_prompts: bool = False  # score each distinct prompt once (completion_hidden_states); opt-in, see docs/design.md
 
 
 @dataclass
@@ -120,14 +121,27 @@ def _shared_prompt_hidden_states(body, rollouts: Rollouts, amp) -> torch.Tensor 
     if cache is None or not hasattr(cache, "reorder_cache"):
         return None
     prompt_hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    cache.reorder_cache(inverse)
+    layers = getattr(cache, "layers", None)
+    if layers and all(isinstance(getattr(layer, "keys", None), torch.Tensor) for layer in layers):
+        for layer in layers:   # copied through float32: the backward sums a prompt's row gradients in fp32, not bf16
+            layer.keys, layer.values = _rows(layer.keys, inverse), _rows(layer.values, inverse)
+    else:
+        cache.reorder_cache(inverse)
     attention_mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1).long()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, P:]
     with amp:
         out = body(input_ids=rollouts.completion_ids, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=True, **{cache_kw: cache})
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return torch.cat([prompt_hidden[inverse, P - 1 : P], hidden[:, : L - 1]], dim=1)
+    return torch.cat([_rows(prompt_hidden[:, P - 1 : P], inverse), hidden[:, : L - 1]], dim=1)
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] along dim 0 in x's dtype, gathered in float32 for 16-bit x so that its backward
+    (an index_add over the rows that share an entry) accumulates in float32."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return x.float().index_select(0, index).to(x.dtype)
+    return x.index_select(0, index)
 
 
 def _trim(rollouts: Rollouts) -> Rollouts:
@@ -152,7 +166,7 @@ class Scorer:
     the compute dtype of the run (its 16-bit weight copy made once per step, shared by the
     micro-batches), the same adapter the samplers draw from."""
 
-    def __init__(self, model, autocast_dtype: torch.dtype | None = None, share_prompts: bool = True):
+    def __init__(self, model, autocast_dtype: torch.dtype | None = None, share_prompts: bool = False):
         self.body, _ = body_and_head(model)
         self.head = FusedHead(model, dtype=autocast_dtype, reuse_weight=True)
         self.autocast_dtype = autocast_dtype
@@ -193,7 +207,7 @@ def check_head_matches_forward(model, input_ids: torch.Tensor, autocast_dtype: t
 @torch.no_grad()
 def sequence_logprobs(model, rollouts: Rollouts, opts: LossOptions, scorer: Scorer | None = None) -> torch.Tensor:
     """L_s for every sample [S] float32 (no graph), micro-batched: the input of group weights."""
-    scorer = scorer or Scorer(model, opts.autocast_dtype)
+    scorer = scorer or Scorer(model, opts.autocast_dtype, share_prompts=opts.share_prompts)
     out = []
     for start in range(0, len(rollouts), opts.micro_batch_size):
         mb = _trim(rollouts.select(slice(start, start + opts.micro_batch_size)))
@@ -271,7 +285,7 @@ def rlsc_update(model, optimizer, rollouts: Rollouts, opts: LossOptions, *, scor
     A non-finite loss or gradient norm skips the update (gradients dropped, optimizer untouched)
     and returns stats with skipped=True. opts.mask_truncated: samples cut off at the cap have no
     tokens in the loss (their L_s reads 0 in the stats); the loss keeps its 1 / S normalisation."""
-    scorer = Scorer(model, opts.autocast_dtype)
+    scorer = Scorer(model, opts.autocast_dtype, share_prompts=opts.share_prompts)
     S_total = len(rollouts)
     external = None
     if opts.weighting == "group":
