@@ -78,9 +78,13 @@ def prepare_for_training(loaded: Loaded, cfg: RLSCConfig, log=log_to_stderr) -> 
 
 
 def build_optimizer(model, cfg: RLSCConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, with the multi-tensor (foreach) implementation on every
+    device: torch picks it by default on CUDA only; on a CPU it is bitwise the per-parameter loop's
+    update and took 0.45 s per step of the embedded model against 0.6-1.0 s (2-core AMD EPYC).
+    (The fused CPU kernel, 0.08 s, rounds differently and is not used.)"""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                             weight_decay=cfg.weight_decay)
+                             weight_decay=cfg.weight_decay, foreach=True)
 
 
 def loss_options(cfg: RLSCConfig, loaded: Loaded) -> LossOptions:

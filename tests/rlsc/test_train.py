@@ -192,3 +192,29 @@ def test_demo_writes_the_table_and_plots_the_before_after_evaluation(tiny_model_
     assert (out / "before_after.png").stat().st_size > 1000 and (out / "training_curves.png").is_file()
     assert "->" in (out / "results.md").read_text()
     assert "before_after.png" in capsys.readouterr().out
+
+
+def test_the_optimizer_is_adamw_foreach_and_bitwise_the_per_parameter_loop(tiny_tokenizer):
+    """build_optimizer takes AdamW's multi-tensor implementation on a CPU too (torch's default there
+    is the per-parameter loop); three steps with weight decay give the loop's weights bit for bit."""
+    import copy
+
+    from conftest import make_model
+    from rlsc.train import build_optimizer
+
+    cfg = RLSCConfig(lr=1e-3, weight_decay=0.01)
+    a = make_model(tiny_tokenizer, seed=2)
+    b = copy.deepcopy(a)
+    opt_a = build_optimizer(a, cfg)
+    opt_b = torch.optim.AdamW([p for p in b.parameters() if p.requires_grad], lr=cfg.lr, eps=cfg.adam_eps,
+                              betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, foreach=False)
+    assert opt_a.defaults["foreach"] is True and isinstance(opt_a, torch.optim.AdamW)
+    torch.manual_seed(0)
+    for _ in range(3):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            pa.grad = torch.randn_like(pa)
+            pb.grad = pa.grad.clone()
+        opt_a.step()
+        opt_b.step()
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(next(a.parameters()), next(make_model(tiny_tokenizer, seed=2).parameters()))
