@@ -353,3 +353,31 @@ def test_share_prompts_option_gives_the_same_update(tiny_tokenizer, autocast_dty
             assert (g_sh - g_def).abs().max() <= 1e-5 * scale
         else:
             assert (g_sh - g_ref).abs().max() <= 2 * (g_def - g_ref).abs().max() + 1e-3 * scale
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt", "gemma2-softcap", "cohere-scaled"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa", "fa2-emulation"])
+def test_shared_prompt_scoring_across_families_and_attention(family, attention):
+    """The shared-prompt forward against the whole-sequence one in fp32 for every family and
+    attention implementation the on-policy tests cover (FlashAttention-2's masking emulated on
+    CPU), two left-padded questions x 3 samples: the same completion hidden states to rounding."""
+    import fa2_emulation
+    from test_on_policy import PROBLEMS, build
+
+    from conftest import make_tokenizer
+    from rlsc.models import body_and_head
+    from rlsc.step import _shared_prompt_hidden_states, completion_hidden_states, train_mode_without_dropout
+
+    tok = make_tokenizer()
+    model = build(family, fa2_emulation.NAME if attention == "fa2-emulation" else attention, tok)
+    torch.manual_seed(1)
+    r = sample(model, tok, PROBLEMS, template="{question}", num_samples=3, max_new_tokens=8, temperature=0.7)
+    assert (~r.prompt_mask).any()   # left padding in the batch
+    train_mode_without_dropout(model)
+    body, _ = body_and_head(model)
+    with torch.no_grad():
+        full = completion_hidden_states(body, r)
+        shared = _shared_prompt_hidden_states(body, r, torch.autocast("cpu", enabled=False))
+    assert shared is not None, f"{family} fell back to the whole-sequence forward"
+    m = r.completion_mask
+    assert (shared - full)[m].abs().max() <= 1e-5 * full[m].abs().max(), family
