@@ -94,7 +94,7 @@ def _shared_prompt_hidden_states(body, rollouts: Rollouts, amp) -> torch.Tensor 
     and the completion block [B, L] runs on that cache with the same position ids and attention
     mask as the whole-sequence forward, so every row sees the inputs it would there. The same
     hidden states to rounding (different GEMM shapes), at (U P + B L) / (B (P + L)) of the
-    body's tokens: for 16 samples of one 40-token prompt and 20-token completions, 0.35.
+    body's tokens: for 16 samples of one 40-token prompt and 20-token completions, 0.38.
     None (the caller runs the whole sequence) when no prompt repeats, with activation
     checkpointing (transformers drops the cache in training), with a sliding-window attention
     shorter than P + L, or when the body returns no cache."""
