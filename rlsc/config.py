@@ -63,6 +63,7 @@ class RLSCConfig:
     eval_split: str = _f("test", "Held-out split for --eval-every.", TRAIN)
     eval_max_questions: int = _f(0, "Evaluate --eval-every on the first N held-out questions (0 = all).", TRAIN)
     mask_truncated: bool = _f(False, "Leave completions cut off at max_new_tokens out of the loss (no tokens scored, no gradient; the loss keeps its 1/S), as TRL's mask_truncated_completions; default: kept at full weight, flagged in frac_capped.", TRAIN)
+    share_prompts: bool = _f(False, "Thin engine: score each question's prompt once and its samples' completions on its KV cache (the same gradients to rounding, fewer body tokens); opt-in: docs/design.md, section 8.", TRAIN)
     filter_eps: str = _f("auto", "Gradient filtering threshold of the fused op: 'auto', 'exact' (none), or a positive number.", TRAIN)
     backend: str = _f("auto", f"Backend of rlsc_kernels: {', '.join(BACKENDS)} (auto: Triton on CUDA, the native C++ backend on CPU, PyTorch where it is not built).", TRAIN)
     # --- optimisation ------------------------------------------------------------------------
@@ -188,6 +189,8 @@ def _field_problems(cfg: "RLSCConfig", command: str):
     yield from one_of("vllm_mode", VLLM_MODES)
     if "vllm_mode" in used and cfg.vllm_mode != "off" and cfg.engine != "trl":
         yield bad("vllm_mode", "off unless --engine trl (only the TRL engine generates with vLLM)")
+    if "share_prompts" in used and cfg.share_prompts and cfg.engine == "trl":
+        yield bad("share_prompts", "off with --engine trl (its scoring keeps the whole-sequence forward)")
     if not (cfg.device in ("auto", "cpu", "cuda") or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit())):
         yield bad("device", "auto, cpu, cuda or cuda:N")
     if "filter_eps" in used:

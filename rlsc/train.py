@@ -91,7 +91,7 @@ def loss_options(cfg: RLSCConfig, loaded: Loaded) -> LossOptions:
     return LossOptions(temperature=cfg.temperature, alpha=cfg.alpha, weighting=cfg.weighting,
                        filter_eps=parse_filter_eps(cfg.filter_eps), backend=cfg.backend, micro_batch_size=cfg.micro_batch_size,
                        max_grad_norm=cfg.max_grad_norm, autocast_dtype=loaded.autocast_dtype,
-                       sampler=cfg.sampler, mask_truncated=cfg.mask_truncated)
+                       sampler=cfg.sampler, mask_truncated=cfg.mask_truncated, share_prompts=cfg.share_prompts)
 
 
 def prompts_for_step(problems: list[Problem], step: int, k: int, seed: int) -> list[Problem]:

@@ -218,3 +218,25 @@ def test_the_optimizer_is_adamw_foreach_and_bitwise_the_per_parameter_loop(tiny_
         opt_b.step()
     assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))
     assert not torch.equal(next(a.parameters()), next(make_model(tiny_tokenizer, seed=2).parameters()))
+
+
+def test_share_prompts_flag_reaches_the_step_and_is_refused_for_the_trl_engine(tiny_model_dir, tiny_prompts, tmp_path,
+                                                                                monkeypatch):
+    """--share-prompts: the thin engine's step scores through the shared-prompt forward (two body
+    calls where a micro-batch repeats a prompt), with the same loss and log-probs as without it to
+    fp32 rounding on the first step (same rollouts); --engine trl refuses it."""
+    import rlsc.step as step_mod
+
+    seen = []
+    real = step_mod._shared_prompt_hidden_states
+    monkeypatch.setattr(step_mod, "_shared_prompt_hidden_states", lambda *a: seen.append(1) or real(*a))
+    rows = {}
+    for share in (False, True):
+        cfg = tiny_config(tiny_model_dir, tiny_prompts, tmp_path / str(share), steps=1, share_prompts=share)
+        train(cfg, log=lambda m: None)
+        rows[share] = _rows(tmp_path / str(share) / "metrics.jsonl")[0]
+    assert len(seen) == 3   # one call per micro-batch with share_prompts, none without
+    for key in ("loss", "mean_seq_logp", "mean_weight", "mean_token_entropy"):
+        assert rows[True][key] == pytest.approx(rows[False][key], rel=1e-5, abs=1e-6), key
+    with pytest.raises(ValueError, match="--share-prompts"):
+        RLSCConfig(engine="trl", share_prompts=True).validate("train")
