@@ -184,13 +184,14 @@ def _prefill(step, prompt_ids, prompt_mask, prompt_rows):
     return logits, past, attention, positions
 
 
-def _ancestral(logits, advance, finished, eos, *, max_new_tokens, greedy, pad_id, return_logp, return_entropy):
-    """The token loop every full-batch sampler shares: draw from `logits`, pad rows that already
-    ended, stop at the cap or when every row has an EOS, else logits = advance(i, token) (the
-    loop's own forward of the drawn tokens). `finished` [B] bool is updated in place."""
+def _ancestral(logits, advance, finished, eos, *, max_new_tokens, greedy, pad_id, return_logp, return_entropy,
+               greedy_rows=None):
+    """The token loop every sampler shares: draw from `logits` (argmax on greedy_rows), pad rows
+    that already ended, stop at the cap or when every row has an EOS, else logits = advance(i,
+    token) (the loop's own forward of the drawn tokens). `finished` [B] bool is updated in place."""
     tokens, logps, ents = [], [], [] if return_entropy else None
     for i in range(max_new_tokens):
-        token, logp, ent = _draw(logits, greedy, entropy=return_entropy)
+        token, logp, ent = _draw(logits, greedy, greedy_rows, entropy=return_entropy)
         token = token.masked_fill(finished, pad_id)
         tokens.append(token)
         logps.append(logp)
@@ -241,26 +242,21 @@ def _compact_loop(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature
     logits = logits.clone()
     active = torch.arange(B, device=device)            # rows of the full batch still in the cache
     next_position = positions[:, -1:] + 1
-    tokens, logps, ents = [], [], [] if return_entropy else None
-    for i in range(max_new_tokens):
-        token, logp, ent = _draw(logits, temperature is None, greedy_rows, entropy=return_entropy)
-        token = token.masked_fill(finished, pad_id)
-        tokens.append(token)
-        logps.append(logp)
-        if ents is not None:
-            ents.append(ent)
-        finished |= torch.isin(token, eos)
-        if i + 1 == max_new_tokens or bool(finished.all()):
-            break
+
+    def advance(i, token):
+        nonlocal active, attention, next_position, past
         keep = (~finished[active]).nonzero().squeeze(-1)
         if keep.numel() < active.numel():               # drop the rows that just finished
             past.batch_select_indices(keep)
             active, attention, next_position = active[keep], attention[keep], next_position[keep]
         attention = torch.cat([attention, torch.ones(active.numel(), 1, dtype=attention.dtype, device=device)], 1)
         row_logits, past = step(token[active, None], attention, next_position, past)
-        logits[active] = row_logits
+        logits[active] = row_logits                     # finished rows keep their last logits
         next_position = next_position + 1
-    return _finish(tokens, logps, return_logp, ents)
+        return logits
+
+    return _ancestral(logits, advance, finished, eos, max_new_tokens=max_new_tokens, greedy=temperature is None,
+                      greedy_rows=greedy_rows, pad_id=pad_id, return_logp=return_logp, return_entropy=return_entropy)
 
 
 def _compute_dtype(model) -> torch.dtype:
