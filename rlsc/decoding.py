@@ -42,7 +42,7 @@ import torch
 
 from rlsc_kernels.integrations.transformers import FusedHead
 
-from .models import body_and_head
+from .models import body_and_head, cache_keyword
 
 SAMPLERS = ("auto", "dynamic", "static", "compact")
 CACHE_BUCKET = 256  # static caches are sized in multiples of this, so varying prompt lengths reuse one graph
@@ -65,9 +65,8 @@ class _Stepper:
         self.body, _ = body_and_head(model)
         self.head = FusedHead(model, reuse_weight=True)   # under the caller's autocast: its compute dtype
         self.temperature = 1.0 if temperature is None else temperature
-        params = set(inspect.signature(self.body.forward).parameters)
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.takes_cache_position = "cache_position" in params
+        self.cache_kw = cache_keyword(self.body) or "past_key_values"
+        self.takes_cache_position = "cache_position" in inspect.signature(self.body.forward).parameters
 
     def __call__(self, input_ids, attention_mask, position_ids, cache, *, fn=None, cache_position=None):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import inspect
 import os
 import re
 import shutil
@@ -278,6 +279,13 @@ def body_and_head(model):
     if head is None or body is None:
         raise NotImplementedError(f"cannot find the decoder body and lm_head of {type(base).__name__}")
     return body, head
+
+
+def cache_keyword(body) -> str | None:
+    """The keyword under which `body`'s forward takes (and its output returns) the KV cache:
+    "cache" (transformers >= 5.2), "past_key_values" (earlier), or None when it takes neither."""
+    params = inspect.signature(body.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
 def disable_dropout(model) -> int:

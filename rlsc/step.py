@@ -15,7 +15,6 @@ called with reduction="sum" and every micro-batch loss is scaled by 1 / S_total.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from rlsc_kernels.integrations.transformers import FusedHead
 from rlsc_kernels.integrations.transformers import check_head_matches_forward as _library_head_check
 
 from .data import Problem
-from .models import body_and_head, disable_dropout
+from .models import body_and_head, cache_keyword, disable_dropout
 from .sampling import Rollouts, sample
 
 
@@ -109,9 +108,8 @@ def _shared_prompt_hidden_states(body, rollouts: Rollouts, amp) -> torch.Tensor 
     window = getattr(getattr(body, "config", None), "sliding_window", None)
     if (window is not None and P + L > window) or any(getattr(m, "gradient_checkpointing", False) for m in body.modules()):
         return None
-    params = inspect.signature(body.forward).parameters
-    cache_kw = "cache" if "cache" in params else "past_key_values"   # transformers >= 5.2 spells it "cache"
-    if cache_kw not in params:
+    cache_kw = cache_keyword(body)
+    if cache_kw is None:
         return None
     prompt_ids, prompt_mask = unique[:, :P], unique[:, P:]
     with amp:
