@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 
 from rlsc_kernels.integrations.transformers import add_fused_lm_head  # noqa: E402
 from tests.integrations.models import batch, tiny_model  # noqa: E402
+from tests.worker_exit import exit_after_success  # noqa: E402
 
 
 def main():
@@ -67,10 +68,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    # Every check passed and its result is written: leave without the interpreter's teardown. Ranks
-    # of these gloo workers have aborted there after reporting success ("terminate called without
-    # an active exception": a torch.distributed C++ thread still joinable when static destructors
-    # run), which fails the launcher; a barrier before destroy_process_group did not prevent it.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_after_success()

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from rlsc.config import RLSCConfig  # noqa: E402
+from tests.worker_exit import exit_after_success  # noqa: E402
 from rlsc.sampling import Rollouts, chat_prompt  # noqa: E402
 from rlsc.objectives import make_update  # noqa: E402
 from rlsc.step import LossOptions, rlsc_update, train_mode_without_dropout  # noqa: E402
@@ -276,10 +277,4 @@ if __name__ == "__main__":
         fsdp_main(sys.argv[1], sys.argv[2] == "fsdp-head")
     else:
         main(sys.argv[1], sys.argv[2].split(","))
-    # Every check passed and its result is written: leave without the interpreter's teardown. Ranks
-    # of these gloo workers have aborted there after reporting success ("terminate called without
-    # an active exception": a torch.distributed C++ thread still joinable when static destructors
-    # run), which fails the launcher; a barrier before destroy_process_group did not prevent it.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_after_success()

@@ -18,6 +18,9 @@ import torch.distributed as dist
 
 import rlsc_kernels as rk
 
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+from tests.worker_exit import exit_after_success  # noqa: E402
+
 ENTROPY_WEIGHT = 0.3
 
 
@@ -128,10 +131,4 @@ def main(cases_path: str, out_path: str) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main(sys.argv[1], sys.argv[2])
-    # Every check passed and its result is written: leave without the interpreter's teardown. Ranks
-    # of these gloo workers have aborted there after reporting success ("terminate called without
-    # an active exception": a torch.distributed C++ thread still joinable when static destructors
-    # run), which fails the launcher; a barrier before destroy_process_group did not prevent it.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_after_success()
