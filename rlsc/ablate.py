@@ -31,6 +31,7 @@ cell (the trainer still writes its one end-of-run weights checkpoint there, ~0.5
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -82,8 +83,11 @@ PRESETS = {
         "output_dir": "benchmarks/results/label-free-embedded-cells",
         "results": "benchmarks/results/label-free-embedded",
         "set": {"precision": "fp32"},
+        "title": "Label-free objectives: RLSC and its siblings against the untrained model",
     },
 }
+#: the report's heading when no preset names one
+DEFAULT_TITLE = "RLSC ablation: which weighting"
 #: a trained seed "collapsed" when its pass@1 is below this fraction of the untrained (base) mean pass@1
 COLLAPSE_FRACTION = 0.5
 
@@ -234,7 +238,25 @@ def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
     return mean, sd
 
 
-def build_report(out_dir: Path, results_prefix: Path) -> dict:
+def permutation_p(xs: list[float], ys: list[float]) -> float | None:
+    """Exact two-sided permutation p-value for a difference in means between two small samples:
+    the share of the ways to split the pooled values into groups of len(xs) and len(ys) whose
+    difference in means is at least as large in size as the observed one. None with fewer than
+    two values in either sample (a single seed says nothing about spread) or over 20 in all."""
+    if len(xs) < 2 or len(ys) < 2 or len(xs) + len(ys) > 20:
+        return None
+    pooled, n = xs + ys, len(xs)
+    total = sum(pooled)
+    observed = abs(sum(xs) / n - sum(ys) / len(ys))
+    hits = count = 0
+    for idx in itertools.combinations(range(len(pooled)), n):
+        a = sum(pooled[i] for i in idx)
+        hits += abs(a / n - (total - a) / len(ys)) >= observed - 1e-12
+        count += 1
+    return hits / count
+
+
+def build_report(out_dir: Path, results_prefix: Path, title: str = DEFAULT_TITLE) -> dict:
     """Aggregates the cells under out_dir into results_prefix.{json,md,png}; returns the JSON."""
     cells = [c for p in sorted((out_dir / "cells").glob("*/*/seed*.json")) if (c := read_cell(p)) is not None]
     if not cells:
@@ -254,8 +276,11 @@ def build_report(out_dir: Path, results_prefix: Path) -> dict:
         for key in keys:
             row[key], row[key + "_sd"] = _mean_sd([m.get(key) for m in ms])
         row["maj@k"], row["maj@k_sd"] = _mean_sd([m.get(f"maj@{k}") for m in ms])
+        row["per_seed_pass@1"] = [c["metrics"].get("pass@1") for c in sorted(group, key=lambda c: c["seed"])]
         row["collapsed"] = None
         base = [c["metrics"].get("pass@1") for c in cells if c["task"] == task and c["method"] == "base"]
+        row["p_vs_base"] = (permutation_p(row["per_seed_pass@1"], base) if method != "base" and base
+                            and None not in base and None not in row["per_seed_pass@1"] else None)
         if group[0].get("trains") and base and all(b is not None for b in base):
             limit = COLLAPSE_FRACTION * sum(base) / len(base)
             row["collapsed"] = sum(m.get("pass@1", 0.0) < limit for m in ms)
@@ -267,7 +292,7 @@ def build_report(out_dir: Path, results_prefix: Path) -> dict:
     machines = sorted({c["machine"] for c in cells})
     cell_seconds = round(sum(c["train_seconds"] + c["eval_seconds"] for c in cells), 1)
     runs = [json.loads(line) for line in open(out_dir / "runs.jsonl")] if (out_dir / "runs.jsonl").is_file() else []
-    report = {"rows": rows, "verdicts": verdicts, "cells": len(cells), "commits": commits, "machines": machines,
+    report = {"title": title, "rows": rows, "verdicts": verdicts, "cells": len(cells), "commits": commits, "machines": machines,
               "cell_seconds": cell_seconds, "wall_seconds": round(sum(r["wall_seconds"] for r in runs), 1),
               "fields": list(ROW_FIELDS)}
     results_prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -307,14 +332,18 @@ def _fmt(mean, sd) -> str:
 
 
 def format_report(report: dict) -> str:
-    lines = ["# RLSC ablation: which weighting", "",
+    lines = [f"# {report.get('title', DEFAULT_TITLE)}", "",
              f"{report['cells']} cells; commit(s) {', '.join(report['commits'])}; machine(s) {'; '.join(report['machines'])}; "
              f"cell time {report['cell_seconds']:.0f}s (sum over cells), worker time {report['wall_seconds']:.0f}s "
              "(sum over the runs of `rlsc ablate` and its --jobs workers, which overlap in time).", "",
              "Each entry: mean ± sample standard deviation over seeds (no ± with one seed). Held-out test split; "
              "greedy rows count the greedy answer as all k samples; token entropy in nats at the row's temperature. "
-             "The paper's weighting at alpha 0 is the rlsc-l1 row (w = p_old + 0 = p_old). collapsed: trained seeds "
-             f"whose pass@1 fell below {COLLAPSE_FRACTION} x the untrained (base) mean pass@1.", ""]
+             + ("The paper's weighting at alpha 0 is the rlsc-l1 row (w = p_old + 0 = p_old). "
+                if any(r["method"] == "rlsc-l1" for r in report["rows"]) else "")
+             + f"collapsed: trained seeds whose pass@1 fell below {COLLAPSE_FRACTION} x the untrained (base) mean pass@1. "
+             "p vs base: exact two-sided permutation test of the difference in mean pass@1 from the base row over "
+             "seeds (the smallest possible with 5 seeds against 5 is 2/252 = 0.008); per seed: pass@1 of seeds "
+             "0, 1, 2, ... in order.", ""]
     for task in dict.fromkeys(r["task"] for r in report["rows"]):
         rows = [r for r in report["rows"] if r["task"] == task]
         passes = sorted({key for r in rows for key in r if key.startswith("pass@") and not key.endswith("_sd")},
@@ -323,7 +352,13 @@ def format_report(report: dict) -> str:
         lines += [f"## {task}", "", "| method | seeds | T | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
         for r in rows:
             cells = [_fmt(r.get(c), r.get(c + "_sd")) for c in cols]
-            lines.append(f"| {r['method']} | {len(r['seeds'])} | {r['settings']['temperature']} | " + " | ".join(cells) + " |")
+            t = "greedy" if r["method"] == "greedy" else r["settings"]["temperature"]
+            lines.append(f"| {r['method']} | {len(r['seeds'])} | {t} | " + " | ".join(cells) + " |")
+        lines += ["", "| method | pass@1 per seed | p vs base |", "|---|---|---|"]
+        for r in rows:
+            per_seed = " / ".join("-" if v is None else f"{v:.2f}" for v in r.get("per_seed_pass@1", []))
+            p = r.get("p_vs_base")
+            lines.append(f"| {r['method']} | {per_seed} | {'-' if p is None else f'{p:.3f}'} |")
         lines.append("")
         v = report.get("verdicts", {}).get(task)
         if v:
@@ -501,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
                              all_seeds=args.all_seeds, main=main_methods)
             if args.no_report:
                 return 0
-        report = build_report(out_dir, results)
+        report = build_report(out_dir, results, PRESETS[args.preset].get("title", DEFAULT_TITLE) if args.preset
+                              else DEFAULT_TITLE)
         print(format_report(report))
         return 0
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:

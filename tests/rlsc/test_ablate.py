@@ -1,6 +1,7 @@
 """`rlsc ablate` on a tiny random Llama: cells written atomically, a rerun resumes, the report's fields."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -8,7 +9,7 @@ import os
 import pytest
 
 from rlsc import cli
-from rlsc.ablate import METHODS, ROW_FIELDS, build_report, cell_path, run_ablation
+from rlsc.ablate import METHODS, ROW_FIELDS, build_report, cell_path, permutation_p, run_ablation
 
 TINY = {"max_new_tokens": 6, "k": 4, "num_samples": 3, "steps": 1, "micro_batch_size": 3, "lr": 1e-3,
         "filter_eps": "exact"}
@@ -197,7 +198,27 @@ def test_report_counts_collapsed_seeds_against_the_untrained_row(tmp_path):
     report = build_report(tmp_path, tmp_path / "r")
     rows = {r["method"]: r for r in report["rows"]}
     assert rows["rlsc"]["collapsed"] == 2 and rows["base"]["collapsed"] is None  # 0.01, 0.19 < 0.5 * 0.4
-    assert "| 2 |" in (tmp_path / "r.md").read_text()
+    assert rows["rlsc"]["per_seed_pass@1"] == [0.5, 0.01, 0.19] and rows["base"]["p_vs_base"] is None
+    # of the 20 ways to split the six values 3 + 3, a difference in means of at least |0.2333 - 0.4| needs
+    # a group summing to >= 1.2 or <= 0.7: the three 0.4s (1 way), two 0.4s with 0.5 (3), one 0.4 with
+    # 0.01 and 0.19 (3), and 0.5, 0.01, 0.19 (1)
+    assert rows["rlsc"]["p_vs_base"] == 8 / 20
+    md = (tmp_path / "r.md").read_text()
+    assert "| 2 |" in md and "| rlsc | 0.50 / 0.01 / 0.19 |" in md
+
+
+def test_permutation_p_counts_the_splits_at_least_as_extreme():
+    # 1, 2, 3 against 4, 5, 6: of the C(6, 3) = 20 splits only the observed one and its mirror
+    # reach a difference in means of 3
+    assert permutation_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == 2 / 20
+    assert permutation_p([0.3, 0.3], [0.3, 0.3]) == 1.0
+    # 5 seeds against 5: the smallest p-value possible, 2 of C(10, 5) = 252
+    assert permutation_p([0.9] * 5, [0.1, 0.2, 0.3, 0.2, 0.1]) == 2 / 252
+    xs, ys = [0.05, 0.47, 0.21, 0.61, 0.49], [0.29, 0.24, 0.24, 0.28, 0.26]
+    brute = [abs(sum(a) / 5 - (sum(xs + ys) - sum(a)) / 5) for a in itertools.combinations(xs + ys, 5)]
+    observed = abs(sum(xs) / 5 - sum(ys) / 5)
+    assert permutation_p(xs, ys) == sum(d >= observed - 1e-12 for d in brute) / len(brute)
+    assert permutation_p([0.5], [0.1, 0.2]) is None and permutation_p([0.5] * 11, [0.1] * 10) is None
 
 
 def test_lora_cells_run_one_after_another(tiny_model_dir, tiny_prompts, tmp_path):
