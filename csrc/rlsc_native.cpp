@@ -103,6 +103,42 @@ RLSC_INLINE float from_bf16(uint16_t b) {
   return x;
 }
 
+// One block of at most kSumBlock entries of a row, in the working precision: tmp[j] = e =
+// exp(in[j] * inv_t - m), bs = sum of e and (want_mean_z) ba = sum of e (z - m). target indexes the
+// row's target inside the block, or -1: its e goes to e_target and leaves tmp and bs (ba keeps it),
+// the block summed again without it. Shared by the float/double forward and the bf16 forward.
+template <typename scalar_t>
+RLSC_INLINE void exp_block(const scalar_t* in, int64_t len, scalar_t inv_t, scalar_t m, bool want_mean_z,
+                           int64_t target, scalar_t* tmp, scalar_t& bs, scalar_t& ba, scalar_t& e_target) {
+  scalar_t s = 0, sa = 0;
+  if (want_mean_z) {
+#pragma omp simd reduction(+ : s, sa)
+    for (int64_t j = 0; j < len; ++j) {
+      const scalar_t zs = in[j] * inv_t - m;
+      const scalar_t e = exp_nonpositive(zs);
+      tmp[j] = e;
+      s += e;
+      sa += e * zs;
+    }
+  } else {
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < len; ++j) {
+      const scalar_t e = exp_nonpositive(in[j] * inv_t - m);
+      tmp[j] = e;
+      s += e;
+    }
+  }
+  if (target >= 0) {
+    e_target = tmp[target];
+    tmp[target] = 0;
+    s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < len; ++j) s += tmp[j];
+  }
+  bs = s;
+  ba = sa;
+}
+
 template <typename scalar_t>
 RLSC_INLINE void forward_rows(scalar_t* buf, int64_t V, const int64_t* targets, scalar_t inv_t, bool want_mean_z,
                   scalar_t* lse, scalar_t* logp, scalar_t* sumexp, scalar_t* rest, scalar_t* mean_z, int64_t r0,
@@ -126,33 +162,9 @@ RLSC_INLINE void forward_rows(scalar_t* buf, int64_t V, const int64_t* targets, 
     for (int64_t v0 = 0; v0 < V; v0 += kSumBlock) {
       const int64_t v1 = v0 + kSumBlock < V ? v0 + kSumBlock : V;
       const int64_t len = v1 - v0;
-      const scalar_t* in = row + v0;
-      scalar_t bs = 0, ba = 0;
-      if (want_mean_z) {
-#pragma omp simd reduction(+ : bs, ba)
-        for (int64_t j = 0; j < len; ++j) {
-          const scalar_t zs = in[j] * inv_t - m;
-          const scalar_t e = exp_nonpositive(zs);
-          tmp[j] = e;
-          bs += e;
-          ba += e * zs;
-        }
-      } else {
-#pragma omp simd reduction(+ : bs)
-        for (int64_t j = 0; j < len; ++j) {
-          const scalar_t e = exp_nonpositive(in[j] * inv_t - m);
-          tmp[j] = e;
-          bs += e;
-        }
-      }
-      if (y >= v0 && y < v1) {
-        // The target's entry leaves the buffer (the backward adds its gradient separately).
-        e_target = tmp[y - v0];
-        tmp[y - v0] = 0;
-        bs = 0;
-#pragma omp simd reduction(+ : bs)
-        for (int64_t j = 0; j < len; ++j) bs += tmp[j];
-      }
+      scalar_t bs, ba;
+      // The target's entry leaves the buffer (the backward adds its gradient separately).
+      exp_block(row + v0, len, inv_t, m, want_mean_z, y >= v0 && y < v1 ? y - v0 : -1, tmp, bs, ba, e_target);
       others += bs;
       a += ba;
       scalar_t* dst = row + v0;
@@ -232,32 +244,10 @@ RLSC_CPU_CLONES void bf16_block_rows(const float* scratch, int64_t ld_s, uint16_
       const int64_t j1 = j0 + kSumBlock < len ? j0 + kSumBlock : len;
       const int64_t bl = j1 - j0;
       const float* in = row + j0;
-      float bs = 0, ba = 0;
-      if (want_mean_z) {
-#pragma omp simd reduction(+ : bs, ba)
-        for (int64_t j = 0; j < bl; ++j) {
-          const float zs = in[j] * inv_t - m;
-          const float e = exp_nonpositive(zs);
-          tmp[j] = e;
-          bs += e;
-          ba += e * zs;
-        }
-      } else {
-#pragma omp simd reduction(+ : bs)
-        for (int64_t j = 0; j < bl; ++j) {
-          const float e = exp_nonpositive(in[j] * inv_t - m);
-          tmp[j] = e;
-          bs += e;
-        }
-      }
-      if (y >= v0 + j0 && y < v0 + j1) {
-        e_t[i] = tmp[y - v0 - j0];
-        z_t[i] = in[y - v0 - j0] * inv_t;
-        tmp[y - v0 - j0] = 0;
-        bs = 0;
-#pragma omp simd reduction(+ : bs)
-        for (int64_t j = 0; j < bl; ++j) bs += tmp[j];
-      }
+      const int64_t target = y >= v0 + j0 && y < v0 + j1 ? y - v0 - j0 : -1;
+      float bs, ba;
+      exp_block(in, bl, inv_t, m, want_mean_z, target, tmp, bs, ba, e_t[i]);
+      if (target >= 0) z_t[i] = in[target] * inv_t;
       o += bs;
       aa += ba;
       uint16_t* dst = erow + v0 + j0;
