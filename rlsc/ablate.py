@@ -248,12 +248,9 @@ def permutation_p(xs: list[float], ys: list[float]) -> float | None:
     pooled, n = xs + ys, len(xs)
     total = sum(pooled)
     observed = abs(sum(xs) / n - sum(ys) / len(ys))
-    hits = count = 0
-    for idx in itertools.combinations(range(len(pooled)), n):
-        a = sum(pooled[i] for i in idx)
-        hits += abs(a / n - (total - a) / len(ys)) >= observed - 1e-12
-        count += 1
-    return hits / count
+    hits = sum(abs(a / n - (total - a) / len(ys)) >= observed - 1e-12
+               for a in (sum(group) for group in itertools.combinations(pooled, n)))
+    return hits / math.comb(len(pooled), n)
 
 
 def build_report(out_dir: Path, results_prefix: Path, title: str = DEFAULT_TITLE) -> dict:
@@ -279,9 +276,10 @@ def build_report(out_dir: Path, results_prefix: Path, title: str = DEFAULT_TITLE
         row["per_seed_pass@1"] = [c["metrics"].get("pass@1") for c in sorted(group, key=lambda c: c["seed"])]
         row["collapsed"] = None
         base = [c["metrics"].get("pass@1") for c in cells if c["task"] == task and c["method"] == "base"]
-        row["p_vs_base"] = (permutation_p(row["per_seed_pass@1"], base) if method != "base" and base
-                            and None not in base and None not in row["per_seed_pass@1"] else None)
-        if group[0].get("trains") and base and all(b is not None for b in base):
+        base_known = bool(base) and None not in base
+        row["p_vs_base"] = (permutation_p(row["per_seed_pass@1"], base) if method != "base" and base_known
+                            and None not in row["per_seed_pass@1"] else None)
+        if group[0].get("trains") and base_known:
             limit = COLLAPSE_FRACTION * sum(base) / len(base)
             row["collapsed"] = sum(m.get("pass@1", 0.0) < limit for m in ms)
         row["train_seconds"] = sum(c["train_seconds"] for c in group)
@@ -487,10 +485,10 @@ def _overrides(pairs: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    main_methods = MAIN_METHODS
+    main_methods, title = MAIN_METHODS, DEFAULT_TITLE
     if args.preset:
         preset = PRESETS[args.preset]
-        main_methods = preset["main"]
+        main_methods, title = preset["main"], preset.get("title", DEFAULT_TITLE)
         for name, value in (("methods", ",".join(preset["methods"])), ("seeds", ",".join(map(str, preset["seeds"]))),
                             ("output_dir", preset["output_dir"]), ("results", preset["results"])):
             if getattr(args, name) == parser.get_default(name):
@@ -536,8 +534,7 @@ def main(argv: list[str] | None = None) -> int:
                              all_seeds=args.all_seeds, main=main_methods)
             if args.no_report:
                 return 0
-        report = build_report(out_dir, results, PRESETS[args.preset].get("title", DEFAULT_TITLE) if args.preset
-                              else DEFAULT_TITLE)
+        report = build_report(out_dir, results, title)
         print(format_report(report))
         return 0
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
