@@ -21,11 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from rlsc.config import RLSCConfig  # noqa: E402
-from tests.worker_exit import exit_after_success  # noqa: E402
 from rlsc.sampling import Rollouts, chat_prompt  # noqa: E402
 from rlsc.objectives import make_update  # noqa: E402
 from rlsc.step import LossOptions, rlsc_update, train_mode_without_dropout  # noqa: E402
 from rlsc.train import build_optimizer  # noqa: E402
+from tests.worker_exit import exit_after_success  # noqa: E402
 
 K, N, MAX_NEW = 2, 4, 6   # questions, samples per question, generation cap
 QUESTIONS = ["add 12 and 7", "hello there"]

@@ -152,7 +152,7 @@ def test_native_backend_refuses_cuda_tensors():
 # BF16_GEMMS_USABLE: native_matmul="auto" takes the bf16 GEMMs here (Intel only, by default);
 # needs_bf16_gemms: they can run here at all, which is all the tests below need, since they opt
 # in with native_matmul="bf16" (so an AMD CPU with AVX512-BF16 runs them too)
-BF16_GEMMS_USABLE, BF16_GEMMS_WHY = native.bf16_gemm_status()
+BF16_GEMMS_USABLE = native.bf16_gemm_status()[0]
 BF16_GEMMS_POSSIBLE, BF16_GEMMS_POSSIBLE_WHY = native.bf16_gemm_status(default=False)
 needs_bf16_gemms = pytest.mark.skipif(not BF16_GEMMS_POSSIBLE, reason=f"bf16 GEMMs unavailable: {BF16_GEMMS_POSSIBLE_WHY}")
 
